@@ -1,0 +1,324 @@
+"""Text corpora as one byte array, client shards as byte ranges into it, and batch streams.
+
+The tokenizer is bytes (vocab 256), so a corpus is a single ``uint8`` array: documents sit
+end to end, each with the name of the group it came from (the top-level stdlib package, the
+sub-folder of a text folder, ...). A client's shard is a list of ``(start, end)`` ranges into
+that array, so a thousand clients cost a thousand small lists, never a thousand copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stamen.core.errors import UserError
+
+VOCAB_SIZE = 256
+SEPARATOR = b"\n\n"
+# Parts of the stdlib that are not its own source: vendored packages, test data, generated tables.
+STDLIB_SKIP = {"site-packages", "test", "idlelib", "lib2to3", "__pycache__", "ensurepip"}
+
+
+def encode(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def decode(tokens) -> str:
+    return bytes(np.asarray(tokens, dtype=np.uint8)).decode("utf-8", errors="replace")
+
+
+@dataclass
+class Corpus:
+    """All documents, end to end. ``doc_bounds[i]`` is document i's ``(start, end)``."""
+
+    data: np.ndarray  # uint8
+    doc_bounds: np.ndarray  # int64 [n_docs, 2]
+    doc_groups: list[str]
+    doc_names: list[str]
+
+    @classmethod
+    def from_documents(cls, docs: list[tuple[str, str, bytes]]) -> "Corpus":
+        """``docs`` holds (group, name, bytes); they are stored sorted by (group, name) so the
+        layout is the same on every machine whatever order the file system lists them in."""
+        docs = sorted(d for d in docs if d[2])
+        if not docs:
+            raise UserError("the data source holds no text")
+        parts, bounds, pos = [], [], 0
+        for _, _, raw in docs:
+            parts += [raw, SEPARATOR]
+            bounds.append((pos, pos + len(raw)))
+            pos += len(raw) + len(SEPARATOR)
+        data = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        return cls(data, np.array(bounds, dtype=np.int64), [d[0] for d in docs], [d[1] for d in docs])
+
+    def split(self, val_fraction: float = 0.05) -> tuple["Shard", "Shard"]:
+        """Hold out whole documents for validation, chosen by a hash of their name so the
+        split is stable across runs, seeds and machines."""
+        is_val = np.array([int(hashlib.sha1(n.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
+                           for n in self.doc_names])
+        if is_val.all() or not is_val.any():  # tiny corpora: keep one document on each side
+            is_val = np.zeros(len(self.doc_names), dtype=bool)
+            is_val[-1] = len(is_val) > 1
+        return Shard(self, self.doc_bounds[~is_val]), Shard(self, self.doc_bounds[is_val])
+
+    def groups(self, shard: "Shard") -> dict[str, np.ndarray]:
+        """The shard's ranges keyed by the group of the document they start in."""
+        starts = self.doc_bounds[:, 0]
+        doc_idx = np.searchsorted(starts, shard.ranges[:, 0], side="right") - 1
+        out: dict[str, list] = {}
+        for r, d in zip(shard.ranges, doc_idx):
+            out.setdefault(self.doc_groups[d], []).append(r)
+        return {g: np.array(rs, dtype=np.int64) for g, rs in out.items()}
+
+
+@dataclass
+class Shard:
+    """Some byte ranges of a corpus: a client's data, or a validation split."""
+
+    corpus: Corpus
+    ranges: np.ndarray  # int64 [n, 2]
+
+    @property
+    def n_bytes(self) -> int:
+        return int((self.ranges[:, 1] - self.ranges[:, 0]).sum()) if len(self.ranges) else 0
+
+    def histogram(self) -> np.ndarray:
+        """Byte frequencies (a unigram model of the shard)."""
+        counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
+        for s, e in self.ranges:
+            counts += np.bincount(self.corpus.data[s:e], minlength=VOCAB_SIZE)
+        return counts
+
+    def unigram_entropy(self) -> float:
+        """Entropy of the shard's byte distribution in nats: the loss of the best model that
+        ignores context, the bar a trained model must clear."""
+        p = self.histogram() / max(self.n_bytes, 1)
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    def batches(self, batch_size: int, seq_len: int, seed: int) -> "BatchStream":
+        return BatchStream(self, batch_size, seq_len, seed)
+
+    def fixed_batches(self, n_batches: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
+        """A fixed list of batches: the same validation set for every evaluation."""
+        stream = self.batches(batch_size, seq_len, seed)
+        return [next(stream) for _ in range(n_batches)]
+
+
+class BatchStream(Iterator):
+    """Endless (x, y) batches of random windows of seq_len+1 bytes, drawn from the shard's
+    ranges in proportion to their length. Deterministic for a seed."""
+
+    def __init__(self, shard: Shard, batch_size: int, seq_len: int, seed: int) -> None:
+        lengths = shard.ranges[:, 1] - shard.ranges[:, 0] - seq_len - 1
+        ok = lengths > 0
+        if not ok.any():
+            raise UserError(f"data shard has no document longer than seq_len+1 = {seq_len + 1} bytes")
+        self.starts, self.spans = shard.ranges[ok, 0], lengths[ok]
+        self.cum = np.cumsum(self.spans)
+        self.data, self.batch_size, self.seq_len = shard.corpus.data, batch_size, seq_len
+        self.rng = np.random.default_rng(seed)
+        self.offsets = np.arange(seq_len + 1)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = self.rng.integers(0, self.cum[-1], size=self.batch_size)
+        r = np.searchsorted(self.cum, pos, side="right")
+        within = pos - (self.cum[r] - self.spans[r])
+        window = self.data[(self.starts[r] + within)[:, None] + self.offsets].astype(np.int64)
+        w = torch.from_numpy(window)
+        return w[:, :-1], w[:, 1:]
+
+
+def _read_text(path: Path) -> bytes:
+    return path.read_bytes().decode("utf-8", errors="replace").encode("utf-8")
+
+
+def stdlib_corpus() -> Corpus:
+    """The Python standard library's own source: real text on every machine, with a natural
+    non-IID grouping by top-level package or module."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root)
+        if STDLIB_SKIP & set(rel.parts) or "tests" in rel.parts or rel.parts[0].startswith("config-"):
+            continue
+        docs.append((rel.parts[0].removesuffix(".py"), rel.as_posix(), _read_text(p)))
+    return Corpus.from_documents(docs)
+
+
+def folder_corpus(path: str | Path) -> Corpus:
+    """Every text file under a folder; the group is its first-level sub-folder."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root}")
+    docs = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            rel = p.relative_to(root)
+            docs.append((rel.parts[0] if len(rel.parts) > 1 else "", rel.as_posix(), _read_text(p)))
+    if not any(d[2] for d in docs):
+        raise UserError(f"data folder holds no text: {root}")
+    return Corpus.from_documents(docs)
+
+
+def jsonl_corpus(path: str | Path, text_field: str = "text", group_field: str | None = None) -> Corpus:
+    """One document per JSON line, its text under ``text_field``."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file not found: {p}")
+    docs = []
+    with p.open("rb") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                text = rec[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{p}:{i}: not a JSON object with a {text_field!r} field") from None
+            group = str(rec.get(group_field, "")) if group_field else ""
+            docs.append((group, f"{p.name}:{i:09d}", str(text).encode("utf-8")))
+    if not docs:
+        raise UserError(f"data file holds no text: {p}")
+    return Corpus.from_documents(docs)
+
+
+def load_corpus(source: str) -> Corpus:
+    """``stdlib`` (the built-in corpus), a folder of text files, or a ``.jsonl`` file."""
+    if source == "stdlib":
+        return stdlib_corpus()
+    if source.endswith(".jsonl"):
+        return jsonl_corpus(source)
+    if not Path(source).exists():
+        raise UserError(f"data source not found: {source}")
+    return folder_corpus(source)
+
+
+def _chunks(ranges: np.ndarray, size: int) -> np.ndarray:
+    """Cut ranges into pieces of at most ``size`` bytes (the unit IID/Dirichlet deal out)."""
+    out = []
+    for s, e in ranges:
+        cuts = np.arange(s, e, size)
+        out.append(np.stack([cuts, np.minimum(cuts + size, e)], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+
+
+def partition_natural(shard: Shard, n_clients: int, seed: int) -> list[Shard]:
+    """Split by group (top-level package): with fewer clients than groups each client gets
+    whole groups (shuffled by seed, then each to the client holding the fewest bytes); with
+    more clients, each group gets clients in proportion to its size and is cut into
+    contiguous pieces, so every client's data still comes from one package."""
+    groups = shard.corpus.groups(shard)
+    names = sorted(groups)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(names)
+    sizes = {g: int((groups[g][:, 1] - groups[g][:, 0]).sum()) for g in names}
+    if n_clients <= len(names):
+        load, owned = np.zeros(n_clients), [[] for _ in range(n_clients)]
+        for g in sorted(names, key=lambda g: -sizes[g]):  # stable: names were shuffled first
+            c = int(np.argmin(load))
+            owned[c].append(groups[g])
+            load[c] += sizes[g]
+        return [Shard(shard.corpus, np.concatenate(o)) for o in owned]
+    total = sum(sizes.values())
+    groups, names, sizes = _merge_small(groups, names, sizes, total / n_clients / 2)
+    if n_clients < len(names):
+        raise UserError(f"corpus too small for {n_clients} clients")
+    share = {g: 1 + (n_clients - len(names)) * sizes[g] / total for g in names}
+    alloc = {g: int(share[g]) for g in names}
+    for g in sorted(names, key=lambda g: alloc[g] - share[g])[: n_clients - sum(alloc.values())]:
+        alloc[g] += 1
+    out = []
+    for g in names:
+        r = groups[g]
+        cum = np.concatenate([[0], np.cumsum(r[:, 1] - r[:, 0])])
+        cuts = np.linspace(0, cum[-1], alloc[g] + 1).astype(np.int64)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            out.append(Shard(shard.corpus, _slice_ranges(r, cum, a, b)))
+    return out
+
+
+def _merge_small(groups: dict, names: list, sizes: dict, floor: float):
+    """Pool groups smaller than ``floor`` bytes (in the seeded order) until each pool
+    reaches it, so no client of a fine partition is left with a few hundred bytes."""
+    out_groups, out_names, out_sizes, pool, pool_size = {}, [], {}, [], 0
+    for g in names:
+        if sizes[g] >= floor:
+            out_groups[g], out_sizes[g] = groups[g], sizes[g]
+            out_names.append(g)
+            continue
+        pool.append(g)
+        pool_size += sizes[g]
+        if pool_size >= floor:
+            key = "+".join(pool)
+            out_groups[key] = np.concatenate([groups[p] for p in pool])
+            out_sizes[key], pool, pool_size = pool_size, [], 0
+            out_names.append(key)
+    if pool:  # the leftover pool joins the last pool made, or stands alone
+        key = "+".join(pool)
+        out_groups[key], out_sizes[key] = np.concatenate([groups[p] for p in pool]), pool_size
+        out_names.append(key)
+    return out_groups, out_names, out_sizes
+
+
+def _slice_ranges(r: np.ndarray, cum: np.ndarray, a: int, b: int) -> np.ndarray:
+    """The part of ranges ``r`` between byte ``a`` and ``b`` of their concatenation."""
+    i, j = np.searchsorted(cum, a, side="right") - 1, np.searchsorted(cum, b, side="left")
+    sel = r[i:j].copy()
+    sel[0, 0] += a - cum[i]
+    sel[-1, 1] -= cum[j] - b
+    return sel[sel[:, 1] > sel[:, 0]]
+
+
+def partition_iid(shard: Shard, n_clients: int, seed: int, chunk: int = 4096) -> list[Shard]:
+    """Chunks of ``chunk`` bytes shuffled and dealt round-robin."""
+    pieces = _chunks(shard.ranges, chunk)
+    order = np.random.default_rng(seed).permutation(len(pieces))
+    if len(pieces) < n_clients:
+        raise UserError(f"corpus too small for {n_clients} clients")
+    return [Shard(shard.corpus, pieces[np.sort(order[c::n_clients])]) for c in range(n_clients)]
+
+
+def partition_dirichlet(shard: Shard, n_clients: int, seed: int, alpha: float = 0.5,
+                        chunk: int = 4096) -> list[Shard]:
+    """Each group's chunks go to clients in proportions drawn from Dirichlet(alpha): small
+    alpha gives each client few groups (very non-IID), large alpha approaches IID."""
+    rng = np.random.default_rng(seed)
+    groups = shard.corpus.groups(shard)
+    owned: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for g in sorted(groups):
+        pieces = _chunks(groups[g], chunk)
+        p = rng.dirichlet(np.full(n_clients, alpha))
+        owner = rng.choice(n_clients, size=len(pieces), p=p)
+        for c in range(n_clients):
+            if (owner == c).any():
+                owned[c].append(pieces[owner == c])
+    empty = [c for c in range(n_clients) if not owned[c]]
+    if empty:  # give each empty client a chunk from the largest one
+        for c in empty:
+            donor = max(range(n_clients), key=lambda k: sum(len(x) for x in owned[k]))
+            biggest = max(range(len(owned[donor])), key=lambda i: len(owned[donor][i]))
+            arr = owned[donor][biggest]
+            if len(arr) < 2:
+                raise UserError(f"corpus too small for {n_clients} clients")
+            owned[c].append(arr[-1:])
+            owned[donor][biggest] = arr[:-1]
+    return [Shard(shard.corpus, np.concatenate(o)) for o in owned]
+
+
+PARTITIONS = {"natural": partition_natural, "iid": partition_iid, "dirichlet": partition_dirichlet}
+
+
+def partition(shard: Shard, n_clients: int, how: str, seed: int) -> list[Shard]:
+    if how not in PARTITIONS:
+        raise UserError(f"unknown partition {how!r}: use one of {', '.join(PARTITIONS)}")
+    if n_clients < 1:
+        raise UserError(f"number of clients must be at least 1, got {n_clients}")
+    return PARTITIONS[how](shard, n_clients, seed)
