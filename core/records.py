@@ -1,0 +1,65 @@
+"""The records that cross between roles: a Task (server → client) and an Update (client →
+server). They live in core because the server, the edge client and the simulator all speak
+them and may not import each other."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stamen.core.train import TrainConfig
+
+if TYPE_CHECKING:
+    from stamen.core.plan import Plan
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of local work, bound to one client: start from ``base_version``, train the
+    ``plan`` submodel for ``steps`` steps, upload the pseudo-gradient encoded with ``codec``."""
+
+    task_id: str
+    client_id: str
+    base_version: int
+    plan: "Plan"
+    runtime: str  # "torch", "ort" or "executorch"
+    steps: int
+    batch_size: int
+    seq_len: int
+    train: TrainConfig
+    step_offset: int  # global step at which this task's lr schedule starts (Photon)
+    codec: str  # upload codec spec, e.g. "int8(block=256)+zstd(3)"
+    deadline: float  # seconds since the epoch; the server reissues the work after it
+    seed: int = 0  # for the client's batch sampling
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["plan"] = self.plan.to_dict()
+        d["train"] = asdict(self.train)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Task":
+        from stamen.core.plan import Plan
+
+        d = dict(d)
+        d["plan"] = Plan.from_dict(d["plan"])
+        t = dict(d["train"])
+        t["betas"] = tuple(t["betas"])
+        d["train"] = TrainConfig(**t)
+        return cls(**d)
+
+
+@dataclass
+class Update:
+    """A client's result: the pseudo-gradient Δ = θ_base − θ_local over the plan's trainable
+    tensors, under global tensor names and shaped like the plan's extracted slices."""
+
+    task_id: str
+    base_version: int
+    plan: "Plan"
+    delta: dict[str, torch.Tensor]
+    tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
