@@ -63,3 +63,27 @@ class Update:
     delta: dict[str, torch.Tensor]
     tokens: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a client declares when it joins (probed on real hardware, drawn from a device
+    profile in the simulator); the scheduler picks its plan and steps from it."""
+
+    role: str  # "device" or "gpu"
+    memory_bytes: int  # memory the client lets training use
+    flops: float  # sustained training FLOP/s
+    runtimes: tuple[str, ...] = ("torch",)
+    up_bytes_s: float = 1e6
+    down_bytes_s: float = 1e7
+    cores: int = 1
+    accelerator: str = ""  # e.g. "cuda:NVIDIA H100", "jetson:orin"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Capabilities":
+        d = dict(d)
+        d["runtimes"] = tuple(d.get("runtimes", ("torch",)))
+        return cls(**d)
