@@ -1,0 +1,81 @@
+"""The one interface every local-training backend speaks, and its eager-torch implementation.
+
+A client (or the simulator) hands a runtime the submodel weights of a task, asks it to train a
+number of steps on a batch stream, and reads back the trainable tensors; it never needs to know
+whether the steps ran in eager torch, ONNX Runtime Training or ExecuTorch. All tensors are keyed
+by GLOBAL names (``blocks.3.attn.c_attn.weight``), shaped like the plan's extracted slices.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from stamen.core.model import GPTConfig, load_weights
+from stamen.core.train import TrainConfig, TrainResult, make_optimizer, train_steps
+
+if TYPE_CHECKING:
+    from stamen.core.plan import Plan
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+OnStep = Callable[[int, float], None]
+
+
+class Runtime(ABC):
+    """Trains one plan's submodel. ``name`` is what a Task's ``runtime`` field asks for."""
+
+    name: str
+
+    @abstractmethod
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load the submodel's weights (``plan.extract``: every kept tensor, global names)."""
+
+    @abstractmethod
+    def train(self, batches: Batches, steps: int, cfg: TrainConfig, step_offset: int = 0,
+              on_step: OnStep | None = None) -> TrainResult:
+        """Train ``steps`` steps; the lr follows the global schedule from ``step_offset``."""
+
+    @abstractmethod
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors after training, on the CPU, global names."""
+
+
+class TorchRuntime(Runtime):
+    """Eager PyTorch (bf16 autocast on CUDA): GPU nodes, laptops, Jetsons, the simulator.
+
+    With ``keep_optimizer`` the inner optimizer and its state survive from one task to the
+    next, as DiLoCo/Photon keep a worker's AdamW moments across rounds; the server's new
+    weights are copied into the same parameters, so the moments stay attached to them."""
+
+    name = "torch"
+
+    def __init__(self, cfg: GPTConfig, plan: "Plan", device: torch.device | str = "cpu",
+                 keep_optimizer: bool = False) -> None:
+        self.plan = plan
+        self.model = plan.build(cfg).to(device)
+        self.trainable = plan.trainable(cfg)
+        self.keep_optimizer = keep_optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_cfg: TrainConfig | None = None
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        load_weights(self.model, weights)
+
+    def _optimizer_for(self, cfg: TrainConfig) -> torch.optim.Optimizer:
+        """A fresh optimizer per task, unless kept; a changed optimizer setting starts afresh."""
+        if self.keep_optimizer and self.optimizer is not None and self._optimizer_cfg == cfg:
+            return self.optimizer
+        self.optimizer, self._optimizer_cfg = make_optimizer(self.model, cfg), cfg
+        return self.optimizer
+
+    def train(self, batches: Batches, steps: int, cfg: TrainConfig, step_offset: int = 0,
+              on_step: OnStep | None = None) -> TrainResult:
+        return train_steps(self.model, batches, steps, cfg, optimizer=self._optimizer_for(cfg),
+                           step_offset=step_offset, on_step=on_step)
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().to("cpu", torch.float32, copy=True) for n in self.trainable}
