@@ -1,0 +1,164 @@
+import hashlib
+import json
+
+import pytest
+import torch
+
+from stamen.core.errors import UserError
+from stamen.core.model import GPT, PRESETS, GPTConfig, ModelSpec, gpt_param_count, load_weights, weights
+from stamen.core.plan import Plan, full_plan, pick_plan, plans_table, tier_plans
+
+CFG = PRESETS["gpt-tiny"]
+
+
+def global_weights(seed: int = 0, cfg: GPTConfig = CFG) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {n: t.clone() for n, t in weights(GPT(cfg)).items()}
+
+
+def test_full_plan_module_equals_global_model():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    plan = full_plan(CFG)
+    sub = plan.build(CFG)
+    load_weights(sub, plan.extract(weights(model), CFG))
+    idx = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sub(idx), model(idx))
+
+
+@pytest.mark.parametrize("plan", list(tier_plans(CFG).values()) + [Plan("mid", (1, 3), 0.75, ("blocks.3.*",))])
+def test_extract_then_scatter_is_identity_on_covered_elements(plan):
+    g = global_weights()
+    before = {n: t.clone() for n, t in g.items()}
+    sub = plan.extract(g, CFG)
+    for t in sub.values():
+        t.mul_(0)  # extract must hand out copies: the global weights stay untouched
+    assert all(torch.equal(g[n], before[n]) for n in g)
+    plan.scatter(g, plan.extract(before, CFG), CFG)
+    assert all(torch.equal(g[n], before[n]) for n in g)
+    # and scatter writes exactly the covered elements: scatter a marker, compare with the index
+    marker = {n: torch.full_like(t, 7.0) for n, t in plan.extract(g, CFG).items()}
+    plan.scatter(g, marker, CFG)
+    for n, ix in plan.index(CFG).items():
+        expect = before[n].clone()
+        expect[ix] = 7.0
+        assert torch.equal(g[n], expect), n
+
+
+@pytest.mark.parametrize("blocks,width", [((0,), 0.25), ((0, 1), 0.5), ((1, 2, 3), 0.75), ((0, 1, 2, 3), 1.0)])
+def test_built_submodel_param_count(blocks, width):
+    plan = Plan("p", blocks, width)
+    model = plan.build(CFG)
+    n_params = sum(p.numel() for p in model.parameters())
+    expect = gpt_param_count(CFG, len(blocks), plan.n_head(CFG), plan.mlp_hidden(CFG))
+    assert n_params == expect == plan.cost(CFG, 2, 16).params
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == plan.shapes(CFG)
+
+
+def test_width_keeps_prefix_heads_in_each_of_q_k_v():
+    # Independent reference: head h of q, k, v sits at rows [h*hd, (h+1)*hd) of each third.
+    plan = Plan("half", (0,), 0.5)
+    g = global_weights()
+    w = g["blocks.0.attn.c_attn.weight"]
+    A, hd = CFG.n_head * CFG.head_dim, CFG.head_dim
+    kept = plan.n_head(CFG) * hd
+    expect = torch.cat([w[0:kept], w[A:A + kept], w[2 * A:2 * A + kept]])
+    assert torch.equal(plan.extract(g, CFG)["blocks.0.attn.c_attn.weight"], expect)
+
+
+def test_width_submodel_equals_global_model_with_the_cut_units_silenced():
+    # Independent reference: zero the c_proj columns of the heads and hidden units a width cut
+    # drops; then the global model computes exactly what the narrow submodel computes.
+    plan = Plan("half", (0, 1, 2, 3), 0.5)
+    g = global_weights()
+    a, m = plan.n_head(CFG) * CFG.head_dim, plan.mlp_hidden(CFG)
+    for b in range(CFG.n_layer):
+        g[f"blocks.{b}.attn.c_proj.weight"][:, a:] = 0
+        g[f"blocks.{b}.mlp.c_proj.weight"][:, m:] = 0
+    ref = GPT(CFG)
+    load_weights(ref, g)
+    sub = plan.build(CFG)
+    load_weights(sub, plan.extract(g, CFG))
+    idx = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(sub(idx), ref(idx), rtol=0, atol=1e-6)
+
+
+def test_coverage_masks():
+    plan = Plan("p", (1, 2), 0.5, ("blocks.2.*",))
+    cov = plan.coverage(CFG)
+    assert set(cov) == {n for n in global_weights() if n.startswith("blocks.2.")}
+    m = cov["blocks.2.mlp.c_fc.weight"]
+    assert m.shape == (CFG.mlp_hidden, CFG.n_embd)
+    assert m[: CFG.mlp_hidden // 2].all() and not m[CFG.mlp_hidden // 2:].any()
+    m = cov["blocks.2.mlp.c_proj.weight"]
+    assert m[:, : CFG.mlp_hidden // 2].all() and not m[:, CFG.mlp_hidden // 2:].any()
+    m = cov["blocks.2.attn.c_attn.bias"]
+    assert m.sum() == 3 * 2 * CFG.head_dim
+    assert cov["blocks.2.ln_1.weight"].all()
+    # trainable set and requires_grad agree
+    model = plan.build(CFG)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(plan.trainable(CFG))
+
+
+def test_json_round_trip_and_stable_hash():
+    plan = Plan("laptop", (0, 2), 0.5, ("blocks.*", "ln_f.*"))
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.hash == plan.hash
+    # identity, not the label, makes the hash; the hash is a fixed function of the fields
+    assert Plan("other", (0, 2), 0.5, ("blocks.*", "ln_f.*")).hash == plan.hash
+    assert Plan("laptop", (0, 2), 0.75, ("blocks.*", "ln_f.*")).hash != plan.hash
+    ident = json.dumps({"blocks": [0, 2], "width": 0.5, "train": ["blocks.*", "ln_f.*"]}, sort_keys=True)
+    assert plan.hash == hashlib.sha256(ident.encode()).hexdigest()[:16]
+    assert len(plan.to_json()) < 200
+
+
+@pytest.mark.parametrize("bad", [{"name": "x"}, {"name": "x", "blocks": [2, 1], "width": 1, "train": ["*"]},
+                                 {"name": "x", "blocks": [0], "width": 0, "train": ["*"]},
+                                 {"name": "x", "blocks": [0], "width": 1, "train": []}, [1, 2]])
+def test_bad_plans_are_user_errors(bad):
+    with pytest.raises(UserError):
+        Plan.from_dict(bad)
+    with pytest.raises(UserError):
+        Plan.from_json("{not json")
+    with pytest.raises(UserError):
+        Plan("x", (9,)).build(CFG)
+
+
+def test_tiers_grow_and_planner_picks_largest_fitting():
+    costs = [p.cost(CFG, 8, 64) for p in tier_plans(CFG).values()]
+    assert [c.memory_bytes for c in costs] == sorted(c.memory_bytes for c in costs)
+    assert tier_plans(CFG)["gpu"] == Plan("gpu", (0, 1, 2, 3))
+    full = full_plan(CFG).cost(CFG, 8, 64)
+    assert pick_plan(CFG, full.memory_bytes, 8, 64).hash == full_plan(CFG).hash
+    small = pick_plan(CFG, full.memory_bytes // 3, 8, 64)
+    c = small.cost(CFG, 8, 64)
+    assert c.memory_bytes <= full.memory_bytes // 3 and c.trainable_params < full.trainable_params
+    timed = pick_plan(CFG, full.memory_bytes, 8, 64, max_flops_per_token=full.flops_per_token / 2)
+    assert timed.cost(CFG, 8, 64).flops_per_token <= full.flops_per_token / 2
+    with pytest.raises(UserError, match="no plan fits"):
+        pick_plan(CFG, 1000, 8, 64)
+
+
+def test_full_model_flops_match_palm_formula():
+    # 6N + 12·L·inner·T over matmul weights (N excludes the position table and biases/LayerNorms).
+    T, d, L = 64, CFG.n_embd, CFG.n_layer
+    n_mm = L * (4 * d * d + 2 * d * CFG.mlp_hidden) + CFG.vocab_size * d
+    assert full_plan(CFG).cost(CFG, 1, T).flops_per_token == 6 * n_mm + 12 * L * d * T
+
+
+def test_user_module_has_only_the_full_plan():
+    shapes = {"a.weight": (3, 4), "a.bias": (3,)}
+    plan = full_plan(shapes)
+    assert tier_plans(shapes) == {"gpu": plan}
+    g = {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3)}
+    assert all(torch.equal(t, g[n]) for n, t in plan.extract(g, shapes).items())
+    assert plan.trainable(shapes) == ["a.weight", "a.bias"]
+    with pytest.raises(UserError):
+        Plan("half", (), 0.5).extract(g, shapes)
+
+
+def test_plans_table_rows():
+    rows = plans_table(ModelSpec("gpt-small"), 8, 256)
+    assert [r["tier"] for r in rows] == ["phone-low", "phone-high", "laptop", "jetson", "gpu"]
+    assert rows[-1]["params"] == rows[-1]["trainable"] == gpt_param_count(PRESETS["gpt-small"])
+    assert set(rows[0]) >= {"tier", "blocks", "width", "params", "trainable", "memory_mb", "flops_per_token"}
