@@ -1,0 +1,98 @@
+"""What this machine can train with: memory, cores, a CUDA device, a Jetson board, and a
+measured matmul rate. The client declares the result as ``Capabilities`` so the server's
+planner can choose a submodel and a step count that fit, instead of trusting a label."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from stamen.core.errors import UserError
+from stamen.core.records import Capabilities
+
+# Share of free memory training may use when the owner sets no limit: the OS, the app and
+# the data stream need the rest.
+DEFAULT_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Hardware:
+    available_memory: int  # bytes of RAM free now
+    total_memory: int
+    cores: int
+    cuda_device: str  # "" without CUDA
+    cuda_memory: int  # bytes on CUDA device 0
+    jetson: str  # board model or L4T release line, "" elsewhere
+
+
+def jetson_board(root: Path = Path("/")) -> str:
+    """A Jetson is recognised by its device-tree model (``NVIDIA Jetson ...``) or, failing
+    that, by the L4T release file every JetPack image carries."""
+    model = root / "proc/device-tree/model"
+    if model.is_file():
+        name = model.read_bytes().rstrip(b"\0").decode(errors="replace").strip()
+        if "jetson" in name.lower():
+            return name
+    release = root / "etc/nv_tegra_release"
+    if release.is_file():
+        return release.read_text(errors="replace").splitlines()[0].lstrip("# ").strip()
+    return ""
+
+
+def probe(root: Path = Path("/")) -> Hardware:
+    mem = psutil.virtual_memory()
+    cuda_device, cuda_memory = "", 0
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        cuda_device, cuda_memory = props.name, int(props.total_memory)
+    return Hardware(int(mem.available), int(mem.total), psutil.cpu_count(logical=False) or 1,
+                    cuda_device, cuda_memory, jetson_board(root))
+
+
+def measure_flops(device: torch.device, size: int = 512, seconds: float = 0.2) -> float:
+    """Sustained matmul FLOP/s over about ``seconds``: a lower bound on what training gets."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up: kernel selection, allocator
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def capabilities(hw: Hardware, role: str, runtimes: tuple[str, ...], flops: float,
+                 max_memory: int | None = None) -> Capabilities:
+    """The declaration sent at join. GPU nodes offer their device memory; others a share of
+    free RAM (a gpu-role node without CUDA, as in tests, too); ``max_memory`` (the owner's cap) always wins when smaller."""
+    if role not in ("device", "gpu"):
+        raise UserError(f"unknown role {role!r}: use device or gpu")
+    on_gpu = role == "gpu" and hw.cuda_device
+    memory = hw.cuda_memory if on_gpu else int(hw.available_memory * DEFAULT_MEMORY_SHARE)
+    if max_memory is not None:
+        if max_memory <= 0:
+            raise UserError(f"--max-memory must be positive, got {max_memory}")
+        memory = min(memory, max_memory)
+    accel = f"cuda:{hw.cuda_device}" if hw.cuda_device else (f"jetson:{hw.jetson}" if hw.jetson else "")
+    return Capabilities(role=role, memory_bytes=memory, flops=flops, runtimes=runtimes,
+                        cores=hw.cores, accelerator=accel)
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"4G"``, ``"1.5GB"`` or a plain byte count → bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (s[:-1], s[-1]) if s and s[-1] in units else (s, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise UserError(f"not a memory size: {text!r} (use e.g. 512M or 4G)") from None
+    if value <= 0:
+        raise UserError(f"memory size must be positive, got {text!r}")
+    return int(value)

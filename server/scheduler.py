@@ -1,0 +1,125 @@
+"""Who trains what: a plan, a step count and an inner optimizer for each client, from what it
+declared. Pure logic with the clock passed in (``now``), so the HTTP server and the simulator's
+virtual clock drive the very same object.
+
+Three rules from the field. GPU nodes train the full model for many inner steps with AdamW
+whose state they keep (DiLoCo, Photon); devices train the largest tier plan their memory
+holds, for as many steps as fit their compute in the task's deadline. One global step counter,
+advanced by the most steps any merged update trained each time a version is published,
+places every task on the federation's single lr schedule (Photon's server step counter).
+Tasks not uploaded by their deadline lapse, and the work goes to the next client that asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stamen.core.errors import UserError
+from stamen.core.model import GPTConfig
+from stamen.core.plan import Plan
+from stamen.core.records import Capabilities, Task
+from stamen.server.config import FederationConfig
+
+RUNTIMES = ("torch", "ort", "executorch")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A client's standing: the tier (and so plan and settings) the scheduler gave it."""
+
+    client_id: str
+    tier: str
+    plan: Plan
+    caps: Capabilities
+
+
+class Scheduler:
+    def __init__(self, cfg: GPTConfig, fed: FederationConfig, seed: int = 0,
+                 global_step: int = 0, next_seq: int = 0) -> None:
+        self.cfg, self.fed, self.seed = cfg, fed, seed
+        self.plans = fed.plans(cfg)
+        self.global_step = global_step
+        self.next_seq = next_seq
+        self.clients: dict[str, Assignment] = {}
+        self.in_flight: dict[str, Task] = {}  # task id → task
+        self._steps_since_publish = 0
+
+    def _cost(self, tier: str):
+        return self.plans[tier].cost(self.cfg, self.fed.tiers[tier].batch_size, self.fed.training.seq_len)
+
+    def tier_for(self, caps: Capabilities) -> str:
+        """gpu role → the gpu tier; a device → the device tier with the most trainable
+        parameters whose training memory fits the memory it declared."""
+        if caps.role == "gpu":
+            return "gpu"
+        fitting = [t for t in self.plans if t != "gpu" and self._cost(t).memory_bytes <= caps.memory_bytes]
+        if not fitting:
+            need = min(self._cost(t).memory_bytes for t in self.plans if t != "gpu")
+            raise UserError(f"no device tier fits {caps.memory_bytes / 2**20:.1f} MiB "
+                            f"(the smallest needs {need / 2**20:.1f} MiB)")
+        return max(fitting, key=lambda t: (self._cost(t).trainable_params, self._cost(t).params))
+
+    def register(self, client_id: str, caps: Capabilities) -> Assignment:
+        if caps.role not in ("device", "gpu"):
+            raise UserError(f"unknown role {caps.role!r}: use device or gpu")
+        if not any(r in RUNTIMES for r in caps.runtimes):
+            raise UserError(f"no supported runtime among {list(caps.runtimes)}: use one of {', '.join(RUNTIMES)}")
+        tier = self.tier_for(caps)
+        a = Assignment(client_id, tier, self.plans[tier], caps)
+        self.clients[client_id] = a
+        return a
+
+    def steps_for(self, a: Assignment) -> int:
+        """The tier's steps, cut so the estimated compute fits ``compute_share`` of the deadline."""
+        t, c = self.fed.tiers[a.tier], self._cost(a.tier)
+        step_flops = c.flops_per_token * t.batch_size * self.fed.training.seq_len
+        budget = self.fed.scheduler.compute_share * self.fed.scheduler.task_deadline_s * a.caps.flops
+        return max(1, min(t.steps, int(budget / step_flops)))
+
+    def next_task(self, client_id: str, version: int, now: float) -> Task | None:
+        """The client's task: the one it already holds (a re-poll is idempotent), a new one,
+        or None when the federation-wide cap on tasks in flight is reached."""
+        a = self.clients.get(client_id)
+        if a is None:
+            raise KeyError(client_id)
+        self.expire(now)
+        for task in self.in_flight.values():
+            if task.client_id == client_id:
+                return task
+        if len(self.in_flight) >= self.fed.scheduler.max_in_flight:
+            return None
+        tier = self.fed.tiers[a.tier]
+        seq = self.next_seq
+        self.next_seq += 1
+        task = Task(
+            task_id=f"t{seq:09d}", client_id=client_id, base_version=version, plan=a.plan,
+            runtime=next(r for r in a.caps.runtimes if r in RUNTIMES), steps=self.steps_for(a),
+            batch_size=tier.batch_size, seq_len=self.fed.training.seq_len,
+            train=self.fed.train_config(a.tier), step_offset=self.global_step, codec=tier.codec,
+            deadline=now + self.fed.scheduler.task_deadline_s, seed=self.seed * 1_000_003 + seq)
+        self.in_flight[task.task_id] = task
+        return task
+
+    def restore_task(self, task: Task) -> None:
+        """Put back a task issued before a restart (from the durable ledger)."""
+        self.in_flight[task.task_id] = task
+        self.next_seq = max(self.next_seq, int(task.task_id[1:]) + 1)
+
+    def expire(self, now: float) -> list[Task]:
+        """Drop tasks past their deadline; their work is reissued to whoever asks next."""
+        lapsed = [t for t in self.in_flight.values() if t.deadline < now]
+        for t in lapsed:
+            del self.in_flight[t.task_id]
+        return lapsed
+
+    def complete(self, task_id: str) -> Task:
+        """An accepted update closes its task; its steps count toward the next publish."""
+        task = self.in_flight.pop(task_id)
+        self._steps_since_publish = max(self._steps_since_publish, task.steps)
+        return task
+
+    def published(self) -> int:
+        """A version was published: advance the global step counter (Photon) and return it."""
+        self.global_step += self._steps_since_publish
+        self._steps_since_publish = 0
+        return self.global_step

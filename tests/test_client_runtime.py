@@ -1,0 +1,58 @@
+"""TorchRuntime against train_steps on the same module, optimizer kept across tasks; the
+hardware probe's Jetson detection and memory declarations."""
+
+import torch
+
+from stamen.core.data import stdlib_corpus
+from stamen.core.model import GPT, PRESETS, load_weights, weights
+from stamen.core.plan import tier_plans
+from stamen.core.train import TrainConfig, make_optimizer, train_steps
+from stamen.edge_client.probe import Hardware, capabilities, jetson_board, parse_size
+from stamen.edge_client.runtime import TorchRuntime
+
+CFG = PRESETS["gpt-tiny"]
+
+
+def test_torch_runtime_matches_train_steps_and_keeps_adamw_state():
+    torch.manual_seed(0)
+    plan = tier_plans(CFG)["phone-high"]
+    glob = weights(GPT(CFG))
+    shard, _ = stdlib_corpus().split()
+    tc = TrainConfig(lr=1e-2, warmup_steps=2, total_steps=20)
+    rt = TorchRuntime(CFG, plan, keep_optimizer=True)
+    ref = plan.build(CFG)
+    load_weights(ref, plan.extract(glob, CFG))
+    opt = make_optimizer(ref, tc)
+    for task in range(2):  # two tasks: the kept moments must carry over identically
+        rt.set_weights(plan.extract(glob, CFG))
+        load_weights(ref, plan.extract(glob, CFG))
+        res = rt.train(shard.batches(2, 16, seed=task), 3, tc, step_offset=3 * task)
+        want = train_steps(ref, shard.batches(2, 16, seed=task), 3, tc, optimizer=opt, step_offset=3 * task)
+        assert res.losses == want.losses
+    out = rt.trained_weights()
+    assert sorted(out) == sorted(plan.trainable(CFG))
+    params = dict(ref.named_parameters())
+    for n, t in out.items():
+        assert torch.equal(t, params[n].detach())
+    assert rt.optimizer.state  # moments exist and were reused (same losses as the kept optimizer)
+
+
+def test_jetson_detection(tmp_path):
+    assert jetson_board(tmp_path) == ""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text("# R35 (release), REVISION: 3.1, GCID: 1\n")
+    assert jetson_board(tmp_path) == "R35 (release), REVISION: 3.1, GCID: 1"
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\0")
+    assert jetson_board(tmp_path) == "NVIDIA Jetson AGX Orin Developer Kit"
+
+
+def test_capabilities_memory():
+    hw = Hardware(8 * 2**30, 16 * 2**30, 4, "", 0, "NVIDIA Jetson Orin")
+    c = capabilities(hw, "device", ("torch",), 1e9)
+    assert c.memory_bytes == 4 * 2**30 and c.accelerator == "jetson:NVIDIA Jetson Orin"
+    assert capabilities(hw, "device", ("torch",), 1e9, max_memory=2**20).memory_bytes == 2**20
+    gpu = Hardware(8 * 2**30, 16 * 2**30, 4, "H100", 80 * 2**30, "")
+    c = capabilities(gpu, "gpu", ("torch",), 1e14)
+    assert c.memory_bytes == 80 * 2**30 and c.accelerator == "cuda:H100"
+    assert parse_size("512M") == 512 * 2**20 and parse_size("1.5GiB") == int(1.5 * 2**30)

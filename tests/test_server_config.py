@@ -1,0 +1,46 @@
+"""Federation TOML: defaults load, overrides apply key by key, mistakes are one-line errors."""
+
+import pytest
+
+from stamen.core.errors import UserError
+from stamen.core.model import PRESETS
+from stamen.server.config import load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "fed.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    base = load_config()
+    assert base.aggregation.buffer_k == 4 and base.aggregation.outer == "nesterov"
+    cfg = load_config(write(tmp_path, "[aggregation]\nbuffer_k = 2\n[tiers.laptop]\nsteps = 3\nwidth = 1\n"
+                                      "[tiers.edge]\nsteps = 2\nblocks = [0]\n"))
+    assert cfg.aggregation.buffer_k == 2 and cfg.aggregation.tau_max == base.aggregation.tau_max
+    assert cfg.tiers["laptop"].steps == 3 and cfg.tiers["laptop"].batch_size == base.tiers["laptop"].batch_size
+    plans = cfg.plans(PRESETS["gpt-tiny"])
+    assert plans["laptop"].width == 1.0 and plans["edge"].blocks == (0,)
+    assert cfg.train_config("gpu").lr == base.tiers["gpu"].lr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[aggregation]\nbufer_k = 2\n", "unknown key 'bufer_k'"),
+    ("[aggregaton]\n", "unknown section"),
+    ("[aggregation]\nbuffer_k = 'four'\n", "wrong type"),
+    ("[aggregation]\nbuffer_k = 0\n", "buffer_k must be at least 1"),
+    ("[aggregation]\nouter = 'sgd'\n", "outer 'sgd'"),
+    ("[tiers.gpu]\noptimizer = 'lion'\n", "unknown optimizer"),
+    ("[tiers.gpu]\nsteps = 0\n", "steps and batch_size"),
+    ("[server\n", "federation config"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, text, message):
+    with pytest.raises(UserError, match=message) as e:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="not found"):
+        load_config("/nonexistent/fed.toml")
