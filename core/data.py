@@ -212,7 +212,7 @@ def _chunks(ranges: np.ndarray, size: int) -> np.ndarray:
 
 def partition_natural(shard: Shard, n_clients: int, seed: int) -> list[Shard]:
     """Split by group (top-level package): with fewer clients than groups each client gets
-    whole groups (shuffled by seed, then each to the client holding the fewest bytes); with
+    whole groups (in a seeded order, each to the client holding the fewest bytes); with
     more clients, each group gets clients in proportion to its size and is cut into
     contiguous pieces, so every client's data still comes from one package."""
     groups = shard.corpus.groups(shard)
@@ -222,7 +222,7 @@ def partition_natural(shard: Shard, n_clients: int, seed: int) -> list[Shard]:
     sizes = {g: int((groups[g][:, 1] - groups[g][:, 0]).sum()) for g in names}
     if n_clients <= len(names):
         load, owned = np.zeros(n_clients), [[] for _ in range(n_clients)]
-        for g in sorted(names, key=lambda g: -sizes[g]):  # stable: names were shuffled first
+        for g in names:
             c = int(np.argmin(load))
             owned[c].append(groups[g])
             load[c] += sizes[g]
@@ -261,9 +261,12 @@ def _merge_small(groups: dict, names: list, sizes: dict, floor: float):
             out_groups[key] = np.concatenate([groups[p] for p in pool])
             out_sizes[key], pool, pool_size = pool_size, [], 0
             out_names.append(key)
-    if pool:  # the leftover pool joins the last pool made, or stands alone
-        key = "+".join(pool)
-        out_groups[key], out_sizes[key] = np.concatenate([groups[p] for p in pool]), pool_size
+    if pool:  # a leftover pool, smaller than the floor, joins the last group made
+        last = out_names.pop() if out_names else None
+        key = "+".join(([last] if last else []) + pool)
+        parts = ([out_groups.pop(last)] if last else []) + [groups[p] for p in pool]
+        out_groups[key] = np.concatenate(parts)
+        out_sizes[key] = pool_size + (out_sizes.pop(last) if last else 0)
         out_names.append(key)
     return out_groups, out_names, out_sizes
 

@@ -1,0 +1,5 @@
+import sys
+
+from stamen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The ``stamen`` command: one entry point, a subcommand per job.
+
+Every user mistake (an unknown preset, a bad path, a bad number) is one line on stderr and exit
+code 2; the heavy imports happen inside each subcommand so ``stamen --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stamen.core.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line rather than usage text plus a line."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from stamen.core.model import PRESETS, ModelSpec, gpt_param_count
+
+    print(f"{'preset':<12}{'params':>15}  {'layers':>6} {'heads':>5} {'d_model':>7} {'context':>7} {'vocab':>6}")
+    for name, cfg in PRESETS.items():
+        print(f"{name:<12}{gpt_param_count(cfg):>15,}  {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.n_embd:>7}"
+              f" {cfg.block_size:>7} {cfg.vocab_size:>6}   {ModelSpec(name).hash}")
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from stamen.core.baseline import BaselineConfig, run_baseline
+    from stamen.core.model import ModelSpec
+
+    ModelSpec(args.model)  # fail on a bad name before loading any data
+    cfg = BaselineConfig(model=args.model, data=args.data, tokens=args.tokens, batch_size=args.batch_size,
+                         seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    summary = run_baseline(cfg, Path(args.out), progress=not args.quiet)
+    print(f"final validation loss {summary['final_val_loss']:.4f} nats/byte "
+          f"(byte-unigram entropy {summary['unigram_entropy']:.4f}) after {summary['tokens']:,} tokens "
+          f"in {summary['wall_s']:.0f} s; report in {args.out}/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="stamen", description="Federated training across very unequal hardware.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("models", help="list model presets with parameter counts")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("baseline", help="centralized training: the reference for federated runs")
+    s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")
+    s.add_argument("--data", default="stdlib", help="'stdlib', a folder of text files, or a .jsonl file")
+    s.add_argument("--tokens", type=positive_int, default=2_000_000, help="token budget")
+    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--seq-len", type=positive_int, default=128)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output folder (summary.json, loss.png)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_baseline)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UserError as e:
+        print(f"stamen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stamen: interrupted", file=sys.stderr)
+        return 130
+    return 0

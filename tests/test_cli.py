@@ -1,0 +1,49 @@
+"""The CLI as a user meets it: real subprocesses, one-line errors, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def stamen(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stamen", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_models_lists_every_preset_with_its_count():
+    from stamen.core.model import PRESETS, gpt_param_count
+
+    r = stamen("models")
+    assert r.returncode == 0
+    for name, cfg in PRESETS.items():
+        assert any(line.split()[:2] == [name, f"{gpt_param_count(cfg):,}"] for line in r.stdout.splitlines())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["baseline", "--model", "gpt-huge", "--out", "x"], "unknown model 'gpt-huge'"),
+    (["baseline", "--tokens", "many", "--out", "x"], "not a whole number"),
+    (["baseline", "--tokens", "-5", "--out", "x"], "must be positive"),
+    (["baseline", "--data", "/no/such/dir", "--out", "x"], "/no/such/dir"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(args, message, tmp_path):
+    r = stamen(*args)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["baseline", "--help"], ["models", "--help"]):
+        r = stamen(*args)
+        assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_baseline_writes_summary_and_plot(tmp_path):
+    r = stamen("baseline", "--tokens", "20000", "--batch-size", "8", "--seq-len", "32", "--out", str(tmp_path), "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) >= {"model", "tokens", "final_val_loss", "val_curve", "wall_s"}
+    assert summary["tokens"] == (20000 // 256) * 256
+    assert summary["val_curve"][-1][1] < summary["val_curve"][0][1]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+
+from stamen.core.data import Shard, decode, encode, folder_corpus, jsonl_corpus, load_corpus, partition
+from stamen.core.errors import UserError
+
+
+def tv_distances(shards: list[Shard]) -> float:
+    """Mean total-variation distance between each shard's byte histogram and the pooled one."""
+    hists = np.stack([s.histogram() / s.n_bytes for s in shards])
+    pooled = hists.mean(axis=0)
+    return float(0.5 * np.abs(hists - pooled).sum(axis=1).mean())
+
+
+def test_tokenizer_round_trip():
+    text = "def f(x):\n    return 'é' * x\n"
+    assert decode(encode(text)) == text and encode(text).max() < 256
+
+
+def test_split_holds_out_whole_files_and_is_stable(stdlib):
+    corpus, train, val = stdlib
+    assert train.n_bytes > 10 * val.n_bytes > 0
+    t2, v2 = corpus.split()
+    assert np.array_equal(val.ranges, v2.ranges)
+    assert not set(map(tuple, train.ranges)) & set(map(tuple, val.ranges))
+
+
+@pytest.mark.parametrize("n", [8, 64, 1000])
+def test_natural_partition_deterministic_and_nonempty(stdlib, n):
+    _, train, _ = stdlib
+    a, b = partition(train, n, "natural", seed=3), partition(train, n, "natural", seed=3)
+    assert len(a) == n
+    assert all(np.array_equal(x.ranges, y.ranges) for x, y in zip(a, b))
+    assert min(s.n_bytes for s in a) > 1000
+    assert sum(s.n_bytes for s in a) == train.n_bytes  # every byte goes to exactly one client
+    c = partition(train, n, "natural", seed=4)
+    assert any(not np.array_equal(x.ranges, y.ranges) for x, y in zip(a, c))
+
+
+def test_natural_partition_is_visibly_non_iid(stdlib):
+    _, train, _ = stdlib
+    natural = tv_distances(partition(train, 16, "natural", seed=0))
+    iid = tv_distances(partition(train, 16, "iid", seed=0))
+    dirichlet = tv_distances(partition(train, 16, "dirichlet", seed=0))
+    assert natural > 4 * iid
+    assert dirichlet > 2 * iid
+
+
+def test_batches_are_windows_of_the_corpus(stdlib):
+    corpus, train, _ = stdlib
+    shard = partition(train, 8, "natural", seed=0)[0]
+    x, y = next(shard.batches(4, 32, seed=1))
+    assert x.shape == y.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all()
+    x2, _ = next(shard.batches(4, 32, seed=1))
+    assert (x == x2).all()
+    raw = bytes(corpus.data)
+    for row in x.tolist():
+        assert bytes(row) in raw
+
+
+def test_folder_and_jsonl_sources(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.txt").write_text("hello world " * 20)
+    (tmp_path / "b.txt").write_text("second file " * 20)
+    corpus = folder_corpus(tmp_path)
+    assert corpus.doc_groups == ["", "a"] and corpus.doc_names == ["b.txt", "a/one.txt"]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"line {i} " * 10}) for i in range(5)))
+    assert len(load_corpus(str(f)).doc_names) == 5
+
+
+def test_bad_sources_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "missing")):
+        load_corpus(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no text"):
+        folder_corpus(tmp_path / "empty")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1"):
+        jsonl_corpus(bad)
+    with pytest.raises(UserError, match="unknown partition"):
+        partition(bad_source_shard(tmp_path), 2, "zipf", 0)
+
+
+def bad_source_shard(tmp_path) -> Shard:
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "t.txt").write_text("text " * 100)
+    return folder_corpus(tmp_path / "ok").split()[0]
