@@ -15,6 +15,8 @@ from stamen.core.errors import UserError
 from stamen.core.model import GPTConfig
 from stamen.core.plan import Plan, tier_plans
 from stamen.core.train import TrainConfig
+from stamen.server.aggregator import AggregatorConfig
+from stamen.server.outer import OuterConfig
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,12 @@ class FederationConfig:
         return TrainConfig(optimizer=t.optimizer, lr=t.lr, min_lr_ratio=s.min_lr_ratio,
                            warmup_steps=s.warmup_steps, total_steps=s.total_steps,
                            weight_decay=s.weight_decay, grad_clip=s.grad_clip)
+
+    def aggregator_config(self) -> AggregatorConfig:
+        a = self.aggregation
+        return AggregatorConfig(buffer_k=a.buffer_k, tau_max=a.tau_max, token_exponent=a.token_exponent,
+                                staleness_exponent=a.staleness_exponent, max_wait_s=a.max_wait_s or None,
+                                min_quorum=a.min_quorum, outer=OuterConfig(a.outer, a.outer_lr, a.momentum))
 
     def plans(self, cfg: GPTConfig) -> dict[str, Plan]:
         """Each tier's plan: the default tier table with this file's overrides."""

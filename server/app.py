@@ -1,0 +1,255 @@
+"""The HTTP face of a federation (aiohttp): routes translate requests into ``Federation``
+calls and its refusals into 4xx answers with a reason.
+
+Bodies are msgpack (tensor payloads are ``stamen.core.wire`` frames); errors are JSON
+``{"error": reason}`` so they read well from curl too. Every request runs under a timeout,
+bodies are capped at ``[server] max_body_mib``, and SIGTERM/SIGINT stop accepting, let
+in-flight requests finish, and checkpoint before exit; restarting on the same state folder
+resumes from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+from aiohttp import web
+
+from stamen.core.errors import UserError
+from stamen.server.config import FederationConfig, load_config
+from stamen.server.metrics import render
+from stamen.server.service import Federation, RequestError, http_status
+
+FEDERATION = web.AppKey("federation", Federation)
+REQUESTS = web.AppKey("requests", Counter)
+STATE = web.AppKey("state", Path)
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+POLL_STEP_S = 0.1  # how often a long poll looks for a free task slot
+MAINTENANCE_S = 1.0  # how often deadlines and the max-wait flush are checked
+
+
+def _msgpack(obj, status: int = 200) -> web.Response:
+    return web.Response(body=msgpack.packb(obj), status=status, content_type="application/msgpack")
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header.startswith("Bearer ") else None
+
+
+def _int_query(request: web.Request, key: str, default: int | None = None) -> int | None:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise RequestError(f"query parameter {key}={raw!r} is not an integer") from None
+
+
+@web.middleware
+async def guard(request: web.Request, handler) -> web.StreamResponse:
+    """Timeout, body-size and refusal handling for every route; counts requests for /metrics."""
+    fed: Federation = request.app[FEDERATION]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    try:
+        async with asyncio.timeout(fed.fed.server.request_timeout_s):
+            response = await handler(request)
+    except web.HTTPRequestEntityTooLarge as e:
+        response = _error(413, f"body larger than the server's limit of {e.max_size} bytes")
+    except web.HTTPException as e:
+        response = _error(e.status, e.reason)
+    except UserError as e:
+        response = _error(http_status(e), str(e))
+    except TimeoutError:
+        response = _error(408, "request took longer than the server's request timeout")
+    request.app[REQUESTS][(route, response.status)] += 1
+    return response
+
+
+def _unpack(data: bytes) -> dict:
+    try:
+        obj = msgpack.unpackb(data, raw=False, max_str_len=1 << 16, max_bin_len=1 << 16,
+                              max_array_len=1 << 10, max_map_len=1 << 10)
+    except Exception as e:  # msgpack raises assorted types on garbage
+        raise RequestError(f"body is not msgpack: {e}") from None
+    if not isinstance(obj, dict):
+        raise RequestError("body must be a msgpack map")
+    return obj
+
+
+async def join(request: web.Request) -> web.Response:
+    body = _unpack(await request.read())
+    token, caps = body.get("join_token"), body.get("capabilities")
+    if not isinstance(token, str) or not isinstance(caps, dict):
+        raise RequestError("join needs join_token (string) and capabilities (map)")
+    return _msgpack(request.app[FEDERATION].join(token, caps))
+
+
+async def task(request: web.Request) -> web.Response:
+    fed: Federation = request.app[FEDERATION]
+    p = fed.principal(_bearer(request), time.time())
+    wait = min(float(_int_query(request, "wait", 0)), fed.fed.server.long_poll_s)
+    deadline = time.monotonic() + wait
+    while True:
+        t = fed.task(p, time.time())
+        if t is not None:
+            return _msgpack({"task": t.to_dict(), "version": fed.agg.version})
+        if time.monotonic() >= deadline:
+            return web.Response(status=204)
+        await asyncio.sleep(POLL_STEP_S)
+
+
+async def weights(request: web.Request) -> web.Response:
+    fed: Federation = request.app[FEDERATION]
+    p = fed.principal(_bearer(request), time.time())
+    try:
+        version = int(request.match_info["version"])
+    except ValueError:
+        raise RequestError(f"version {request.match_info['version']!r} is not an integer") from None
+    plan = request.query.get("plan", "")
+    body = fed.weights(p, version, plan, _int_query(request, "have"))
+    return web.Response(body=body, content_type="application/octet-stream")
+
+
+async def update(request: web.Request) -> web.Response:
+    fed: Federation = request.app[FEDERATION]
+    p = fed.principal(_bearer(request), time.time())
+    result = fed.submit(p, request.match_info["task"], await request.read(), time.time())
+    return _msgpack(result, status=202)
+
+
+async def bundle(request: web.Request) -> web.StreamResponse:
+    """Artifact bundles the export step wrote under ``<state>/bundles/<plan>/<runtime>/``:
+    without a file name, the listing (name → bytes); with one, the file."""
+    fed: Federation = request.app[FEDERATION]
+    fed.principal(_bearer(request), time.time())
+    parts = [request.match_info["plan"], request.match_info["runtime"], request.match_info.get("file", "")]
+    if not all(SAFE_NAME.match(x) for x in parts[:2]) or (parts[2] and not SAFE_NAME.match(parts[2])):
+        raise RequestError("bad bundle path")
+    folder = request.app[STATE] / "bundles" / parts[0] / parts[1]
+    if not folder.is_dir():
+        raise RequestError(f"no {parts[1]} bundle for plan {parts[0]}", 404)
+    if not parts[2]:
+        return _msgpack({"files": {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}})
+    path = folder / parts[2]
+    if not path.is_file():
+        raise RequestError(f"bundle has no file {parts[2]!r}", 404)
+    return web.FileResponse(path)
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[FEDERATION].status())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = render(request.app[FEDERATION].status(), request.app[REQUESTS])
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+async def _maintenance(app: web.Application) -> None:
+    while True:
+        await asyncio.sleep(MAINTENANCE_S)
+        app[FEDERATION].poll(time.time())
+
+
+def make_app(federation: Federation, state_dir: Path) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=federation.fed.server.max_body_mib << 20)
+    app[FEDERATION], app[REQUESTS], app[STATE] = federation, Counter(), state_dir
+    app.add_routes([
+        web.post("/v1/join", join),
+        web.get("/v1/task", task),
+        web.get("/v1/weights/{version}", weights),
+        web.post("/v1/updates/{task}", update),
+        web.get("/v1/bundles/{plan}/{runtime}", bundle),
+        web.get("/v1/bundles/{plan}/{runtime}/{file}", bundle),
+        web.get("/v1/status", status),
+        web.get("/metrics", metrics),
+    ])
+
+    async def background(app: web.Application):
+        job = asyncio.create_task(_maintenance(app))
+        yield
+        job.cancel()
+
+    app.cleanup_ctx.append(background)
+    return app
+
+
+def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if not (cert and key):
+        raise UserError("TLS needs both --tls-cert and --tls-key")
+    for p in (cert, key):
+        if not Path(p).is_file():
+            raise UserError(f"TLS file not found: {p}")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise UserError(f"cannot load TLS certificate/key: {e}") from None
+    return ctx
+
+
+async def serve(federation: Federation, state_dir: Path, host: str, port: int,
+                tls: ssl.SSLContext | None, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then drain in-flight requests and checkpoint."""
+    runner = web.AppRunner(make_app(federation, state_dir), shutdown_timeout=federation.fed.server.long_poll_s + 5,
+                           handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    scheme = "https" if tls else "http"
+    print(f"stamen server: model {federation.spec.name}, version {federation.agg.version}, "
+          f"serving on {scheme}://{host}:{bound}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        federation.close()
+        print(f"stamen server: stopped at version {federation.agg.version}, checkpoint written", flush=True)
+
+
+def run_server(model: str, state_dir: str | Path, config_path: str | Path | None = None,
+               host: str = "127.0.0.1", port: int = 8080, tls_cert: str | None = None,
+               tls_key: str | None = None) -> None:
+    """``stamen server``: blocks until SIGTERM/SIGINT."""
+    fed_cfg: FederationConfig = load_config(config_path)
+    tls = _tls(tls_cert, tls_key)
+    state = Path(state_dir)
+    federation = Federation(model, state, fed_cfg)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(federation, state, host, port, tls, stop)
+
+    asyncio.run(main())
+
+
+def fetch_status(url: str) -> dict:
+    """``stamen status URL``: the server's /v1/status as a dict."""
+    target = url.rstrip("/") + "/v1/status"
+    try:
+        with urllib.request.urlopen(target, timeout=10) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {target}: {e}") from None
+

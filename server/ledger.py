@@ -1,0 +1,95 @@
+"""The task ledger, ``<state>/tasks.db`` (SQLite): every task issued, to whom, in which tier,
+and what became of it (open, done, lapsed), plus the scheduler's global step counter.
+
+It is what lets a restarted server recognise the uploads of tasks it issued before a crash,
+answer a re-sent upload idempotently, and report per-client and per-tier token counts. The
+model-side truth (which updates were applied) is the store's journal; ``reconcile`` brings the
+ledger in line with it after a crash between the two writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stamen.core.records import Task
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, client_id TEXT NOT NULL, tier TEXT NOT NULL,
+                                  body TEXT NOT NULL, status TEXT NOT NULL, tokens INTEGER NOT NULL DEFAULT 0,
+                                  loss REAL, issued REAL NOT NULL, closed REAL);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    task: Task
+    tier: str
+    status: str  # "open", "done" or "lapsed"
+
+
+class Ledger:
+    def __init__(self, state_dir: str | Path) -> None:
+        self.db = sqlite3.connect(Path(state_dir) / "tasks.db", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def issued(self, task: Task, tier: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO tasks (id, client_id, tier, body, status, issued) VALUES (?, ?, ?, ?, 'open', ?)",
+                        (task.task_id, task.client_id, tier, json.dumps(task.to_dict()), time.time()))
+
+    def get(self, task_id: str) -> Entry | None:
+        row = self.db.execute("SELECT body, tier, status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return None if row is None else Entry(Task.from_dict(json.loads(row[0])), row[1], row[2])
+
+    def claim(self, task_id: str, tokens: int, loss: float | None) -> None:
+        """Record an upload's figures before the store journals it (the task stays open)."""
+        self.db.execute("UPDATE tasks SET tokens = ?, loss = ? WHERE id = ?", (tokens, loss, task_id))
+
+    def done(self, task_id: str) -> None:
+        self.db.execute("UPDATE tasks SET status = 'done', closed = ? WHERE id = ?", (time.time(), task_id))
+
+    def lapsed(self, task_ids: list[str]) -> None:
+        self.db.executemany("UPDATE tasks SET status = 'lapsed', closed = ? WHERE id = ? AND status = 'open'",
+                            [(time.time(), t) for t in task_ids])
+
+    def open_tasks(self) -> list[tuple[Task, str]]:
+        rows = self.db.execute("SELECT body, tier FROM tasks WHERE status = 'open' ORDER BY id").fetchall()
+        return [(Task.from_dict(json.loads(b)), tier) for b, tier in rows]
+
+    def reconcile(self, journaled: set[str]) -> None:
+        """Mark done every open task whose update the store journaled: the process died
+        between the store's commit and ours (``claim`` had already saved the figures)."""
+        for task, _ in self.open_tasks():
+            if task.task_id in journaled:
+                self.done(task.task_id)
+
+    def tokens_by(self, column: str) -> dict[str, tuple[int, int]]:
+        """(updates, tokens) of done tasks per ``client_id`` or ``tier``."""
+        assert column in ("client_id", "tier")
+        rows = self.db.execute(f"SELECT {column}, COUNT(*), SUM(tokens) FROM tasks WHERE status = 'done' GROUP BY {column}")
+        return {k: (n, int(t)) for k, n, t in rows}
+
+    def done_plans(self) -> list[str]:
+        """The distinct plans (JSON) of done tasks: what the federation has trained."""
+        rows = self.db.execute("SELECT DISTINCT json_extract(body, '$.plan') FROM tasks WHERE status = 'done'")
+        return [r[0] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall())
+
+    def get_meta(self, key: str, default: int = 0) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def set_meta(self, key: str, value: int) -> None:
+        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def close(self) -> None:
+        self.db.close()

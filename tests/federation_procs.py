@@ -1,0 +1,65 @@
+"""Real processes for the HTTP tests: a ``stamen`` server on an ephemeral loopback port and
+edge clients, each its own Python process, plus folders of disjoint stdlib text for data."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+SERVER = """
+import sys
+from stamen.server.app import run_server
+run_server("gpt-tiny", sys.argv[1], sys.argv[2] if sys.argv[2] != "-" else None, "127.0.0.1", int(sys.argv[3]))
+"""
+CLIENT = """
+import sys, json
+from stamen.edge_client.client import EdgeClient
+c = EdgeClient(sys.argv[1], sys.argv[2], sys.argv[3], role=sys.argv[4], max_memory=int(sys.argv[5]),
+               state_dir=sys.argv[6], max_tasks=int(sys.argv[7]), progress=False)
+for entry in c.run():
+    print("TASK", json.dumps(entry.__dict__), flush=True)
+"""
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start_server(state: Path, config: Path | None = None, port: int = 0) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(state), str(config or "-"), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    deadline = time.time() + 60
+    for line in proc.stdout:
+        m = re.search(r"serving on (http://\S+)", line)
+        if m:
+            return proc, m.group(1)
+        if time.time() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.stdout.read()}")
+
+
+def start_client(url: str, token: str, data: Path, role: str, max_memory: int, state: Path,
+                 max_tasks: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CLIENT, url, token, str(data), role, str(max_memory),
+                             str(state), str(max_tasks)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV)
+
+
+def stdlib_folders(root: Path, packages: list[list[str]]) -> list[Path]:
+    """One data folder per client holding the named stdlib packages' sources (disjoint)."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for i, names in enumerate(packages):
+        folder = root / f"data{i}"
+        for name in names:
+            src = lib / name
+            files = sorted(src.rglob("*.py")) if src.is_dir() else [lib / f"{name}.py"]
+            for f in files:
+                dest = folder / name / f.relative_to(lib).as_posix().replace("/", "__")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(f.read_bytes())
+        out.append(folder)
+    return out
