@@ -1,0 +1,308 @@
+"""Wire framing shared by the server, the clients and the simulator: one msgpack envelope that
+describes a set of named tensors and carries their encoded parts in one (optionally
+zstd-compressed) body.
+
+A frame is what a stranger sends us, so decoding is bounded before anything is allocated:
+the frame's size, msgpack's lengths and nesting, the number of tensors and elements, the
+declared body size, dtypes and shapes are all checked against ``Limits`` first; the body is
+then decompressed with a streaming reader into a buffer of exactly the declared size, so a
+zstd bomb is caught after at most one extra byte. Each violated limit raises its own
+``WireError`` subclass whose message names the limit, so the HTTP server can answer 4xx with it.
+
+A frame is a msgpack header map (all keys always present) followed by the body::
+
+    {"format": 1, "kind": str, "codec": str, "meta": {str: scalar},
+     "tensors": [[name, dtype, shape, [[part_dtype, count], ...]], ...],
+     "zstd": bool, "body_bytes": int}  ‖  body
+
+The body sits after the header rather than inside it as a msgpack bin so that neither side
+copies it an extra time. Uncompressed, it is every part's bytes in order, each padded to a
+multiple of ``ALIGN`` bytes so the decoder can view parts as typed arrays in place. What the parts mean is the codec's business
+(``stamen.compression``); this module only frames them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+import zstandard
+
+from stamen.core.errors import UserError
+
+FORMAT_VERSION = 1
+ALIGN = 8
+# Dtypes a part may have; bfloat16 travels as its raw 16 bits (numpy has no bfloat16).
+PART_DTYPES: dict[str, np.dtype] = {
+    "uint8": np.dtype(np.uint8), "int8": np.dtype(np.int8), "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32), "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16),
+}
+HEADER_KEYS = {"format", "kind", "codec", "meta", "tensors", "zstd", "body_bytes"}
+
+
+class WireError(UserError):
+    """A frame broke a rule; the message names the rule. The server answers 4xx with it."""
+
+
+class FrameTooLarge(WireError):
+    """The frame is larger than ``max_compressed_bytes``."""
+
+
+class DecompressedTooLarge(WireError):
+    """The body declares or inflates to more than ``max_decompressed_bytes`` (zstd bomb)."""
+
+
+class TooManyTensors(WireError):
+    """More tensors than ``max_tensors``."""
+
+
+class TooManyElements(WireError):
+    """More tensor elements in all than ``max_elements``."""
+
+
+class TooDeep(WireError):
+    """msgpack nesting deeper than ``max_depth`` (nesting bomb)."""
+
+
+class LengthLimit(WireError):
+    """A msgpack string, array or map longer than ``max_len``."""
+
+
+class TruncatedFrame(WireError):
+    """The frame or its body ends early."""
+
+
+class MalformedFrame(WireError):
+    """Not a frame: bad msgpack, missing or mistyped fields, trailing bytes, corrupt zstd."""
+
+
+class UnsupportedVersion(WireError):
+    """The frame's format version is not the one this code speaks."""
+
+
+class BadDtype(WireError):
+    """A tensor or part dtype outside the whitelist."""
+
+
+class NameMismatch(WireError):
+    """The tensor names differ from the expected manifest's."""
+
+
+class ShapeMismatch(WireError):
+    """A tensor's shape differs from the expected manifest's."""
+
+
+class NonFinite(WireError):
+    """A decoded tensor holds NaN or infinity."""
+
+
+class NormTooLarge(WireError):
+    """The decoded tensors' global L2 norm exceeds ``max_norm``."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a decoder accepts. Defaults fit a gpt-1.3b fp32 update; a server narrows them
+    per task (``manifest`` = the plan's trainable slice shapes, ``max_norm`` from its policy)."""
+
+    max_compressed_bytes: int = 8 << 30
+    max_decompressed_bytes: int = 8 << 30
+    max_tensors: int = 4096
+    max_elements: int = 2 << 30
+    max_depth: int = 6
+    max_len: int = 1 << 16
+    dtypes: frozenset[str] = frozenset({"float32", "float16", "bfloat16"})
+    manifest: dict[str, tuple[int, ...]] | None = field(default=None, hash=False)
+    finite: bool = True
+    max_norm: float | None = None
+
+
+@dataclass
+class TensorRecord:
+    """One tensor in a frame: its identity and its encoded parts (numpy arrays)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: list[np.ndarray]
+    part_dtypes: list[str]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Frame:
+    kind: str  # "update", "weights", "delta"
+    codec: str  # canonical codec chain, e.g. "int8(block=256)+zstd(3)"
+    meta: dict
+    tensors: list[TensorRecord]
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def encode_frame(frame: Frame, zstd_level: int | None) -> bytes:
+    """Frame ``frame``'s parts; ``zstd_level`` None sends the body raw."""
+    header, chunks = [], []
+    for t in frame.tensors:
+        header.append([t.name, t.dtype, list(t.shape),
+                       [[d, int(p.size)] for d, p in zip(t.part_dtypes, t.parts)]])
+        for p in t.parts:
+            chunks.append(memoryview(np.ascontiguousarray(p)).cast("B"))
+            pad = _padded(p.nbytes) - p.nbytes
+            if pad:
+                chunks.append(bytes(pad))
+    if zstd_level is not None:
+        compressor = zstandard.ZstdCompressor(level=zstd_level).compressobj()
+        chunks = [compressor.compress(c) for c in chunks] + [compressor.flush()]
+    head = msgpack.packb({"format": FORMAT_VERSION, "kind": frame.kind, "codec": frame.codec,
+                          "meta": frame.meta, "tensors": header, "zstd": zstd_level is not None,
+                          "body_bytes": sum(len(c) for c in chunks)})
+    return b"".join([head, *chunks])
+
+
+def _check_depth(obj, max_depth: int) -> None:
+    """Iterative walk: the object is already length-bounded, so this is cheap and cannot recurse."""
+    stack = [(obj, 0)]
+    while stack:
+        o, d = stack.pop()
+        if d > max_depth:
+            raise TooDeep(f"msgpack nesting deeper than max_depth={max_depth}")
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+
+
+def _unpack(data: bytes, limits: Limits) -> tuple[dict, memoryview]:
+    """The header, checked, and the body bytes after it."""
+    if len(data) > limits.max_compressed_bytes:
+        raise FrameTooLarge(f"frame of {len(data)} bytes exceeds max_compressed_bytes={limits.max_compressed_bytes}")
+    unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, strict_map_key=True,
+                                max_buffer_size=len(data) or 1, max_str_len=limits.max_len,
+                                max_array_len=limits.max_len, max_map_len=limits.max_len,
+                                max_bin_len=limits.max_len, max_ext_len=0)
+    try:
+        head = unpacker.unpack()
+    except msgpack.StackError:
+        raise TooDeep(f"msgpack nesting deeper than max_depth={limits.max_depth}") from None
+    except msgpack.OutOfData:
+        raise TruncatedFrame("frame ends inside its header") from None
+    except ValueError as e:
+        if "exceeds max_" in str(e):
+            raise LengthLimit(f"msgpack length over max_len={limits.max_len}: {e}") from None
+        raise MalformedFrame(f"header is not msgpack: {e}") from None
+    except Exception as e:  # msgpack raises assorted types for garbage input
+        raise MalformedFrame(f"header is not msgpack: {e}") from None
+    _check_depth(head, limits.max_depth)
+    if not isinstance(head, dict) or set(head) != HEADER_KEYS:
+        raise MalformedFrame(f"header must hold exactly the keys {sorted(HEADER_KEYS)}")
+    if head["format"] != FORMAT_VERSION:
+        raise UnsupportedVersion(f"format version {head['format']!r}, this code speaks {FORMAT_VERSION}")
+    if not (isinstance(head["kind"], str) and isinstance(head["codec"], str)
+            and isinstance(head["meta"], dict) and isinstance(head["tensors"], list)
+            and isinstance(head["zstd"], bool) and isinstance(head["body_bytes"], int)):
+        raise MalformedFrame("header field of the wrong type")
+    body = memoryview(data)[unpacker.tell():]
+    if len(body) < head["body_bytes"]:
+        raise TruncatedFrame(f"body holds {len(body)} bytes, the header declares {head['body_bytes']}")
+    if len(body) > head["body_bytes"]:
+        raise MalformedFrame(f"{len(body) - head['body_bytes']} trailing bytes after the body")
+    return head, body
+
+
+def _parse_header(entries: list, limits: Limits) -> list[tuple[str, str, tuple[int, ...], list[tuple[str, int]]]]:
+    if len(entries) > limits.max_tensors:
+        raise TooManyTensors(f"{len(entries)} tensors exceed max_tensors={limits.max_tensors}")
+    out, names, elements = [], set(), 0
+    for e in entries:
+        try:
+            name, dtype, shape, parts = e
+            ok = (isinstance(name, str) and isinstance(dtype, str)
+                  and all(isinstance(s, int) and s >= 0 for s in shape)
+                  and all(isinstance(d, str) and isinstance(n, int) and n >= 0 for d, n in parts))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise MalformedFrame(f"bad tensor entry {str(e)[:80]}")
+        if name in names:
+            raise MalformedFrame(f"tensor {name!r} appears twice")
+        names.add(name)
+        if dtype not in limits.dtypes:
+            raise BadDtype(f"tensor {name!r} has dtype {dtype!r}, allowed: {sorted(limits.dtypes)}")
+        bad = [d for d, _ in parts if d not in PART_DTYPES]
+        if bad:
+            raise BadDtype(f"tensor {name!r} has part dtype {bad[0]!r}, allowed: {sorted(PART_DTYPES)}")
+        elements += math.prod(shape)
+        if elements > limits.max_elements:
+            raise TooManyElements(f"more than max_elements={limits.max_elements} tensor elements")
+        out.append((name, dtype, tuple(shape), [(d, n) for d, n in parts]))
+    if limits.manifest is not None:
+        if names != set(limits.manifest):
+            missing, extra = sorted(set(limits.manifest) - names), sorted(names - set(limits.manifest))
+            raise NameMismatch(f"tensors differ from the manifest: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, _, shape, _ in out:
+            if shape != tuple(limits.manifest[name]):
+                raise ShapeMismatch(f"tensor {name!r} has shape {list(shape)}, the manifest says {list(limits.manifest[name])}")
+    return out
+
+
+def _read_body(head: dict, body: memoryview, size: int, limits: Limits) -> bytearray:
+    """The parts' bytes, exactly ``size`` of them, writable (so parts become tensors without a
+    copy); zstd output is read into that buffer and never past it plus one byte."""
+    if size > limits.max_decompressed_bytes:
+        raise DecompressedTooLarge(f"body declares {size} bytes, over max_decompressed_bytes={limits.max_decompressed_bytes}")
+    if not head["zstd"]:
+        if len(body) != size:
+            raise TruncatedFrame(f"body holds {len(body)} bytes, its parts need {size}")
+        return bytearray(body)
+    out = bytearray(size)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+            got, view = 0, memoryview(out)
+            while got < size:
+                n = reader.readinto(view[got:])
+                if n == 0:
+                    raise TruncatedFrame(f"body inflates to {got} bytes, its parts need {size}")
+                got += n
+            if reader.read(1):
+                raise DecompressedTooLarge(f"body inflates past its declared {size} bytes (zstd bomb)")
+    except zstandard.ZstdError as e:
+        raise MalformedFrame(f"corrupt zstd body: {e}") from None
+    return out
+
+
+def decode_frame(data: bytes, limits: Limits = Limits()) -> Frame:
+    """Parse and check a frame; parts come back as numpy views into one body buffer."""
+    head, raw = _unpack(data, limits)
+    header = _parse_header(head["tensors"], limits)
+    size = sum(_padded(n * PART_DTYPES[d].itemsize) for *_, parts in header for d, n in parts)
+    body = _read_body(head, raw, size, limits)
+    tensors, offset = [], 0
+    for name, dtype, shape, parts in header:
+        arrays = []
+        for d, n in parts:
+            arrays.append(np.frombuffer(body, dtype=PART_DTYPES[d], count=n, offset=offset))
+            offset += _padded(n * PART_DTYPES[d].itemsize)
+        tensors.append(TensorRecord(name, dtype, shape, arrays, [d for d, _ in parts]))
+    return Frame(head["kind"], head["codec"], head["meta"], tensors)
+
+
+def check_values(arrays: dict[str, np.ndarray], limits: Limits) -> None:
+    """Finite check and norm bound over decoded float32 arrays. One BLAS dot per tensor is
+    the fast path; the slower element scan runs only to tell NaN/inf from a huge norm."""
+    total = 0.0
+    for name, a in arrays.items():
+        sq = float(np.dot(a, a)) if a.size else 0.0
+        if not math.isfinite(sq) and limits.finite and not np.isfinite(a).all():
+            raise NonFinite(f"tensor {name!r} holds NaN or infinity")
+        total += sq
+    if limits.max_norm is not None and not math.sqrt(total) <= limits.max_norm:
+        raise NormTooLarge(f"update L2 norm {math.sqrt(total):.4g} exceeds max_norm={limits.max_norm}")
