@@ -51,12 +51,32 @@ def cmd_baseline(args: argparse.Namespace) -> None:
           f"in {summary['wall_s']:.0f} s; report in {args.out}/")
 
 
+def cmd_plans(args: argparse.Namespace) -> None:
+    from stamen.core.model import ModelSpec
+    from stamen.core.plan import plans_table
+
+    rows = plans_table(ModelSpec(args.model), args.batch_size, args.seq_len)
+    print(f"plans of {args.model} at batch {args.batch_size} x seq {args.seq_len} (memory: fp32 weights, "
+          "grads, AdamW state, activations)")
+    print(f"{'tier':<11}{'blocks':<16}{'width':>6}{'params':>14}{'trainable':>14}{'memory MiB':>12}{'MFLOP/token':>13}  plan")
+    for r in rows:
+        blocks = ",".join(map(str, r["blocks"])) if len(r["blocks"]) <= 4 else f"{r['blocks'][0]}-{r['blocks'][-1]}"
+        print(f"{r['tier']:<11}{blocks:<16}{r['width']:>6.2f}{r['params']:>14,}{r['trainable']:>14,}"
+              f"{r['memory_mb']:>12,.1f}{r['flops_per_token'] / 1e6:>13,.2f}  {r['plan']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="stamen", description="Federated training across very unequal hardware.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("models", help="list model presets with parameter counts")
     s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("plans", help="the tier table of submodels for a model, with their cost")
+    s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")
+    s.add_argument("--batch-size", type=positive_int, default=8)
+    s.add_argument("--seq-len", type=positive_int, default=128)
+    s.set_defaults(func=cmd_plans)
 
     s = sub.add_parser("baseline", help="centralized training: the reference for federated runs")
     s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")

@@ -47,3 +47,15 @@ def test_baseline_writes_summary_and_plot(tmp_path):
     assert summary["tokens"] == (20000 // 256) * 256
     assert summary["val_curve"][-1][1] < summary["val_curve"][0][1]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plans_prints_every_tier_with_its_cost():
+    from stamen.core.model import ModelSpec
+    from stamen.core.plan import TIERS, plans_table
+
+    r = stamen("plans", "--model", "gpt-tiny")
+    assert r.returncode == 0, r.stderr
+    rows = {row["tier"]: row for row in plans_table(ModelSpec("gpt-tiny"), 8, 128)}
+    for tier in TIERS:
+        line = next(line for line in r.stdout.splitlines() if line.startswith(tier + " "))
+        assert f"{rows[tier]['params']:,}" in line and rows[tier]["plan"] in line
