@@ -176,12 +176,15 @@ class Aggregator:
             return self.flush("tokens")
         return None
 
-    def poll(self, now: float) -> FlushReport | None:
-        """Flush if the buffer has waited max_wait_s and holds a quorum."""
+    def due(self, now: float) -> bool:
+        """Whether the buffer has waited max_wait_s and holds a quorum."""
         b, c = self.buffer, self.config
-        if c.max_wait_s is None or b.opened_at is None or b.count < c.min_quorum:
-            return None
-        return self.flush("wait") if now - b.opened_at >= c.max_wait_s else None
+        return (c.max_wait_s is not None and b.opened_at is not None and b.count >= c.min_quorum
+                and now - b.opened_at >= c.max_wait_s)
+
+    def poll(self, now: float) -> FlushReport | None:
+        """The max-wait flush, if due."""
+        return self.flush("wait") if self.due(now) else None
 
     @torch.no_grad()
     def flush(self, reason: str) -> FlushReport:

@@ -1,0 +1,85 @@
+"""The crash test's victim: feeds a fixed, seeded stream of updates through a Store, printing
+``ack <task id>`` once each ``accept`` returns. Run as a script it resumes whatever state the
+store holds; ``STAMEN_CRASH=<point>:<n>`` makes it SIGKILL itself at the n-th pass through a
+point (``submit``: journaled but not applied; ``flush``: a max-wait flush journaled but not
+applied; ``fsync``: checkpoint temp file written, not renamed; ``replace``: renamed, journal
+payloads not yet dropped). The test also kills it from outside at random instants."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+from stamen.core.model import GPT, GPTConfig, weights
+from stamen.core.plan import Plan, full_plan
+from stamen.core.records import Update
+from stamen.server import aggregator, store
+from stamen.server.aggregator import Aggregator, AggregatorConfig
+from stamen.server.store import Store
+
+CFG = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
+PLANS = [full_plan(CFG), Plan("half", (0, 1), 0.5, ("blocks.*",)), Plan("top", (1,), 1.0, ("blocks.1.*", "ln_f.*"))]
+CONFIG = AggregatorConfig(buffer_k=3, tau_max=2, max_wait_s=2.5)  # delayed Nesterov 0.7 / 0.9
+N = 24
+
+
+def clock(i: int) -> float:
+    """Arrival times with a gap every fifth update, so some flushes are max-wait flushes."""
+    return float(i + 2 * (i // 5))
+
+
+def update_for(i: int, version: int) -> Update:
+    plan = PLANS[i % 3]
+    gen = torch.Generator().manual_seed(1000 + i)
+    shapes = plan.shapes(CFG)
+    delta = {n: torch.randn(shapes[n], generator=gen) * 0.01 for n in plan.trainable(CFG)}
+    return Update(f"t{i}", max(0, version - i % 3), plan, delta, 50 + (37 * i) % 200)
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {n: t.clone() for n, t in weights(GPT(CFG)).items()}
+
+
+def feed(root: str) -> tuple[Aggregator, Store]:
+    """Run (or resume) the stream to its end. The journal is a prefix of the stream, so the
+    next update to send is the first one it lacks; the poll that followed the last journaled
+    one is repeated (a no-op if it already flushed)."""
+    st = Store(root, checkpoint_every=2)
+    agg = st.start(CFG, initial_weights(), CONFIG)
+    done = len(st.journaled_task_ids())
+    if done:
+        st.poll(agg, clock(done - 1))
+    for i in range(done, N):
+        st.accept(agg, update_for(i, agg.version), clock(i))
+        print(f"ack t{i}", flush=True)
+        st.poll(agg, clock(i))
+    return agg, st
+
+
+def _kill_at(owner: object, attr: str, n: int, before: bool) -> None:
+    original, calls = getattr(owner, attr), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if before and calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        out = original(*args, **kwargs)
+        if not before and calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    setattr(owner, attr, wrapper)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if os.environ.get("STAMEN_CRASH"):
+        point, n = os.environ["STAMEN_CRASH"].split(":")
+        target = {"submit": (aggregator.Aggregator, "submit", True), "flush": (aggregator.Aggregator, "flush", True),
+                  "fsync": (store, "_fsync", False), "replace": (store.os, "replace", False)}[point]
+        _kill_at(*target[:2], int(n), target[2])
+    feed(sys.argv[1])

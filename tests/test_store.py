@@ -1,0 +1,127 @@
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import crash_feeder as cf
+from stamen.core.errors import UserError
+from stamen.core.records import Task
+from stamen.core.train import TrainConfig
+from stamen.server.aggregator import AggregatorConfig, StaleUpdate
+from stamen.server.store import Store
+
+FEEDER = Path(__file__).with_name("crash_feeder.py")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run."""
+    agg, st = cf.feed(str(tmp_path_factory.mktemp("ref")))
+    st.close()
+    return agg
+
+
+def assert_same_state(agg, ref) -> None:
+    assert agg.version == ref.version
+    for group in ("weights", "opt_state", "S", "W"):
+        a, b = getattr(agg, group), getattr(ref, group)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (group, k)
+    assert agg.buffer == ref.buffer and agg.seen == ref.seen
+    assert sorted(agg.history) == sorted(ref.history)
+    for v in agg.history:
+        assert all(torch.equal(agg.history[v][n], ref.history[v][n]) for n in ref.weights)
+
+
+def run_feeder(root: Path, crash: str | None = None, kill_after_acks: int | None = None,
+               delay: float = 0.0) -> tuple[int, set[str]]:
+    """One feeder process, killed at a point (``crash``) or from outside after some acks."""
+    env = dict(os.environ, STAMEN_CRASH=crash or "")
+    proc = subprocess.Popen([sys.executable, str(FEEDER), str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    acked = set()
+    for line in proc.stdout:
+        acked.add(line.split()[1])
+        if kill_after_acks is not None and len(acked) >= kill_after_acks:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            break
+    acked |= {line.split()[1] for line in proc.stdout}
+    return proc.wait(timeout=60), acked
+
+
+# Each scenario is a list of crashes, one feeder process each; the test then resumes in-process.
+SCENARIOS = {
+    "between-journal-and-apply": ["submit:5"],
+    "inside-a-k-flush-then-again-in-replay": ["flush:2", "submit:3"],
+    "max-wait-flush-journaled-not-applied": ["flush:4"],
+    "checkpoint-temp-written": ["fsync:3"],
+    "first-checkpoint-torn": ["fsync:1"],
+    "checkpoint-renamed-payloads-kept": ["replace:4", "fsync:2"],
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_crash_at_a_point_then_restore_equals_uninterrupted(tmp_path, reference, name):
+    acked: set[str] = set()
+    for crash in SCENARIOS[name]:
+        rc, got = run_feeder(tmp_path, crash=crash)
+        assert rc == -signal.SIGKILL, f"{crash} never fired"
+        acked |= got
+    check_resumed(tmp_path, reference, acked)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("seed", range(3))
+def test_crash_at_random_instants_then_restore_equals_uninterrupted(tmp_path, reference, seed):
+    rnd = random.Random(seed)
+    acked: set[str] = set()
+    for _ in range(2):
+        rc, got = run_feeder(tmp_path, kill_after_acks=rnd.randint(1, cf.N // 2), delay=rnd.uniform(0, 0.01))
+        acked |= got
+    check_resumed(tmp_path, reference, acked)
+
+
+def check_resumed(root: Path, reference, acked: set[str]) -> None:
+    agg, st = cf.feed(str(root))  # resume to the end of the stream
+    assert_same_state(agg, reference)
+    ids = st.journaled_task_ids()
+    assert ids == [f"t{i}" for i in range(cf.N)]  # each update journaled once, in order
+    assert acked <= set(ids)  # nothing acknowledged was lost
+    applied = sum(r.updates for r in st.reports()) + agg.buffer.count
+    assert applied == cf.N  # ...or applied twice
+    st.close()
+    fresh = Store(root).restore(cf.CFG, cf.CONFIG)  # and a cold restore lands in the same place
+    assert_same_state(fresh, reference)
+
+
+def test_accept_rejects_before_journaling_and_ignores_resends(tmp_path):
+    st = Store(tmp_path, checkpoint_every=1)
+    agg = st.start(cf.CFG, cf.initial_weights(), AggregatorConfig(buffer_k=1, tau_max=0))
+    st.accept(agg, cf.update_for(0, 0), 0.0)
+    assert st.accept(agg, cf.update_for(0, 0), 1.0) is None  # a re-send: no new row
+    with pytest.raises(StaleUpdate):
+        st.accept(agg, cf.update_for(3, 0), 2.0)  # base 0 is one version behind; τ_max 0
+    assert st.journaled_task_ids() == ["t0"]
+    assert [r.version for r in st.reports()] == [1]
+    # the checkpoint after version 1 covers the journal: its payloads are dropped, its ids kept
+    assert st.db.execute("SELECT COUNT(*) FROM journal WHERE payload IS NOT NULL").fetchone()[0] == 0
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1
+    with pytest.raises(UserError, match="settings differ"):
+        Store(tmp_path).restore(cf.CFG, AggregatorConfig(buffer_k=2, tau_max=0))
+    with pytest.raises(UserError, match="no checkpoint"):
+        Store(tmp_path / "empty").restore(cf.CFG, cf.CONFIG)
+
+
+def test_tasks_round_trip(tmp_path):
+    st = Store(tmp_path)
+    task = Task("t1", "c1", 3, cf.PLANS[1], "torch", 20, 8, 32, TrainConfig(), 60, "int8(block=256)+zstd(3)", 1e9, 7)
+    st.record_task(task)
+    assert st.task("t1") == task and st.task("nope") is None
