@@ -1,0 +1,99 @@
+"""Device-updates per wall-second of the simulator's batched local training, against Flower's
+simulation engine doing the same training and against the arithmetic floor (issue 7, acceptance 5).
+
+Workload: gpt-tiny, the phone-low tier plan, 4 local steps of batch 4 x 64 tokens per device,
+1,000 devices on the stdlib corpus (natural partition). All three figures come from this run,
+on this machine:
+- stamen: ``simulator.batched.train_batched`` over all devices, ``--group`` devices at a time;
+- Flower: ``flwr.simulation.run_simulation`` (Ray backend, one CPU per client) training the
+  first ``--flower-devices`` of the same devices with ``core.train.train_steps`` (Flower on
+  1,000 nodes takes minutes; its rate is per update, so a subset measures it), after a warm-up
+  round; the deltas it returns are checked against stamen's for the same devices;
+- floor: the workload's training FLOPs (``Plan.cost``) at the best fp32 matmul rate measured now
+  with the same threads.
+A Python loop over devices (``train_steps`` one by one) is printed too, as the in-process baseline.
+
+Run: ``python bench/simulator.py``. The last line is the JSON of the issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from stamen.core.train import train_steps
+from stamen.simulator.batched import train_batched
+from stamen.simulator.flower_baseline import Workload, run_flower
+
+
+def matmul_flops_per_s(n: int = 1024, repeats: int = 20) -> float:
+    """Best fp32 matmul rate of this process (its default thread count)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def stamen_rate(work: Workload, base: dict, group: int) -> tuple[float, dict[int, dict]]:
+    model = work.submodel(base)
+    start = time.perf_counter()
+    deltas = {}
+    for first in range(0, work.devices, group):
+        ids = range(first, min(first + group, work.devices))
+        result = train_batched(model, [work.batches(d) for d in ids], work.steps, work.train)
+        deltas.update({d: result.delta(base, i) for i, d in enumerate(ids)})
+    return work.devices / (time.perf_counter() - start), deltas
+
+
+def loop_rate(work: Workload, base: dict, n: int) -> float:
+    model = work.submodel(base)
+    start = time.perf_counter()
+    for d in range(n):
+        train_steps(copy.deepcopy(model), work.batches(d), work.steps, work.train)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--group", type=int, default=100, help="devices trained together in one vmap")
+    ap.add_argument("--flower-devices", type=int, default=100)
+    ap.add_argument("--loop-devices", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in this process (Flower's actors get one each); on a shared "
+                         "machine one thread avoids OpenMP spinning on a core someone else holds")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    work = Workload(devices=args.devices)
+    base = work.base_weights()
+    work.shards()  # load the corpus before any clock starts
+    matmul = matmul_flops_per_s()
+    stamen, deltas = stamen_rate(work, base, args.group)
+    loop = loop_rate(work, base, args.loop_devices)
+    flower_ids = list(range(args.flower_devices))
+    flower, flower_deltas = run_flower(work, flower_ids, warmup=min(8, args.flower_devices))
+    diff = max((deltas[d][n] - fd[n]).abs().max().item() for d, fd in zip(flower_ids, flower_deltas) for n in fd)
+    floor = matmul / work.flops_per_update()
+    print(json.dumps({
+        "workload": f"{work.model} {work.tier} plan, {work.steps} steps x {work.batch_size}x{work.seq_len} tokens",
+        "group": args.group, "threads": args.threads, "flower_devices_timed": args.flower_devices,
+        "loop_updates_per_s": round(loop, 1), "batched_vs_loop": round(stamen / loop, 1),
+        "matmul_gflops": round(matmul / 1e9, 1), "mflops_per_update": round(work.flops_per_update() / 1e6, 1),
+        "max_abs_delta_diff_vs_flower": diff,
+    }))
+    print(json.dumps({"clients": args.devices, "stamen_updates_per_s": round(stamen, 1),
+                      "flower_updates_per_s": round(flower, 1), "ratio": round(stamen / flower, 2),
+                      "floor_updates_per_s": round(floor, 1), "floor_fraction": round(stamen / floor, 3)}))
+
+
+if __name__ == "__main__":
+    main()
