@@ -1,0 +1,36 @@
+"""The edge client's Runtime over an exported bundle: ORT and ExecuTorch differ only in the
+trainer that drives their library (``mobile_bridge``); loading, verification and the
+training loop are the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stamen.core.train import TrainConfig, TrainResult
+from stamen.edge_client.runtime import Batches, OnStep, Runtime
+from stamen.mobile_bridge.loop import train_loop
+from stamen.mobile_bridge.manifest import read_bundle
+
+
+class BundleRuntime(Runtime):
+    """Trains a bundle folder (``mobile_bridge.bundle``). The bundle is verified on load --
+    and refused if built for another model or plan when ``spec_hash``/``plan_hash`` are given
+    -- with a ``BundleError`` the client answers by downloading it again."""
+
+    trainer_class: type
+
+    def __init__(self, bundle_dir: str | Path, spec_hash: str | None = None, plan_hash: str | None = None) -> None:
+        self.manifest = read_bundle(bundle_dir, spec_hash, plan_hash, self.name)
+        self.trainer = self.trainer_class(bundle_dir, self.manifest)
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.trainer.load(weights)
+
+    def train(self, batches: Batches, steps: int, cfg: TrainConfig, step_offset: int = 0,
+              on_step: OnStep | None = None) -> TrainResult:
+        return train_loop(self.trainer, batches, steps, cfg, step_offset, on_step)
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        return self.trainer.trained_weights()
