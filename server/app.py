@@ -68,8 +68,8 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
     try:
         async with asyncio.timeout(fed.fed.server.request_timeout_s):
             response = await handler(request)
-    except web.HTTPRequestEntityTooLarge as e:
-        response = _error(413, f"body larger than the server's limit of {e.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        response = _error(413, f"body larger than the server's limit of {request.client_max_size} bytes")
     except web.HTTPException as e:
         response = _error(e.status, e.reason)
     except UserError as e:

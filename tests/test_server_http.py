@@ -1,0 +1,109 @@
+"""Acceptance 3: bad requests against a real server process each get a 4xx with a reason,
+and the model does not change. Also: a lapsed task is refused, a re-sent upload is idempotent."""
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+
+import msgpack
+import pytest
+import torch
+
+from federation_procs import start_server
+from stamen.compression.codecs import encode
+from stamen.core.model import PRESETS
+from stamen.core.plan import full_plan
+from stamen.core.records import Task
+from stamen.server.auth import create_token
+
+CFG = PRESETS["gpt-tiny"]
+FED = "[server]\nmax_body_mib = 1\n[scheduler]\ntask_deadline_s = 3.0\n[aggregation]\nbuffer_k = 1\n"
+
+
+def call(url, method="GET", body=None, token=None):
+    """(status, parsed answer): msgpack for 2xx, the JSON reason for errors."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            data = r.read()
+            return r.status, (msgpack.unpackb(data) if data and r.headers.get_content_type() == "application/msgpack" else data)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]
+
+
+def join(url, join_token, mem=2**30):
+    caps = {"role": "device", "memory_bytes": mem, "flops": 1e12, "runtimes": ["torch"]}
+    status, me = call(url + "/v1/join", "POST", msgpack.packb({"join_token": join_token, "capabilities": caps}))
+    assert status == 200, me
+    return me["token"]
+
+
+def update_for(task: Task, tokens=512, fill=0.01, **changes):
+    shapes = task.plan.shapes(CFG)
+    delta = {n: torch.full(shapes[n], fill) for n in task.plan.trainable(CFG)}
+    for n, t in changes.items():
+        delta[n] = t
+    return encode(delta, "fp32+zstd(1)", meta={"tokens": tokens, "loss": 1.0})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("http")
+    (root / "fed.toml").write_text(FED)
+    proc, url = start_server(root / "state", root / "fed.toml")
+    yield url, root / "state"
+    proc.terminate()
+    proc.communicate(timeout=60)
+
+
+def test_bad_requests_get_4xx_and_leave_the_model_unchanged(server):
+    url, state = server
+    admin, dev = create_token(state, "admin"), create_token(state, "device")
+    a, b = join(url, dev), join(url, dev)
+    full = f"{url}/v1/weights/0?plan={full_plan(CFG).hash}"
+    before = call(full, token=admin)[1]
+    status, answer = call(url + "/v1/task?wait=1", token=a)
+    assert status == 200
+    task = Task.from_dict(answer["task"])
+    good = update_for(task)
+    name = task.plan.trainable(CFG)[0]
+    bad_shape = update_for(task, **{name: torch.zeros(3, 3)})
+    nan = torch.full(task.plan.shapes(CFG)[name], 0.01)
+    nan[0] = math.nan
+    cases = [
+        ("no token", ("GET", "/v1/task", None, None), 401, "missing Authorization"),
+        ("wrong token", ("GET", "/v1/task", None, "stc_nope"), 401, "unknown token"),
+        ("bad join token", ("POST", "/v1/join", msgpack.packb({"join_token": "x", "capabilities": {"role": "device", "memory_bytes": 1 << 30, "flops": 1.0}}), None), 401, "unknown join token"),
+        ("another client's task", ("POST", f"/v1/updates/{task.task_id}", good, b), 403, "another client"),
+        ("unknown task", ("POST", "/v1/updates/t999999999", good, a), 404, "unknown task"),
+        ("oversized body", ("POST", f"/v1/updates/{task.task_id}", b"\0" * (2 << 20), a), 413, "larger than"),
+        ("malformed msgpack", ("POST", f"/v1/updates/{task.task_id}", b"\xc1\xc1garbage", a), 422, "msgpack"),
+        ("wrong shapes", ("POST", f"/v1/updates/{task.task_id}", bad_shape, a), 422, "shape"),
+        ("NaN", ("POST", f"/v1/updates/{task.task_id}", update_for(task, **{name: nan}), a), 422, "NaN"),
+        ("too many tokens", ("POST", f"/v1/updates/{task.task_id}", update_for(task, tokens=10**9), a), 422, "tokens"),
+        ("other plan's weights", ("GET", f"/v1/weights/0?plan={full_plan(CFG).hash}", None, a), 403, "own plan"),
+        ("bad version", ("GET", "/v1/weights/x?plan=p", None, a), 400, "not an integer"),
+        ("join garbage", ("POST", "/v1/join", msgpack.packb([1]), None), 400, "msgpack map"),
+    ]
+    for label, (method, path, body, token), code, reason in cases:
+        status, answer = call(url + path, method, body, token)
+        assert (status, reason in answer) == (code, True), (label, status, answer)
+    assert call(full, token=admin)[1] == before
+    st = json.loads(call(url + "/v1/status")[1])
+    assert st["version"] == 0 and st["tasks"] == {"open": 1}
+    # The good update is accepted (K=1 publishes version 1); a re-send is idempotent.
+    assert call(url + f"/v1/updates/{task.task_id}", "POST", good, a) == (202, {"status": "accepted", "version": 1})
+    assert call(url + f"/v1/updates/{task.task_id}", "POST", good, a) == (202, {"status": "duplicate", "version": 1})
+    assert json.loads(call(url + "/v1/status")[1])["version"] == 1
+
+
+def test_lapsed_task_is_refused(server):
+    url, state = server
+    c = join(url, create_token(state, "device"))
+    task = Task.from_dict(call(url + "/v1/task?wait=1", token=c)[1]["task"])
+    time.sleep(task.deadline - time.time() + 1.5)  # past the deadline and a maintenance tick
+    status, reason = call(url + f"/v1/updates/{task.task_id}", "POST", update_for(task), c)
+    assert status == 410 and "deadline" in reason
