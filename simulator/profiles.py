@@ -143,10 +143,10 @@ class VirtualDevice:
     def next_session(self, t: float, rng: np.random.Generator) -> tuple[float, float]:
         """The next online session at or after ``t``: back after a gap, inside a window,
         lasting an exponential session clipped to the window's end."""
-        s = t + (rng.exponential(self.gap_s) if self.gap_s > 0 else 0.0)
+        s = t + (float(rng.exponential(self.gap_s)) if self.gap_s > 0 else 0.0)
         w_start, w_end = self.window_at(s)
         s = max(s, w_start)
-        return s, min(s + rng.exponential(self.session_s), w_end)
+        return s, min(s + float(rng.exponential(self.session_s)), w_end)
 
 
 def sample_population(classes: dict[str, HardwareClass], config: PopulationConfig) -> list[VirtualDevice]:
@@ -169,8 +169,8 @@ def sample_population(classes: dict[str, HardwareClass], config: PopulationConfi
     out = []
     for i, (kind, f, tz) in enumerate(zip(kinds, factors, offsets)):
         hw = classes[kind]
-        caps = Capabilities(role=hw.role, memory_bytes=hw.memory_bytes, flops=hw.flops * f[0],
-                            runtimes=hw.runtimes, up_bytes_s=hw.up_bytes_s * f[1],
-                            down_bytes_s=hw.down_bytes_s * f[2], cores=hw.cores, accelerator=hw.accelerator)
+        caps = Capabilities(role=hw.role, memory_bytes=hw.memory_bytes, flops=hw.flops * float(f[0]),
+                            runtimes=hw.runtimes, up_bytes_s=hw.up_bytes_s * float(f[1]),
+                            down_bytes_s=hw.down_bytes_s * float(f[2]), cores=hw.cores, accelerator=hw.accelerator)
         out.append(VirtualDevice(i, kind, caps, float(tz), hw.window, hw.session_s, hw.gap_s, hw.dropout))
     return out

@@ -1,0 +1,335 @@
+"""The virtual-clock simulation: thousands of virtual devices driving the real scheduler,
+aggregator and codecs, with time taken from their hardware profiles instead of a wall clock.
+
+Events fire in virtual-time order (ties broken by the order they were scheduled, so a seed
+gives one history). A device comes online for a session and asks the *real* ``Scheduler`` for
+a task; it downloads its plan's weights (the size of the real encoded payload over its
+downlink), trains (the plan's FLOPs over its compute rate), may drop out, encodes its update
+with the task's real codec and its own error feedback, uploads it over its uplink, and the
+decoded payload reaches the *real* ``Aggregator`` at its virtual arrival time. Staleness,
+stragglers, lapsed deadlines and diurnal availability arise from that, not from assumptions.
+
+Local training really happens, lazily and batched: tasks that share a plan, base version and
+settings join one group, and the group trains (``batched.train_batched``) when its first task
+finishes in virtual time. Batched equals alone, so grouping never changes a result. GPU nodes
+keep their inner AdamW across tasks in a ``TorchRuntime`` each, as they do in deployment.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from stamen.compression.codecs import decode, encode
+from stamen.compression.feedback import ErrorFeedback
+from stamen.core.data import Shard, load_corpus, partition
+from stamen.core.errors import UserError
+from stamen.core.model import GPT, ModelSpec, load_weights, weights
+from stamen.core.records import Task, Update
+from stamen.core.train import evaluate
+from stamen.core.wire import Limits
+from stamen.edge_client.runtime import TorchRuntime
+from stamen.server.aggregator import Aggregator, StaleUpdate
+from stamen.server.config import FederationConfig
+from stamen.server.scheduler import Scheduler
+from stamen.server.service import WEIGHTS_CODEC
+from stamen.simulator.batched import train_batched
+from stamen.simulator.profiles import HardwareClass, PopulationConfig, VirtualDevice, sample_population
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What to simulate and for how long (the federation's own settings come separately)."""
+
+    model: str = "gpt-tiny"
+    data: str = "stdlib"
+    partition: str = "natural"
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    seed: int = 0
+    horizon_h: float = 24.0  # stop after this much virtual time...
+    max_versions: int = 100  # ...or once this many versions are published
+    eval_every: int = 5  # versions between validation evaluations
+    eval_batches: int = 8
+    max_group: int = 128  # devices trained together in one vmap (bounds memory)
+
+
+@dataclass
+class Counters:
+    tasks: int = 0
+    accepted: int = 0
+    stale: int = 0
+    lapsed: int = 0  # arrived after the task's deadline
+    dropped: int = 0  # dropped out, or the session ended before the upload
+    bytes_down: int = 0
+    bytes_up: int = 0
+    busy_s: float = 0.0  # device-seconds spent downloading, training, uploading
+
+
+@dataclass
+class SimResult:
+    """The run's history in virtual time; ``summary()`` is deterministic for a seed."""
+
+    evals: list[dict] = field(default_factory=list)  # version, time_h, tokens, val_loss
+    flushes: list[dict] = field(default_factory=list)  # version, time_h, updates, tokens, staleness
+    staleness: list[int] = field(default_factory=list)  # per accepted update
+    per_tier: dict[str, dict[str, int]] = field(default_factory=dict)  # updates, tokens, bytes_up
+    per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # the same by hardware class
+    counters: Counters = field(default_factory=Counters)
+    devices: dict[str, int] = field(default_factory=dict)  # hardware class → count
+    unplaced: int = 0  # devices whose memory fits no tier
+    end_time_h: float = 0.0
+
+    def summary(self) -> dict:
+        c = self.counters
+        return {"devices": self.devices, "unplaced": self.unplaced, "end_time_h": round(self.end_time_h, 6),
+                "versions": self.flushes[-1]["version"] if self.flushes else 0,
+                "counters": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(c).items()},
+                "per_tier": self.per_tier, "per_class": self.per_class, "evals": self.evals,
+                "final_val_loss": self.evals[-1]["val_loss"] if self.evals else None,
+                "mean_staleness": float(np.mean(self.staleness)) if self.staleness else None}
+
+
+@dataclass
+class _Job:
+    """A task in flight on a virtual device."""
+
+    task: Task
+    device: VirtualDevice
+    tier: str
+    base: dict[str, torch.Tensor] = field(default_factory=dict)  # the weights it downloaded
+    group: tuple | None = None
+    delta: dict[str, torch.Tensor] | None = None
+    tokens: int = 0
+    loss: float = float("nan")
+
+
+class Simulation:
+    def __init__(self, config: SimConfig, fed: FederationConfig, classes: dict[str, HardwareClass]) -> None:
+        self.config, self.fed = config, fed
+        self.cfg = ModelSpec(config.model).gpt_config()
+        if self.cfg is None:
+            raise UserError(f"the simulator trains stamen's GPT family; {config.model!r} is not one")
+        self.rng = np.random.default_rng(config.seed)
+        self.devices = sample_population(classes, config.population)
+        train, val = load_corpus(config.data).split()
+        self.shards: list[Shard] = partition(train, len(self.devices), config.partition, config.seed)
+        self.val = val.fixed_batches(config.eval_batches, 16, fed.training.seq_len, seed=config.seed)
+        torch.manual_seed(config.seed)
+        self.eval_model = GPT(self.cfg)
+        self.agg = Aggregator(self.cfg, weights(self.eval_model), fed.aggregator_config())
+        self.scheduler = Scheduler(self.cfg, fed, seed=config.seed)
+        self.result = SimResult()
+        self.tiers: dict[int, str] = {}
+        for d in self.devices:
+            self.result.devices[d.hardware] = self.result.devices.get(d.hardware, 0) + 1
+            try:
+                self.tiers[d.id] = self.scheduler.register(_cid(d.id), d.capabilities).tier
+            except UserError:
+                self.result.unplaced += 1
+        self.events: list[tuple[float, int, str, object]] = []
+        self.seq = 0
+        self.session_end: dict[int, float] = {}
+        self.held: dict[int, int] = {}  # device → version of the weights it holds
+        self.feedback: dict[int, ErrorFeedback] = {}
+        self.gpu_runtimes: dict[int, TorchRuntime] = {}
+        self.groups: dict[tuple, list[_Job]] = {}  # open groups, not yet trained
+        self.generation: dict[tuple, int] = {}
+        self._download_sizes: dict[tuple, int] = {}
+        self._issued: set[str] = set()
+
+    # --- the event queue --------------------------------------------------------------------
+    def _push(self, t: float, kind: str, item: object) -> None:
+        heapq.heappush(self.events, (t, self.seq, kind, item))
+        self.seq += 1
+
+    def run(self, on_version: Callable[[int], None] | None = None) -> SimResult:
+        """Run until the horizon or the version cap; ``on_version`` drives a progress bar."""
+        for d in self.devices:
+            if d.id in self.tiers:
+                self._offline(d, 0.0)
+        self._evaluate(0.0)
+        horizon = self.config.horizon_h * 3600
+        t = 0.0
+        while self.events and self.agg.version < self.config.max_versions:
+            t, _, kind, item = heapq.heappop(self.events)
+            if t > horizon:
+                t = horizon
+                break
+            version = self.agg.version
+            report = self.agg.poll(t)
+            if report is not None:
+                self._published(t, report)
+            getattr(self, f"_on_{kind}")(item, t)
+            if on_version is not None and self.agg.version != version:
+                on_version(self.agg.version)
+        self.result.end_time_h = t / 3600
+        if not self.result.evals or self.result.evals[-1]["version"] != self.agg.version:
+            self._evaluate(t)
+        return self.result
+
+    # --- devices ----------------------------------------------------------------------------
+    def _offline(self, d: VirtualDevice, t: float) -> None:
+        start, end = d.next_session(t, self.rng)
+        if math.isfinite(start):
+            self.session_end[d.id] = end
+            self._push(start, "online", d)
+
+    def _on_online(self, d: VirtualDevice, t: float) -> None:
+        if t >= self.session_end[d.id]:
+            return self._offline(d, t)
+        task = self.scheduler.next_task(_cid(d.id), self.agg.version, t)
+        # None: the federation's cap on tasks in flight. A task it ran already: the scheduler
+        # hands a client its unfinished task back (after a stale refusal) until the deadline.
+        if task is None or task.task_id in self._issued:
+            retry = task.deadline if task is not None else t + self.fed.server.long_poll_s
+            return self._push(max(retry, t + 1.0), "online", d)
+        self._issued.add(task.task_id)
+        self.result.counters.tasks += 1
+        job = _Job(task, d, self.tiers[d.id])
+        caps, c = d.capabilities, self.result.counters
+        down = self._download_size(task.plan, self.held.get(d.id), task.base_version)
+        cost = task.plan.cost(self.cfg, task.batch_size, task.seq_len)
+        compute = cost.flops_per_token * task.steps * task.batch_size * task.seq_len / caps.flops
+        done = t + down / caps.down_bytes_s + compute
+        quit_at = t + self.rng.uniform() * (done - t) if self.rng.uniform() < d.dropout else math.inf
+        quit_at = min(quit_at, self.session_end[d.id])
+        if quit_at < done:
+            c.dropped += 1
+            c.bytes_down += int(down * min(1.0, (quit_at - t) * caps.down_bytes_s / max(down, 1)))
+            c.busy_s += quit_at - t
+            return self._offline(d, quit_at)
+        c.bytes_down += down
+        c.busy_s += done - t
+        self.held[d.id] = task.base_version
+        if caps.role == "device":
+            key = (task.plan.hash, task.base_version, task.step_offset, task.steps, task.batch_size,
+                   task.seq_len, task.train)
+            job.group = key + (self.generation.get(key, 0),)
+            members = self.groups.setdefault(job.group, [])
+            job.base = members[0].base if members else self._extract(task)  # one copy per group
+            members.append(job)
+        else:
+            job.base = self._extract(task)
+        self._push(done, "trained", job)
+
+    def _extract(self, task: Task) -> dict[str, torch.Tensor]:
+        return task.plan.extract(self.agg.weights_at(task.base_version), self.cfg)
+
+    def _on_trained(self, job: _Job, t: float) -> None:
+        if job.delta is None:
+            self._train(job)
+        d, task = job.device, job.task
+        ef = self.feedback.setdefault(d.id, ErrorFeedback())
+        payload = ef.encode(task.plan.hash, job.delta, task.codec, meta={"tokens": job.tokens, "loss": job.loss})
+        job.delta, job.base = None, {}
+        arrive = t + len(payload) / d.capabilities.up_bytes_s
+        c = self.result.counters
+        if arrive > self.session_end[d.id]:
+            c.dropped += 1
+            c.busy_s += self.session_end[d.id] - t
+            return self._offline(d, self.session_end[d.id])
+        c.bytes_up += len(payload)
+        c.busy_s += arrive - t
+        self._push(arrive, "arrive", (job, payload))
+
+    def _on_arrive(self, item: tuple[_Job, bytes], t: float) -> None:
+        job, payload = item
+        task, c = job.task, self.result.counters
+        self.scheduler.expire(t)
+        if task.task_id not in self.scheduler.in_flight:
+            c.lapsed += 1
+        else:
+            shapes = task.plan.shapes(self.cfg)
+            manifest = {n: shapes[n] for n in task.plan.trainable(self.cfg)}
+            p = decode(payload, Limits(manifest=manifest, max_tensors=len(manifest)))
+            update = Update(task.task_id, task.base_version, task.plan,
+                            {n: v.to(torch.float32) for n, v in p.tensors.items()}, job.tokens, {"loss": job.loss})
+            tau = self.agg.version - task.base_version
+            try:
+                report = self.agg.submit(update, t)
+            except StaleUpdate:
+                c.stale += 1
+            else:
+                self.scheduler.complete(task.task_id)
+                self._accepted(job, tau, len(payload))
+                if report is not None:
+                    self._published(t, report)
+        self._on_online(job.device, t)
+
+    # --- training ---------------------------------------------------------------------------
+    def _train(self, job: _Job) -> None:
+        """Train the job's whole group at once (devices), or the job alone on its node (GPUs)."""
+        task, base = job.task, job.base
+        if job.group is None:
+            rt = self.gpu_runtimes.get(job.device.id)
+            if rt is None:
+                rt = self.gpu_runtimes[job.device.id] = TorchRuntime(self.cfg, task.plan, keep_optimizer=True)
+            rt.set_weights(base)
+            r = rt.train(self._batches(job), task.steps, task.train, task.step_offset)
+            trained = rt.trained_weights()
+            job.delta = {n: base[n] - trained[n] for n in trained}
+            job.tokens, job.loss = r.tokens, r.final_loss
+            return
+        jobs = self.groups.pop(job.group)
+        key = job.group[:-1]
+        self.generation[key] = self.generation.get(key, 0) + 1
+        model = task.plan.build(self.cfg)
+        load_weights(model, base)
+        for first in range(0, len(jobs), self.config.max_group):
+            chunk = jobs[first:first + self.config.max_group]
+            r = train_batched(model, [self._batches(j) for j in chunk], task.steps, task.train, task.step_offset)
+            for i, j in enumerate(chunk):
+                j.delta, j.tokens, j.loss = r.delta(base, i), r.tokens, float(r.losses[i, -1])
+
+    def _batches(self, job: _Job):
+        return self.shards[job.device.id].batches(job.task.batch_size, job.task.seq_len, seed=job.task.seed)
+
+    def _download_size(self, plan, have: int | None, version: int) -> int:
+        """Bytes of the real download the server would send: the plan's slice of ``version``,
+        as a difference from the version the device holds when the server still keeps it;
+        nothing when the device holds that version already."""
+        if have == version:
+            return 0
+        if have not in self.agg.history:
+            have = None
+        key = (plan.hash, have, version)
+        if key not in self._download_sizes:
+            sub = plan.extract(self.agg.weights_at(version), self.cfg)
+            if have is not None:
+                old = plan.extract(self.agg.weights_at(have), self.cfg)
+                sub = {n: sub[n] - old[n] for n in sub}
+            self._download_sizes[key] = len(encode(sub, WEIGHTS_CODEC, kind="weights"))
+        return self._download_sizes[key]
+
+    # --- bookkeeping ------------------------------------------------------------------------
+    def _accepted(self, job: _Job, tau: int, nbytes: int) -> None:
+        self.result.counters.accepted += 1
+        self.result.staleness.append(tau)
+        for table, key in ((self.result.per_tier, job.tier), (self.result.per_class, job.device.hardware)):
+            row = table.setdefault(key, {"updates": 0, "tokens": 0, "bytes_up": 0})
+            row["updates"] += 1
+            row["tokens"] += job.tokens
+            row["bytes_up"] += nbytes
+
+    def _published(self, t: float, report) -> None:
+        self.scheduler.published()
+        if report is not None:
+            self.result.flushes.append({"version": report.version, "time_h": t / 3600, "updates": report.updates,
+                                        "tokens": report.tokens, "staleness": report.mean_staleness})
+        if self.agg.version % self.config.eval_every == 0:
+            self._evaluate(t)
+
+    def _evaluate(self, t: float) -> None:
+        load_weights(self.eval_model, self.agg.weights)
+        tokens = sum(r["tokens"] for r in self.result.per_tier.values())
+        self.result.evals.append({"version": self.agg.version, "time_h": t / 3600, "tokens": tokens,
+                                  "val_loss": evaluate(self.eval_model, self.val)})
+
+
+def _cid(device_id: int) -> str:
+    return f"d{device_id:06d}"
