@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from stamen.compression.codecs import compress, reconstruct
+from stamen.compression.codecs import compress, reconstruct, to_numpy
 from stamen.compression.spec import CodecSpec, parse
 from stamen.core.wire import encode_frame
 
@@ -33,12 +34,13 @@ class ErrorFeedback:
         old = self.residuals.get(plan_hash, {})
         corrected = {}
         for name, d in delta.items():
-            d = d.detach().to(torch.float32)
-            corrected[name] = d + old[name] if name in old else d
+            x = to_numpy(name, d)
+            corrected[name] = torch.from_numpy(x + old[name].numpy().reshape(-1) if name in old else x).view(d.shape)
         frame = compress(corrected, spec, kind, meta)
         data = encode_frame(frame, spec.zstd)  # before the subtraction: parts may alias inputs
         seen = reconstruct(frame)
-        self.residuals[plan_hash] = {n: corrected[n] - seen[n] for n in corrected}
+        self.residuals[plan_hash] = {n: torch.from_numpy(np.subtract(corrected[n].numpy(), seen[n].numpy()))
+                                     for n in corrected}
         return data
 
     def save(self, path: str | Path) -> None:
