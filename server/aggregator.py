@@ -80,6 +80,17 @@ class FlushReport:
     reason: str  # "k", "tokens" or "wait"
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How one plan's delta lands in the buffer: tensors it covers whole (added with one fused
+    call) and sliced ones as (name, dim, runs of kept positions) — a view per run (one for a
+    prefix, three for c_attn's q|k|v) instead of a slower index_add."""
+
+    shapes: dict[str, tuple[int, ...]]
+    whole: list[str]
+    sliced: list[tuple[str, int, list[tuple[int, int]]]]
+
+
 @dataclass
 class _Buffer:
     count: int = 0
@@ -105,7 +116,7 @@ class Aggregator:
         self.buffer = _Buffer()
         self.seen: set[str] = set()  # every task id accepted, flushed or buffered
         self.history: dict[int, dict[str, torch.Tensor]] = {version: self._weights}
-        self._plans: dict[str, dict[str, tuple]] = {}
+        self._plans: dict[str, _Layout] = {}
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -118,11 +129,12 @@ class Aggregator:
         return self.history[version]
 
     # --- admission --------------------------------------------------------------------------
-    def _plan_slices(self, plan: Plan) -> dict[str, tuple]:
-        """Per trainable tensor: (indexer, slice dim or None, positions or None, shape). Cached."""
+    def _layout(self, plan: Plan) -> "_Layout":
         if plan.hash not in self._plans:
-            sl, ix, shapes = plan.slices(self.cfg), plan.index(self.cfg), plan.shapes(self.cfg)
-            self._plans[plan.hash] = {n: (ix[n], sl[n], shapes[n]) for n in plan.trainable(self.cfg)}
+            sl, shapes = plan.slices(self.cfg), plan.shapes(self.cfg)
+            names = plan.trainable(self.cfg)
+            self._plans[plan.hash] = _Layout({n: shapes[n] for n in names}, [n for n in names if sl[n] is None],
+                                             [(n, sl[n][0], _runs(sl[n][1])) for n in names if sl[n] is not None])
         return self._plans[plan.hash]
 
     def check(self, update: Update) -> Admission:
@@ -134,15 +146,23 @@ class Aggregator:
             raise StaleUpdate(tau, self.config.tau_max)
         if not (isinstance(update.tokens, int) and update.tokens > 0):
             raise BadUpdate(f"tokens must be a positive integer, got {update.tokens!r}")
-        slices = self._plan_slices(update.plan)
-        if set(update.delta) != set(slices):
-            missing, extra = sorted(set(slices) - set(update.delta)), sorted(set(update.delta) - set(slices))
+        shapes = self._layout(update.plan).shapes
+        if not shapes:
+            raise BadUpdate(f"plan {update.plan.name!r} trains no tensor of this model")
+        if set(update.delta) != set(shapes):
+            missing, extra = sorted(set(shapes) - set(update.delta)), sorted(set(update.delta) - set(shapes))
             raise BadUpdate(f"delta tensors do not match plan {update.plan.name!r}: missing {missing[:3]}, extra {extra[:3]}")
         for n, d in update.delta.items():
-            if tuple(d.shape) != slices[n][2]:
-                raise BadUpdate(f"{n}: shape {tuple(d.shape)} but plan {update.plan.name!r} needs {slices[n][2]}")
-            if not d.is_floating_point() or not bool(torch.isfinite(d).all()):
-                raise BadUpdate(f"{n}: values must be finite floats")
+            if tuple(d.shape) != shapes[n]:
+                raise BadUpdate(f"{n}: shape {tuple(d.shape)} but plan {update.plan.name!r} needs {shapes[n]}")
+            if not d.is_floating_point():
+                raise BadUpdate(f"{n}: dtype {d.dtype} is not floating point")
+        # One read pass over all tensors: a NaN or inf anywhere makes its norm non-finite (so
+        # does a norm past float32's range, which no sane update reaches).
+        norms = torch.stack(torch._foreach_norm(list(update.delta.values())))
+        if not bool(torch.isfinite(norms).all()):
+            bad = [n for n, x in zip(update.delta, norms.tolist()) if not math.isfinite(x)]
+            raise BadUpdate(f"{bad[0]}: values must be finite")
         weight = update.tokens ** self.config.token_exponent * (1 + tau) ** -self.config.staleness_exponent
         return Admission(tau, weight)
 
@@ -154,17 +174,16 @@ class Aggregator:
         if update.task_id in self.seen:
             return None
         adm = self.check(update)
-        for n, (ix, sl, _) in self._plan_slices(update.plan).items():
-            d = update.delta[n]
-            if sl is None:
-                self.S[n].add_(d, alpha=adm.weight)
-                self.W[n].add_(adm.weight)
-            elif isinstance(ix[-1], slice):  # a prefix: a view we can add into
-                self.S[n][ix].add_(d, alpha=adm.weight)
-                self.W[n][ix[-1]] += adm.weight
-            else:  # c_attn's three q|k|v ranges
-                self.S[n].index_add_(sl[0], sl[1], d, alpha=adm.weight)
-                self.W[n][sl[1]] += adm.weight
+        w, d, lay = adm.weight, update.delta, self._layout(update.plan)
+        if lay.whole:  # one fused call over every tensor the plan covers whole
+            torch._foreach_add_([self.S[n] for n in lay.whole], [d[n] for n in lay.whole], alpha=w)
+            torch._foreach_add_([self.W[n] for n in lay.whole], w)
+        for n, dim, runs in lay.sliced:
+            offset = 0
+            for start, stop in runs:
+                self.S[n].narrow(dim, start, stop - start).add_(d[n].narrow(dim, offset, stop - start), alpha=w)
+                self.W[n][start:stop] += w
+                offset += stop - start
         b = self.buffer
         b.count, b.tokens, b.staleness_sum = b.count + 1, b.tokens + update.tokens, b.staleness_sum + adm.staleness
         b.opened_at = now if b.opened_at is None else b.opened_at
@@ -247,6 +266,17 @@ class Aggregator:
                              list(meta["task_ids"]))
         agg.seen = set(seen)
         return agg
+
+
+def _runs(pos: torch.Tensor) -> list[tuple[int, int]]:
+    """Ascending positions as maximal (start, stop) runs: [0 1 2 8 9] → [(0, 3), (8, 10)]."""
+    runs: list[tuple[int, int]] = []
+    for p in pos.tolist():
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
 
 
 def _weight_dims(cfg: Model) -> dict[str, int | None]:
