@@ -47,7 +47,7 @@ def _hash(token: str) -> str:
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process; see ledger.py
     db.executescript(SCHEMA)
     return db
 

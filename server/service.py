@@ -71,7 +71,7 @@ class Federation:
         self.agg = self.store.start(cfg, weights(spec.build()), fed.aggregator_config())
         self.ledger.reconcile(set(self.store.journaled_task_ids()))
         self.scheduler = Scheduler(cfg, fed, seed, global_step=self.ledger.get_meta("global_step"),
-                                   next_seq=self.ledger.get_meta("next_seq"))
+                                   next_seq=self.ledger.next_seq())
         for task, _ in self.ledger.open_tasks():
             self.scheduler.restore_task(task)
         for p in self.auth.clients():
@@ -107,7 +107,6 @@ class Federation:
         task = self.scheduler.next_task(p.client_id, self.agg.version, now)
         if task is not None and self.ledger.get(task.task_id) is None:
             self.ledger.issued(task, self.scheduler.clients[p.client_id].tier)
-            self.ledger.set_meta("next_seq", self.scheduler.next_seq)
         return task
 
     def _expire(self, now: float) -> None:
