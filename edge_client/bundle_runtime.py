@@ -17,13 +17,15 @@ from stamen.mobile_bridge.manifest import read_bundle
 class BundleRuntime(Runtime):
     """Trains a bundle folder (``mobile_bridge.bundle``). The bundle is verified on load --
     and refused if built for another model or plan when ``spec_hash``/``plan_hash`` are given
-    -- with a ``BundleError`` the client answers by downloading it again."""
+    -- with a ``BundleError`` the client answers by downloading it again. ``threads`` caps
+    the runtime's CPU threads (None: its default)."""
 
     trainer_class: type
 
-    def __init__(self, bundle_dir: str | Path, spec_hash: str | None = None, plan_hash: str | None = None) -> None:
+    def __init__(self, bundle_dir: str | Path, spec_hash: str | None = None, plan_hash: str | None = None,
+                 threads: int | None = None) -> None:
         self.manifest = read_bundle(bundle_dir, spec_hash, plan_hash, self.name)
-        self.trainer = self.trainer_class(bundle_dir, self.manifest)
+        self.trainer = self.trainer_class(bundle_dir, self.manifest, threads)
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.trainer.load(weights)

@@ -22,8 +22,14 @@ PROGRAM, WEIGHTS = "program.pte", "weights.ptd"
 
 
 class ExecuTorchTrainer:
-    def __init__(self, folder: str | Path, manifest: Manifest) -> None:
+    def __init__(self, folder: str | Path, manifest: Manifest, threads: int | None = None) -> None:
+        """``threads``: size of ExecuTorch's (process-wide) thread pool, which XNNPACK-delegated
+        parts use (None: leave it); the portable kernels run on the calling thread."""
         folder = Path(folder)
+        if threads is not None:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads)
         if manifest.runtime != "executorch":
             raise BundleError(f"bundle {folder} is for {manifest.runtime}, not executorch")
         self.manifest = manifest

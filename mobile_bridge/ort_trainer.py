@@ -13,7 +13,9 @@ from stamen.mobile_bridge.weights import check_weights
 
 
 class OrtTrainer:
-    def __init__(self, folder: str | Path, manifest: Manifest) -> None:
+    def __init__(self, folder: str | Path, manifest: Manifest, threads: int | None = None) -> None:
+        """``threads``: ORT's intra-op threads (None: one per physical core)."""
+        from onnxruntime import SessionOptions
         from onnxruntime.training.api import CheckpointState, Module
 
         folder = Path(folder)
@@ -21,7 +23,11 @@ class OrtTrainer:
             raise BundleError(f"bundle {folder} is for {manifest.runtime}, not ort")
         self.manifest = manifest
         self.state = CheckpointState.load_checkpoint(str(folder / "checkpoint"))
-        self.module = Module(str(folder / "training_model.onnx"), self.state, str(folder / "eval_model.onnx"))
+        options = SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.module = Module(str(folder / "training_model.onnx"), self.state, str(folder / "eval_model.onnx"),
+                             session_options=options)
         self.module.train()
         self.slots = manifest.trainable()
         self._pull()
