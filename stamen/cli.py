@@ -65,6 +65,42 @@ def cmd_plans(args: argparse.Namespace) -> None:
               f"{r['memory_mb']:>12,.1f}{r['flops_per_token'] / 1e6:>13,.2f}  {r['plan']}")
 
 
+def cmd_server(args: argparse.Namespace) -> None:
+    from stamen.core.model import ModelSpec
+    from stamen.server.app import run_server
+
+    ModelSpec(args.model)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    scheme = "https" if args.tls_cert else "http"
+    print(f"stamen server: {args.model} on {scheme}://{args.host}:{args.port}, state in {args.state}/ "
+          "(Ctrl-C checkpoints and stops)", file=sys.stderr)
+    run_server(args.model, args.state, args.config, args.host, args.port, args.tls_cert, args.tls_key)
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    from stamen.server.auth import create_token
+
+    print(create_token(args.state, args.role))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    import json
+
+    from stamen.server.app import fetch_status
+
+    print(json.dumps(fetch_status(args.url), indent=2))
+
+
+def cmd_client(args: argparse.Namespace) -> None:
+    from stamen.edge_client.client import run_client
+    from stamen.edge_client.probe import parse_size
+
+    max_memory = parse_size(args.max_memory) if args.max_memory else None
+    run_client(args.server, args.token, args.data, args.runtime, args.role, max_memory,
+               args.budget_minutes, args.state)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="stamen", description="Federated training across very unequal hardware.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -77,6 +113,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=positive_int, default=8)
     s.add_argument("--seq-len", type=positive_int, default=128)
     s.set_defaults(func=cmd_plans)
+
+    s = sub.add_parser("server", help="run a federation server (aggregator, scheduler, HTTP API)")
+    s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")
+    s.add_argument("--state", required=True, help="state folder (SQLite ledger, checkpoints); reuse it to resume")
+    s.add_argument("--config", help="federation TOML; keys you leave out keep their documented defaults")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--tls-cert", help="PEM certificate (serve HTTPS)")
+    s.add_argument("--tls-key", help="PEM private key")
+    s.set_defaults(func=cmd_server)
+
+    s = sub.add_parser("token", help="issue join tokens")
+    tsub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    t = tsub.add_parser("create", help="create a join token for a role")
+    t.add_argument("--role", required=True, choices=["device", "gpu", "admin"])
+    t.add_argument("--state", required=True, help="the server's state folder")
+    t.set_defaults(func=cmd_token)
+
+    s = sub.add_parser("status", help="a running server's status as JSON")
+    s.add_argument("url", help="e.g. http://127.0.0.1:8080")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("client", help="train for a federation on this machine's data")
+    s.add_argument("--server", required=True, help="server URL")
+    s.add_argument("--token", required=True, help="join token from the operator")
+    s.add_argument("--data", required=True, help="'stdlib', a folder of text files, or a .jsonl file")
+    s.add_argument("--runtime", default="auto", choices=["auto", "torch", "ort", "executorch"])
+    s.add_argument("--role", default="device", choices=["device", "gpu"])
+    s.add_argument("--max-memory", help="memory training may use, e.g. 2G (default: what the probe finds)")
+    s.add_argument("--budget-minutes", type=float, help="stop after this long (default: run until stopped)")
+    s.add_argument("--state", default=str(Path.home() / ".stamen" / "client"),
+                   help="keeps the client's token and error-feedback residuals across restarts")
+    s.set_defaults(func=cmd_client)
 
     s = sub.add_parser("baseline", help="centralized training: the reference for federated runs")
     s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")

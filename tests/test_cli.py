@@ -59,3 +59,21 @@ def test_plans_prints_every_tier_with_its_cost():
     for tier in TIERS:
         line = next(line for line in r.stdout.splitlines() if line.startswith(tier + " "))
         assert f"{rows[tier]['params']:,}" in line and rows[tier]["plan"] in line
+
+
+def test_token_create_prints_a_token_for_the_role(tmp_path):
+    r = stamen("token", "create", "--role", "gpu", "--state", str(tmp_path))
+    assert r.returncode == 0 and r.stdout.startswith("stj_gpu_")
+    r = stamen("token", "create", "--role", "boss", "--state", str(tmp_path))
+    assert r.returncode == 2 and "invalid choice" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["server", "--model", "gpt-huge", "--state", "s"], "unknown model"),
+    (["server", "--state", "s", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+    (["status", "http://127.0.0.1:9"], "cannot read"),
+    (["client", "--server", "http://127.0.0.1:9", "--token", "x", "--data", "stdlib", "--max-memory", "lots"], "lots"),
+])
+def test_operator_and_client_mistakes_are_one_line(args, message, tmp_path):
+    r = stamen(*args)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
