@@ -1,0 +1,205 @@
+"""A runtime-only reference device: trains for a stamen server the way a phone app would.
+
+It speaks only the documented HTTP protocol (``openapi.yaml``), downloads the artifact bundle
+of its task's plan, trains it with ONNX Runtime Training or ExecuTorch, and uploads the
+pseudo-gradient as a plain ``fp32+zstd`` wire frame. It never imports stamen's model or plan
+code (a test checks ``sys.modules``): everything it knows about the submodel comes from the
+bundle's manifest, so an app in Kotlin or Swift can do the same with the same files.
+``stamen device-emulator`` runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import torch
+
+from stamen.core.data import Shard, load_corpus
+from stamen.core.errors import UserError
+from stamen.core.train import TrainConfig
+from stamen.core.wire import Frame, Limits, TensorRecord, decode_frame, encode_frame
+from stamen.mobile_bridge.loop import train_loop
+from stamen.mobile_bridge.manifest import BundleError, Manifest, read_bundle
+
+UPLOAD_CODEC, UPLOAD_ZSTD = "fp32+zstd(1)", 1
+LONG_POLL_S = 30
+
+
+def plan_hash(plan: dict) -> str:
+    """A plan's identity as the server computes it (sha256 of its blocks, width and train
+    patterns): it names the plan's bundle and weights. Kept in step with ``Plan.hash`` by a test."""
+    ident = {"blocks": list(plan["blocks"]), "width": float(plan["width"]), "train": list(plan["train"])}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class DeviceLog:
+    task_id: str
+    plan: str
+    steps: int
+    first_loss: float
+    last_loss: float
+    outcome: str  # "accepted", "duplicate", "stale", "lapsed"
+    bundle_downloads: int
+
+
+@dataclass
+class ReferenceDevice:
+    server: str
+    join_token: str
+    runtime: str  # "ort" or "executorch"
+    data: str  # a folder of text files, a .jsonl file, or "stdlib"
+    cache_dir: str | Path  # downloaded bundles, one folder per (plan, runtime)
+    memory_bytes: int = 8 << 20
+    max_tasks: int | None = None
+    token: str = ""
+    log: list[DeviceLog] = field(default_factory=list)
+
+    # --- HTTP -----------------------------------------------------------------------------
+    def _call(self, method: str, path: str, body: bytes | None = None, params: dict | None = None) -> tuple[int, bytes]:
+        url = self.server.rstrip("/") + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        req = urllib.request.Request(url, data=body, method=method)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        if body is not None:
+            req.add_header("Content-Type", "application/msgpack")
+        try:
+            with urllib.request.urlopen(req, timeout=LONG_POLL_S + 30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                reason = json.loads(raw)["error"]
+            except (ValueError, KeyError, TypeError):
+                reason = raw[:200].decode(errors="replace")
+            raise HttpError(e.code, reason) from None
+
+    # --- the protocol -----------------------------------------------------------------------
+    def join(self) -> dict:
+        caps = {"role": "device", "memory_bytes": self.memory_bytes, "flops": 1e9, "runtimes": [self.runtime]}
+        try:
+            _, raw = self._call("POST", "/v1/join", msgpack.packb({"join_token": self.join_token, "capabilities": caps}))
+        except HttpError as e:
+            raise UserError(f"cannot join {self.server}: {e.reason}") from None
+        me = msgpack.unpackb(raw, raw=False)
+        self.token = me["token"]
+        return me
+
+    def bundle(self, plan: str) -> tuple[Path, int]:
+        """The verified bundle folder of ``plan`` for this device's runtime and how many
+        downloads it took: a cached copy that fails verification (corrupt, incomplete, for
+        another plan) is refused, deleted and downloaded again, once."""
+        folder = Path(self.cache_dir) / f"{plan}-{self.runtime}"
+        downloads = 0
+        for attempt in range(2):
+            if folder.is_dir():
+                try:
+                    read_bundle(folder, plan_hash=plan, runtime=self.runtime)
+                    return folder, downloads
+                except BundleError:
+                    if attempt:
+                        raise
+                    shutil.rmtree(folder)
+            self._download(plan, folder)
+            downloads += 1
+        read_bundle(folder, plan_hash=plan, runtime=self.runtime)
+        return folder, downloads
+
+    def _download(self, plan: str, folder: Path) -> None:
+        _, raw = self._call("GET", f"/v1/bundles/{plan}/{self.runtime}")
+        listing = msgpack.unpackb(raw, raw=False)["files"]
+        tmp = folder.with_name(folder.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in listing:
+            if Path(name).name != name:
+                raise BundleError(f"server listed a bundle file outside the bundle: {name!r}")
+            _, data = self._call("GET", f"/v1/bundles/{plan}/{self.runtime}/{name}")
+            (tmp / name).write_bytes(data)
+        tmp.rename(folder)
+
+    def weights(self, version: int, plan: str, manifest: Manifest) -> dict[str, torch.Tensor]:
+        """The plan's weights of ``version``, checked against the manifest's names and shapes."""
+        _, raw = self._call("GET", f"/v1/weights/{version}", params={"plan": plan})
+        shapes = {s.name: tuple(s.shape) for s in manifest.params}
+        frame = decode_frame(raw, Limits(max_tensors=len(shapes), manifest=shapes))
+        if frame.codec.split("+")[0] != "fp32" or frame.kind != "weights":
+            raise UserError(f"the server sent {frame.kind} weights as {frame.codec}; this device reads fp32 weights only")
+        return {t.name: torch.from_numpy(t.parts[0].copy()).view(t.shape) for t in frame.tensors}
+
+    def upload(self, task_id: str, delta: dict[str, torch.Tensor], tokens: int, loss: float) -> str:
+        records = [TensorRecord(n, "float32", tuple(t.shape), [t.numpy().reshape(-1)], ["float32"])
+                   for n, t in delta.items()]
+        body = encode_frame(Frame("update", UPLOAD_CODEC, {"tokens": tokens, "loss": loss}, records), UPLOAD_ZSTD)
+        try:
+            _, raw = self._call("POST", f"/v1/updates/{task_id}", body)
+        except HttpError as e:
+            if e.status in (409, 410):
+                return "stale" if e.status == 409 else "lapsed"
+            raise
+        return msgpack.unpackb(raw, raw=False)["status"]
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self) -> list[DeviceLog]:
+        corpus = load_corpus(self.data)
+        shard = Shard(corpus, corpus.doc_bounds)
+        self.join()
+        trainers: dict[str, object] = {}
+        while self.max_tasks is None or len(self.log) < self.max_tasks:
+            status, raw = self._call("GET", "/v1/task", params={"wait": LONG_POLL_S})
+            if status == 204:
+                continue
+            task = msgpack.unpackb(raw, raw=False)["task"]
+            plan = plan_hash(task["plan"])
+            folder, downloads = self.bundle(plan)
+            manifest = read_bundle(folder, plan_hash=plan, runtime=self.runtime)
+            if plan not in trainers:
+                trainers[plan] = _trainer(self.runtime, folder, manifest)
+            trainer = trainers[plan]
+            base = self.weights(task["base_version"], plan, manifest)
+            trainer.load(base)
+            train = dict(task["train"], betas=tuple(task["train"]["betas"]))
+            result = train_loop(trainer, shard.batches(task["batch_size"], task["seq_len"], task["seed"]),
+                                task["steps"], TrainConfig(**train), task["step_offset"])
+            trained = trainer.trained_weights()
+            delta = {n: base[n] - w for n, w in trained.items()}
+            outcome = self.upload(task["task_id"], delta, result.tokens, result.mean_loss)
+            self.log.append(DeviceLog(task["task_id"], plan, result.steps, result.losses[0], result.losses[-1],
+                                      outcome, downloads))
+        return self.log
+
+
+def _trainer(runtime: str, folder: Path, manifest: Manifest):
+    if runtime == "ort":
+        from stamen.mobile_bridge.ort_trainer import OrtTrainer
+
+        return OrtTrainer(folder, manifest)
+    if runtime == "executorch":
+        from stamen.mobile_bridge.executorch_trainer import ExecuTorchTrainer
+
+        return ExecuTorchTrainer(folder, manifest)
+    raise UserError(f"unknown device runtime {runtime!r}: use ort or executorch")
+
+
+def run_device(server: str, token: str, runtime: str, data: str, cache_dir: str | Path,
+               max_tasks: int | None = None, memory_bytes: int = 8 << 20) -> list[DeviceLog]:
+    """``stamen device-emulator``: train for the server with a native runtime until stopped."""
+    if runtime not in ("ort", "executorch"):
+        raise UserError(f"unknown device runtime {runtime!r}: use ort or executorch")
+    return ReferenceDevice(server, token, runtime, data, cache_dir, memory_bytes, max_tasks).run()
