@@ -9,7 +9,9 @@ Each tensor is flattened and encoded into a few typed parts (``stamen.core.wire`
   values per byte. Error per element is at most half a step, ``absmax_block / (2 * qmax)``.
 - ``topk``: the largest-magnitude fraction of each tensor, as delta-coded ascending indices
   (the smallest unsigned dtype that holds the largest gap) plus the kept values, which go
-  through the value codec. ``exact`` keeps exactly k; ``sample`` keeps about k, faster.
+  through the value codec. ``exact`` keeps exactly k; ``sample`` keeps about k, faster;
+  ``chunk=C`` keeps the top fraction of every C elements (the receiver needs no chunk size:
+  the indices say where the values go).
 - ``zstd``: the whole body, in the frame.
 
 All arithmetic is vectorized numpy over the flat tensor: no Python loop touches elements.
@@ -140,6 +142,29 @@ def _decode_values(v: Values, parts: list[np.ndarray], dtypes: list[str], n: int
 
 # ---- top-k -----------------------------------------------------------------------------------
 
+def _keep_count(fraction: float, n: int) -> int:
+    """How many of n elements a top-k keeps: the fraction, rounded, at least one (none of none)."""
+    return min(n, max(1, round(fraction * n)))
+
+
+def select_chunked(x: np.ndarray, fraction: float, chunk: int) -> np.ndarray:
+    """Ascending int64 indices of the top ``fraction`` (at least one) of every ``chunk``
+    consecutive elements of flat ``x`` by magnitude; a short last chunk keeps its own share.
+    One argpartition over the (chunks, chunk) matrix does all full chunks at once."""
+    mag = np.abs(x)
+    full = x.size // chunk * chunk
+    out = []
+    if full:
+        count = _keep_count(fraction, chunk)
+        rows = mag[:full].reshape(-1, chunk)
+        top = np.sort(np.argpartition(rows, chunk - count, axis=1)[:, chunk - count:], axis=1)
+        out.append((top + np.arange(0, full, chunk)[:, None]).reshape(-1))
+    if full < x.size:
+        count = _keep_count(fraction, x.size - full)
+        out.append(full + np.sort(np.argpartition(mag[full:], x.size - full - count)[x.size - full - count:]))
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
 def select_topk(x: np.ndarray, k: TopK) -> np.ndarray:
     """Ascending int64 indices of the largest-magnitude entries of flat ``x``.
 
@@ -147,8 +172,10 @@ def select_topk(x: np.ndarray, k: TopK) -> np.ndarray:
     is one fast vectorized pass. ``sample`` keeps what passes a cut at the k-th quantile
     (about k). ``exact`` cuts lower, at about 2k candidates, and partitions only those; when
     the sample misjudged and fewer than k pass, it partitions the whole tensor."""
+    if k.chunk is not None:
+        return select_chunked(x, k.fraction, k.chunk)
     n = x.size
-    count = min(n, max(1, round(k.fraction * n)))
+    count = _keep_count(k.fraction, n)
     if count == 0:
         return np.zeros(0, np.int64)
     mag = np.abs(x)

@@ -1,7 +1,7 @@
 """The codec spec syntax, e.g. ``int8(block=256)+zstd(3)`` or ``topk(0.02)+int4+zstd(1)``.
 
-A chain is an optional ``topk`` (which keeps the largest-magnitude fraction of each tensor and
-hands the kept values on), then one value codec (``fp32``, ``fp16``, ``bf16``, ``int8``,
+A chain is an optional ``topk`` (which keeps the largest-magnitude fraction of each tensor, or
+of each ``chunk`` of it, and hands the kept values on), then one value codec (``fp32``, ``fp16``, ``bf16``, ``int8``,
 ``int4``; ``fp32`` if none is named), then an optional ``zstd`` over the whole body. That
 fixed order is the only one that means anything, so anything else is a ``UserError``.
 ``str(spec)`` is the canonical chain every payload records.
@@ -24,9 +24,14 @@ class TopK:
     fraction: float
     select: str = "exact"  # "exact" (argpartition) or "sample" (threshold from a seeded sample)
     seed: int = 0
+    # Elements per chunk: keep the top fraction of every run of ``chunk`` elements rather than of
+    # the whole tensor (SparseLoCo, DeMo), so every region of a tensor sends its share and index
+    # gaps stay below 2 * chunk. Always exact; None selects over the whole tensor.
+    chunk: int | None = None
 
     def __str__(self) -> str:
         extra = "" if self.select == "exact" else f", select=sample, seed={self.seed}"
+        extra += "" if self.chunk is None else f", chunk={self.chunk}"
         return f"topk({self.fraction:g}{extra})"
 
 
@@ -109,14 +114,17 @@ def parse(spec: str) -> CodecSpec:
         if name == "topk":
             if i != 0:
                 raise UserError(f"in {spec!r}: topk must be the first stage")
-            a = _bind(stage, name, pos, kw, ("fraction", "select", "seed"))
+            a = _bind(stage, name, pos, kw, ("fraction", "select", "seed", "chunk"))
             if "fraction" not in a:
                 raise UserError(f"codec stage {stage!r}: topk needs a fraction, e.g. topk(0.02)")
             select = a.get("select", "exact")
             if select not in SELECTIONS:
                 raise UserError(f"codec stage {stage!r}: select must be one of {', '.join(SELECTIONS)}")
+            chunk = _number(stage, "chunk", a["chunk"], int, 1, 1 << 30) if "chunk" in a else None
+            if chunk is not None and select != "exact":
+                raise UserError(f"codec stage {stage!r}: chunked topk is always exact; drop select")
             topk = TopK(_number(stage, "fraction", a["fraction"], float, 1e-6, 1.0), select,
-                        _number(stage, "seed", a.get("seed", "0"), int, 0, 2**63 - 1))
+                        _number(stage, "seed", a.get("seed", "0"), int, 0, 2**63 - 1), chunk)
         elif name in VALUE_CODECS:
             if values is not None or level is not None:
                 raise UserError(f"in {spec!r}: one value codec ({', '.join(VALUE_CODECS)}), after topk and before zstd")

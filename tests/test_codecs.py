@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Relative rounding of a float format (half an ulp) and the absolute floor of its subnormals.
 ROUNDING = {"float32": (2.0**-24, 2.0**-150), "float16": (2.0**-11, 2.0**-25), "bfloat16": (2.0**-8, 2.0**-134)}
 VALUES = ["fp32", "fp16", "bf16", "int8(block=4)", "int8(block=256)", "int4(block=2)", "int4(block=64)"]
-CHAINS = [f"{top}{v}{z}" for top in ("", "topk(0.1)+", "topk(0.3, select=sample)+")
+CHAINS = [f"{top}{v}{z}" for top in ("", "topk(0.1)+", "topk(0.3, select=sample)+", "topk(0.3, chunk=5)+")
           for v in VALUES for z in ("", "+zstd(1)")]
 
 
@@ -67,9 +67,14 @@ def check_within_bound(spec: str, tensors: dict[str, torch.Tensor], decoded: dic
             bound = value_bound(str(s.values), x)
         else:
             kept = np.cumsum(rec.parts[0].astype(np.int64))
-            if kept.size and kept.size < x.size:
-                dropped = np.setdiff1d(np.arange(x.size), kept)
-                assert np.abs(x[dropped]).max() <= np.abs(x[kept]).min()
+            chunk = s.topk.chunk or max(1, x.size)
+            for start in range(0, x.size, chunk):  # within each chunk (the tensor, unchunked)
+                inside = kept[(kept >= start) & (kept < start + chunk)]
+                dropped = np.setdiff1d(np.arange(start, min(x.size, start + chunk)), inside)
+                if s.topk.chunk is not None:
+                    assert inside.size == min(chunk, max(1, round(s.topk.fraction * min(chunk, x.size - start))))
+                if inside.size and dropped.size:
+                    assert np.abs(x[dropped]).max() <= np.abs(x[inside]).min()
             bound[kept] = value_bound(str(s.values), x[kept])
         rel, floor = ROUNDING[str(tensors[rec.name].dtype).removeprefix("torch.")]
         bound = bound + (np.abs(x) + bound) * rel + floor  # the cast back to the tensor's dtype
@@ -150,6 +155,23 @@ def test_topk_selection_on_a_large_tensor(select):
         assert mag[~mask].max() <= mag[mask].min()
 
 
+def test_chunked_topk_keeps_each_chunks_own_maxima():
+    """Reference: a Python loop sorting each chunk of 100 by magnitude; 0.05 of 100 is 5 per
+    chunk and the 37-element tail keeps round(1.85) = 2. The largest values sit in one chunk,
+    which a whole-tensor top-k would spend all its picks on."""
+    g = np.random.default_rng(7)
+    x = g.standard_normal(1037).astype(np.float32)
+    x[200:300] *= 1000
+    idx = select_topk(x, TopK(0.05, chunk=100))
+    reference = np.concatenate([start + np.sort(np.argsort(-np.abs(x[start:start + 100]), kind="stable")[:5 if start < 1000 else 2])
+                                for start in range(0, 1037, 100)])
+    assert np.array_equal(idx, reference) and idx.size == 10 * 5 + 2
+    rec = compress({"w": torch.from_numpy(x)}, "topk(0.05, chunk=100)+fp32").tensors[0]
+    assert rec.part_dtypes[0] == "uint8"  # gaps stay below 2 * chunk
+    out = decode(encode({"w": torch.from_numpy(x)}, "topk(0.05, chunk=100)")).tensors["w"].numpy()
+    assert np.array_equal(np.flatnonzero(out), reference) and np.array_equal(out[reference], x[reference])
+
+
 def test_reconstruct_matches_decoded_bytes():
     t = {"a": torch.randn(1000, generator=torch.Generator().manual_seed(2))}
     frame = compress(t, "topk(0.1)+int4(block=16)")
@@ -169,6 +191,7 @@ def test_payload_self_describes():
     (" topk( 0.02 , select=sample ) + int8(64) ", "topk(0.02, select=sample, seed=0)+int8(block=64)"),
     ("zstd", "fp32+zstd(3)"),
     ("bf16", "bf16"),
+    ("topk(0.02,chunk=4096)+int4", "topk(0.02, chunk=4096)+int4(block=256)"),
 ])
 def test_spec_canonical_form(spec, canonical):
     assert str(parse(spec)) == canonical and str(parse(canonical)) == canonical
@@ -178,6 +201,7 @@ def test_spec_canonical_form(spec, canonical):
     ("", "empty"), ("int9", "unknown codec stage 'int9'"), ("int8+topk(0.1)", "first"),
     ("int8+fp16", "one value codec"), ("zstd+int8", "one value codec"), ("zstd(1)+zstd(2)", "twice"),
     ("topk", "needs a fraction"), ("topk(2)", "outside"), ("topk(0.1, select=fast)", "select must"),
+    ("topk(0.1, chunk=0)", "outside"), ("topk(0.1, select=sample, chunk=64)", "always exact"),
     ("int8(block=abc)", "not an integer"), ("int8(size=4)", "unknown argument 'size'"),
     ("int4(block=5)", "even"), ("zstd(99)", "outside"), ("int8(block=4", "cannot parse"),
     ("fp16(3)", "at most 0"), ("int8(block=4, 8)", "positional argument after"),
