@@ -39,7 +39,8 @@ def export_executorch(model: nn.Module, out_dir: Path, batch_size: int, seq_len:
     if xnnpack:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        edge = edge.to_backend(XnnpackPartitioner())
+        # Trained weights change every step: XNNPACK must read them as inputs, not pack them once.
+        edge = edge.to_backend(XnnpackPartitioner(force_non_static_weights_for_f32_linear=True))
     program = edge.to_executorch(ExecutorchBackendConfig(external_constants=True))
     (out_dir / PROGRAM).write_bytes(program.buffer)
     program.write_tensor_data_to_file(str(out_dir))

@@ -46,7 +46,9 @@ def eager(plan: Plan, sub: dict, data: list, cfg: TrainConfig):
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     cache = tmp_path_factory.mktemp("exports")
-    return {(p, r): cached_bundle(SPEC, plan, r, B, T, cache) for p, plan in PLANS.items() for r in RUNTIMES}
+    out = {(p, r): cached_bundle(SPEC, plan, r, B, T, cache) for p, plan in PLANS.items() for r in RUNTIMES}
+    out["width", "executorch+xnnpack"] = cached_bundle(SPEC, PLANS["width"], "executorch", B, T, cache, xnnpack=True)
+    return out
 
 
 def rel_l2(got: dict, want: dict) -> float:
@@ -60,11 +62,17 @@ def rel_l2(got: dict, want: dict) -> float:
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("plan_name", PLANS)
 def test_sgd_parity_with_eager(bundles, plan_name, runtime):
-    plan = PLANS[plan_name]
+    check_sgd_parity(PLANS[plan_name], RUNTIMES[runtime](bundles[plan_name, runtime], SPEC.hash, PLANS[plan_name].hash))
+
+
+def test_sgd_parity_with_xnnpack_delegation(bundles):
+    check_sgd_parity(PLANS["width"], ExecuTorchRuntime(bundles["width", "executorch+xnnpack"]))
+
+
+def check_sgd_parity(plan: Plan, rt):
     base = plan.extract(global_weights(0), CFG)
     data = batches(1, STEPS)
     want, want_w = eager(plan, base, data, SGD)
-    rt = RUNTIMES[runtime](bundles[plan_name, runtime], SPEC.hash, plan.hash)
     rt.set_weights(base)
     got = rt.train(iter(data), STEPS, SGD)
     assert got.steps == STEPS and got.tokens == STEPS * B * T
