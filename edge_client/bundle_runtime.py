@@ -4,6 +4,7 @@ training loop are the same."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -36,3 +37,21 @@ class BundleRuntime(Runtime):
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
         return self.trainer.trained_weights()
+
+
+def available_runtimes(cuda: bool) -> tuple[str, ...]:
+    """The runtimes this machine can run, preferred first -- what ``--runtime auto`` picks
+    from. On CPU ORT trains faster than eager torch and ExecuTorch's portable kernels are
+    several times slower (bench/runtimes.py); on CUDA eager torch (bf16) wins."""
+    have = {"torch"} | {name for name, module in (("ort", "onnxruntime.training"),
+                                                  ("executorch", "executorch.extension.training"))
+                        if _importable(module)}
+    order = ("torch", "ort", "executorch") if cuda else ("ort", "torch", "executorch")
+    return tuple(r for r in order if r in have)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the parent package is missing
+        return False

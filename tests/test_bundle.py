@@ -109,3 +109,10 @@ def test_weights_for_another_plan_are_refused(bundle):
         rt.set_weights({n: p.detach() for n, p in wrong.named_parameters()})
     with pytest.raises(BundleError, match="missing"):
         rt.set_weights({})
+
+
+def test_available_runtimes_prefer_ort_on_cpu_and_torch_on_cuda():
+    from stamen.edge_client.bundle_runtime import available_runtimes
+
+    assert available_runtimes(cuda=False) == ("ort", "torch", "executorch")  # all installed here
+    assert available_runtimes(cuda=True) == ("torch", "ort", "executorch")
