@@ -8,10 +8,10 @@ serves every task shape."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import onnx
+import onnxruntime
 import torch
 import torch.nn as nn
 
@@ -43,7 +43,7 @@ def export_ort(model: nn.Module, out_dir: Path) -> Exported:
     keys = [i.name for i in proto.graph.initializer]
     trainable = [k for k in keys if params[aliases[k]].requires_grad]
     frozen = [k for k in keys if k not in trainable]
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    onnxruntime.set_default_logger_severity(3)  # the gradient builder logs every graph pass at INFO
     artifacts.generate_artifacts(proto, requires_grad=trainable, frozen_params=frozen, loss=None,
                                  optimizer=artifacts.OptimType.SGD, artifact_directory=str(out_dir))
     order = _parameter_order(out_dir / "training_model.onnx", keys)

@@ -30,7 +30,7 @@ def train_loop(trainer: Trainer, batches: Iterator[tuple[torch.Tensor, torch.Ten
                on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """``steps`` optimizer steps; the same arithmetic as ``core.train.train_steps``."""
     result = TrainResult(0, 0)
-    holder: nn.ParameterDict | None = None
+    holder: nn.ParameterList | None = None
     opt = None
     for i in range(steps):
         x, y = next(batches)

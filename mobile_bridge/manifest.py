@@ -52,8 +52,9 @@ class Manifest:
     def from_json(cls, text: str) -> "Manifest":
         try:
             d = json.loads(text)
-            if d.pop("format") != FORMAT:
-                raise BundleError(f"bundle format {d.get('format')} is not {FORMAT}")
+            fmt = d.pop("format", None)
+            if fmt != FORMAT:
+                raise BundleError(f"bundle format {fmt} is not {FORMAT}: update stamen")
             d["inputs"] = tuple(d["inputs"])
             d["params"] = tuple(ParamSlot(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])
             return cls(**d)
