@@ -15,7 +15,16 @@ it (a scalar for tensors no plan slices): no second model-sized buffer.
 
 Accumulation streams (no update is kept after ``submit``): memory is the model, the outer
 optimizer state, one buffer S, and the copy-on-write version history (a version keeps only the
-tensors that changed after it).
+tensors that changed after it). Both hot paths work on views and in place: ``submit`` adds an
+update with one fused ``_foreach_add_`` over per-plan cached views of S (a prefix slice is one
+view, c_attn's q|k|v three), and ``flush`` divides, steps the optimizer and zeroes S on views
+of the covered regions, so its only allocation is the new version itself.
+
+Idempotency: ``seen`` maps the task ids of accepted updates to their base versions, and forgets
+an id once its base is more than τ_max + 1 versions old: a re-send of it is then stale and
+``check`` rejects it, so forgetting can never apply an update twice, and ``seen`` stays as
+small as the window (the extra version lets a re-send that races the flush its own update
+triggered still read as a duplicate rather than as stale).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from stamen.core.errors import UserError
 from stamen.core.model import GPTConfig
 from stamen.core.plan import Model, Plan, full_plan, global_shapes
 from stamen.core.records import Update
-from stamen.server.outer import OuterConfig, init_state, outer_step
+from stamen.server.outer import STATE, OuterConfig, direction_, init_state
 
 
 class StaleUpdate(UserError):
@@ -76,19 +85,25 @@ class FlushReport:
     tokens: int
     coverage: float  # fraction of global elements some update covered
     mean_staleness: float
-    update_norm: float  # ‖θ_new − θ_old‖ over all tensors
+    update_norm: float  # ‖θ_new − θ_old‖ over all tensors (as lr · ‖d‖: equal up to rounding)
     reason: str  # "k", "tokens" or "wait"
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """How one plan's delta lands in the buffer: tensors it covers whole (added with one fused
-    call) and sliced ones as (name, dim, runs of kept positions) — a view per run (one for a
-    prefix, three for c_attn's q|k|v) instead of a slower index_add."""
+    """How one plan's delta lands in the buffer, built once per plan: one view of S (and of W)
+    per delta tensor. A width cut keeps a prefix of each of g equal groups along one dimension
+    (g = 1 for MLP units, 3 for c_attn's q|k|v rows), so with that dimension seen as (g, group)
+    the kept part of S is a single strided view, and the delta, seen as (g, prefix), lands in it
+    with one add: the whole update is one fused ``_foreach_add_``."""
 
     shapes: dict[str, tuple[int, ...]]
-    whole: list[str]
-    sliced: list[tuple[str, int, list[tuple[int, int]]]]
+    parts: list[tuple[str, tuple[int, ...] | None]]  # (name, shape to view the delta as, or None: as is)
+    S: list[torch.Tensor]
+    W: list[torch.Tensor]
+
+    def pieces(self, delta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [delta[n] if shape is None else delta[n].reshape(shape) for n, shape in self.parts]
 
 
 @dataclass
@@ -111,12 +126,13 @@ class Aggregator:
         self.opt_state = init_state(config.outer, self._weights)
         self.S = {n: torch.zeros_like(w) for n, w in self._weights.items()}
         self._wdim = _weight_dims(cfg)
+        self._numel = sum(w.numel() for w in self._weights.values())
         self.W = {n: torch.zeros(shapes[n][d] if d is not None else (), dtype=torch.float64)
                   for n, d in self._wdim.items()}
         self.buffer = _Buffer()
-        self.seen: set[str] = set()  # every task id accepted, flushed or buffered
+        self.seen: dict[str, int] = {}  # task id → base version, for ids a re-send could still reach
         self.history: dict[int, dict[str, torch.Tensor]] = {version: self._weights}
-        self._plans: dict[str, _Layout] = {}
+        self._plans: dict[Plan, _Layout] = {}
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -129,13 +145,37 @@ class Aggregator:
         return self.history[version]
 
     # --- admission --------------------------------------------------------------------------
-    def _layout(self, plan: Plan) -> "_Layout":
-        if plan.hash not in self._plans:
-            sl, shapes = plan.slices(self.cfg), plan.shapes(self.cfg)
-            names = plan.trainable(self.cfg)
-            self._plans[plan.hash] = _Layout({n: shapes[n] for n in names}, [n for n in names if sl[n] is None],
-                                             [(n, sl[n][0], _runs(sl[n][1])) for n in names if sl[n] is not None])
-        return self._plans[plan.hash]
+    def _layout(self, plan: Plan) -> _Layout:
+        lay = self._plans.get(plan)
+        if lay is not None:
+            return lay
+        sl, shapes, names = plan.slices(self.cfg), plan.shapes(self.cfg), plan.trainable(self.cfg)
+        parts: list[tuple[str, tuple[int, ...] | None]] = []
+        S: list[torch.Tensor] = []
+        W: list[torch.Tensor] = []
+        for n in names:
+            if sl[n] is None:
+                parts.append((n, None))
+                S.append(self.S[n])
+                W.append(self.W[n])
+                continue
+            dim, pos = sl[n]
+            size = self.S[n].shape[dim]
+            kept = torch.zeros(size, dtype=torch.bool)
+            kept[pos] = True
+            runs = _runs(kept)
+            g, k = len(runs), runs[0][1] - runs[0][0]
+            if size % g or runs != [(i * (size // g), i * (size // g) + k) for i in range(g)]:
+                raise ValueError(f"{n}: plan {plan.name!r} keeps {runs}, not a prefix of each of {g} equal groups")
+            if g == 1:
+                parts.append((n, None))
+                S.append(self.S[n].narrow(dim, 0, k))
+            else:
+                parts.append((n, shapes[n][:dim] + (g, k) + shapes[n][dim + 1:]))
+                S.append(self.S[n].unflatten(dim, (g, size // g)).narrow(dim + 1, 0, k))
+            W.append(self.W[n].view(g, size // g)[:, :k])
+        lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, S, W)
+        return lay
 
     def check(self, update: Update) -> Admission:
         """Judge an update without changing any state: raises StaleUpdate or BadUpdate."""
@@ -153,16 +193,16 @@ class Aggregator:
             missing, extra = sorted(set(shapes) - set(update.delta)), sorted(set(update.delta) - set(shapes))
             raise BadUpdate(f"delta tensors do not match plan {update.plan.name!r}: missing {missing[:3]}, extra {extra[:3]}")
         for n, d in update.delta.items():
-            if tuple(d.shape) != shapes[n]:
+            if d.shape != shapes[n]:
                 raise BadUpdate(f"{n}: shape {tuple(d.shape)} but plan {update.plan.name!r} needs {shapes[n]}")
             if not d.is_floating_point():
                 raise BadUpdate(f"{n}: dtype {d.dtype} is not floating point")
-        # One read pass over all tensors: a NaN or inf anywhere makes its norm non-finite (so
-        # does a norm past float32's range, which no sane update reaches).
-        norms = torch.stack(torch._foreach_norm(list(update.delta.values())))
-        if not bool(torch.isfinite(norms).all()):
-            bad = [n for n, x in zip(update.delta, norms.tolist()) if not math.isfinite(x)]
-            raise BadUpdate(f"{bad[0]}: values must be finite")
+        # One read pass, one call: a NaN or inf anywhere makes its tensor's norm, and so the
+        # total, non-finite (so does a norm past float32's range, which no sane update reaches).
+        norms = torch._foreach_norm(list(update.delta.values()))
+        if not math.isfinite(torch.stack(norms).sum().item()):
+            bad = next(n for n, x in zip(update.delta, norms) if not math.isfinite(x.item()))
+            raise BadUpdate(f"{bad}: values must be finite")
         weight = update.tokens ** self.config.token_exponent * (1 + tau) ** -self.config.staleness_exponent
         return Admission(tau, weight)
 
@@ -174,21 +214,14 @@ class Aggregator:
         if update.task_id in self.seen:
             return None
         adm = self.check(update)
-        w, d, lay = adm.weight, update.delta, self._layout(update.plan)
-        if lay.whole:  # one fused call over every tensor the plan covers whole
-            torch._foreach_add_([self.S[n] for n in lay.whole], [d[n] for n in lay.whole], alpha=w)
-            torch._foreach_add_([self.W[n] for n in lay.whole], w)
-        for n, dim, runs in lay.sliced:
-            offset = 0
-            for start, stop in runs:
-                self.S[n].narrow(dim, start, stop - start).add_(d[n].narrow(dim, offset, stop - start), alpha=w)
-                self.W[n][start:stop] += w
-                offset += stop - start
+        lay = self._layout(update.plan)
+        torch._foreach_add_(lay.S, lay.pieces(update.delta), alpha=adm.weight)
+        torch._foreach_add_(lay.W, adm.weight)
         b = self.buffer
         b.count, b.tokens, b.staleness_sum = b.count + 1, b.tokens + update.tokens, b.staleness_sum + adm.staleness
         b.opened_at = now if b.opened_at is None else b.opened_at
         b.task_ids.append(update.task_id)
-        self.seen.add(update.task_id)
+        self.seen[update.task_id] = update.base_version
         if b.count >= self.config.buffer_k:
             return self.flush("k")
         if self.config.max_tokens is not None and b.tokens >= self.config.max_tokens:
@@ -207,40 +240,61 @@ class Aggregator:
 
     @torch.no_grad()
     def flush(self, reason: str) -> FlushReport:
-        """Apply the outer optimizer where W > 0 and publish version + 1."""
-        new, covered, total, norm2 = dict(self._weights), 0, 0, 0.0
-        for n, theta in self._weights.items():
-            W, dim = self.W[n], self._wdim[n]
-            total += theta.numel()
-            if not bool((W > 0).any()):
-                continue
-            shape = [1] * theta.dim()
-            if dim is not None:
-                shape[dim] = -1
-            Wb = W.view(shape) if W.dim() else W
-            mask = (Wb > 0)
-            g = (self.S[n] / torch.where(mask, Wb, torch.ones_like(Wb))).to(theta.dtype)
-            full = bool(mask.all())
-            new[n] = outer_step(self.config.outer, n, theta, g, None if full else mask, self.opt_state)
-            covered += theta.numel() if full else int(mask.sum()) * (theta.numel() // W.numel())
-            norm2 += float((new[n] - theta).double().pow(2).sum())
-            self.S[n].zero_()
-            W.zero_()
+        """Apply the outer optimizer where W > 0 and publish version + 1. Works on views of the
+        covered regions (a whole tensor, or runs along its sliced dimension): g = S / W and the
+        optimizer's direction are formed in S itself, and θ − lr · S (S is 0 where nothing was
+        covered) is the only new memory: the new version."""
+        regions = self._covered()
+        touched = list(dict.fromkeys(n for n, *_ in regions))
+
+        def cut(group: dict[str, torch.Tensor], prefix: str = "") -> list[torch.Tensor]:
+            return [group[prefix + n] if dim is None else group[prefix + n].narrow(dim, a, b - a)
+                    for n, dim, a, b, _ in regions]
+
+        g = cut(self.S)
+        covered = sum(t.numel() for t in g)
+        new, norm = dict(self._weights), 0.0
+        if regions:
+            torch._foreach_div_(g, [W for *_, W in regions])
+            direction_(self.config.outer, g, {k: cut(self.opt_state, f"{k}/") for k in STATE[self.config.outer.kind]})
+            lr = self.config.outer.lr
+            norm = lr * float(torch.stack(torch._foreach_norm(g)).double().norm())
+            S = [self.S[n] for n in touched]
+            new.update(zip(touched, torch._foreach_sub([self._weights[n] for n in touched], S, alpha=lr)))
+            torch._foreach_zero_(S)
+            torch._foreach_zero_([self.W[n] for n in touched])
         b = self.buffer
-        report = FlushReport(self.version + 1, b.count, b.tokens, covered / total,
-                             b.staleness_sum / max(1, b.count), math.sqrt(norm2), reason)
+        report = FlushReport(self.version + 1, b.count, b.tokens, covered / self._numel,
+                             b.staleness_sum / max(1, b.count), norm, reason)
         self.version += 1
         self._weights = new
         self.history[self.version] = new
         for v in [v for v in self.history if v < self.version - self.config.tau_max]:
             del self.history[v]
+        oldest = self.version - self.config.tau_max - 1
+        self.seen = {t: base for t, base in self.seen.items() if base >= oldest}
         self.buffer = _Buffer()
         return report
 
+    def _covered(self) -> list[tuple[str, int | None, int, int, torch.Tensor]]:
+        """The regions some buffered update covered, as (name, dim, start, stop, W there shaped
+        to broadcast over them): runs of W > 0 along a sliced dimension, or a whole tensor
+        (dim None, with its scalar W)."""
+        out = []
+        for n, W in self.W.items():
+            dim = self._wdim[n]
+            if dim is None:
+                if bool(W > 0):
+                    out.append((n, None, 0, 0, W))
+            else:
+                out += [(n, dim, a, b, _along(W[a:b], dim, self.S[n].dim())) for a, b in _runs(W > 0)]
+        return out
+
     # --- checkpoints ------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Everything but ``seen`` (the store's journal holds it): flat tensors for safetensors
-        and a JSON-able meta dict. History tensors are stored once per distinct tensor."""
+        """Flat tensors for safetensors and a JSON-able meta dict (with ``seen``: the journal
+        knows every id but not which are still inside the window). History tensors are stored
+        once per distinct tensor."""
         tensors = {f"weights/{n}": w for n, w in self._weights.items()}
         tensors |= {f"opt/{k}": t for k, t in self.opt_state.items()}
         tensors |= {f"S/{n}": t for n, t in self.S.items()} | {f"W/{n}": t for n, t in self.W.items()}
@@ -249,12 +303,17 @@ class Aggregator:
             tensors |= {f"hist/{v}/{n}": t for n, t in self.history[v].items() if t is not nxt[n]}
         b = self.buffer
         meta = {"version": self.version, "history": sorted(self.history), "count": b.count, "tokens": b.tokens,
-                "staleness_sum": b.staleness_sum, "opened_at": b.opened_at, "task_ids": b.task_ids}
+                "staleness_sum": b.staleness_sum, "opened_at": b.opened_at, "task_ids": b.task_ids,
+                "seen": self.seen}
         return tensors, meta
 
     @classmethod
     def from_state(cls, cfg: Model, config: AggregatorConfig, tensors: dict[str, torch.Tensor],
                    meta: dict[str, Any], seen: set[str]) -> "Aggregator":
+        """The aggregator ``state()`` described. ``seen``: the task ids journaled up to the
+        checkpoint, which must include every id the checkpoint remembers."""
+        if not set(meta["seen"]) <= seen:
+            raise UserError("the checkpoint remembers task ids the journal lacks: they are not one server's state")
         weights = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("weights/")}
         agg = cls(cfg, weights, config, meta["version"])
         for group, target in (("opt", agg.opt_state), ("S", agg.S), ("W", agg.W)):
@@ -264,19 +323,22 @@ class Aggregator:
             agg.history[v] = {n: tensors.get(f"hist/{v}/{n}", t) for n, t in agg.history[v + 1].items()}
         agg.buffer = _Buffer(meta["count"], meta["tokens"], meta["staleness_sum"], meta["opened_at"],
                              list(meta["task_ids"]))
-        agg.seen = set(seen)
+        agg.seen = dict(meta["seen"])
         return agg
 
 
-def _runs(pos: torch.Tensor) -> list[tuple[int, int]]:
-    """Ascending positions as maximal (start, stop) runs: [0 1 2 8 9] → [(0, 3), (8, 10)]."""
-    runs: list[tuple[int, int]] = []
-    for p in pos.tolist():
-        if runs and runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], p + 1)
-        else:
-            runs.append((p, p + 1))
-    return runs
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """The maximal runs of True in a 1-d mask as (start, stop): [1 1 0 0 1] → [(0, 2), (4, 5)]."""
+    zero = torch.zeros(1, dtype=torch.int8)
+    edges = torch.diff(mask.to(torch.int8), prepend=zero, append=zero).nonzero().flatten().tolist()
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def _along(v: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """A 1-d tensor shaped to broadcast along dimension ``dim`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return v.view(shape)
 
 
 def _weight_dims(cfg: Model) -> dict[str, int | None]:

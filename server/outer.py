@@ -1,15 +1,18 @@
 """Outer optimizers: what the server does with one flush's averaged pseudo-gradient g.
 
-g = mean Δ = θ_base − θ_local points uphill, like a gradient, so every rule steps θ −= lr · (...):
-- ``fedavg``: θ −= lr · g (lr 1 = plain FedAvg: the weighted mean of the client models).
-- ``nesterov``: DiLoCo's outer SGD with Nesterov momentum, as torch.optim.SGD(nesterov=True)
-  writes it: m = μ m + g; θ −= lr (g + μ m). Called once per flush, so the momentum moves once
-  per K arrivals ("delayed Nesterov", Async Local-SGD) rather than once per update.
+g = mean Δ = θ_base − θ_local points uphill, like a gradient, so every rule turns g into a
+direction d and the aggregator steps θ −= lr · d:
+- ``fedavg``: d = g (lr 1 = plain FedAvg: the weighted mean of the client models).
+- ``nesterov``: DiLoCo's outer SGD with Nesterov momentum, op for op as torch.optim.SGD
+  (nesterov=True) writes it: m = μ m + g; d = g + μ m. Called once per flush, so the momentum
+  moves once per K arrivals ("delayed Nesterov", Async Local-SGD) rather than once per update.
 - ``fedadam``: Reddi et al. (2021): m = β1 m + (1−β1) g; v = β2 v + (1−β2) g²;
-  θ −= lr m / (√v + ε), without bias correction; ε is their adaptivity τ.
+  d = m / (√v + ε), without bias correction; ε is their adaptivity τ.
 
-Each rule acts only on covered elements (``mask``): elsewhere θ and the optimizer state keep
-their values, as HeteroFL/FjORD require for elements no client trained.
+The rules see only covered elements: the aggregator hands them views of the regions some
+update covered, so elsewhere the optimizer state keeps its value, as HeteroFL/FjORD require
+for elements no client trained. Everything happens in place on those views, so a flush makes
+no temporary the size of a tensor (let alone of the model).
 """
 
 from __future__ import annotations
@@ -44,24 +47,23 @@ def init_state(config: OuterConfig, weights: dict[str, torch.Tensor]) -> dict[st
 
 
 @torch.no_grad()
-def outer_step(config: OuterConfig, name: str, theta: torch.Tensor, g: torch.Tensor,
-               mask: torch.Tensor | None, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The new value of tensor ``name`` (a fresh tensor: the old one may live on in the version
-    history). ``mask`` broadcasts over ``theta`` and marks covered elements; None = all covered.
-    The state tensors are updated in place."""
-    if config.kind == "fedavg":
-        step = g * config.lr
-    elif config.kind == "nesterov":
-        m = state[f"m/{name}"]
-        m_new = m * config.momentum + g
-        step = (g + m_new * config.momentum) * config.lr
-        m.copy_(m_new if mask is None else torch.where(mask, m_new, m))
-    else:
-        m, v = state[f"m/{name}"], state[f"v/{name}"]
-        b1, b2 = config.betas
-        m_new = m * b1 + g * (1 - b1)
-        v_new = v * b2 + g * g * (1 - b2)
-        step = m_new / (v_new.sqrt() + config.eps) * config.lr
-        m.copy_(m_new if mask is None else torch.where(mask, m_new, m))
-        v.copy_(v_new if mask is None else torch.where(mask, v_new, v))
-    return theta - step if mask is None else torch.where(mask, theta - step, theta)
+def direction_(config: OuterConfig, g: list[torch.Tensor], state: dict[str, list[torch.Tensor]]) -> None:
+    """Overwrite ``g`` with the step direction d and advance the optimizer state, in place.
+    ``g`` and each ``state[k]`` (k in ``STATE[config.kind]``) are parallel lists of views of
+    the covered regions; the caller then applies θ −= lr · d."""
+    if config.kind == "nesterov":
+        m = state["m"]
+        torch._foreach_mul_(m, config.momentum)
+        torch._foreach_add_(m, g)
+        torch._foreach_add_(g, m, alpha=config.momentum)
+    elif config.kind == "fedadam":
+        (b1, b2), m, v = config.betas, state["m"], state["v"]
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, g, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)
+        torch._foreach_copy_(g, v)  # g is spent: it now holds √v + ε, then m / (√v + ε)
+        torch._foreach_sqrt_(g)
+        torch._foreach_add_(g, config.eps)
+        for mi, gi in zip(m, g):
+            torch.div(mi, gi, out=gi)
