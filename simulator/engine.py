@@ -42,6 +42,9 @@ from stamen.simulator.batched import train_batched
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, VirtualDevice, sample_population
 
 
+EVAL_BATCH = 32  # sequences per validation batch, as core.baseline's default batch size
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """What to simulate and for how long (the federation's own settings come separately)."""
@@ -56,12 +59,14 @@ class SimConfig:
     eval_every: int = 5  # versions between validation evaluations
     eval_batches: int = 8
     max_group: int = 128  # devices trained together in one vmap (bounds memory)
+    baseline: bool = True  # the report also trains centrally on as many tokens
 
 
 @dataclass
 class Counters:
     tasks: int = 0
     accepted: int = 0
+    tokens: int = 0  # trained by accepted updates
     stale: int = 0
     lapsed: int = 0  # arrived after the task's deadline
     dropped: int = 0  # dropped out, or the session ended before the upload
@@ -78,7 +83,7 @@ class SimResult:
     flushes: list[dict] = field(default_factory=list)  # version, time_h, updates, tokens, staleness
     staleness: list[int] = field(default_factory=list)  # per accepted update
     per_tier: dict[str, dict[str, int]] = field(default_factory=dict)  # updates, tokens, bytes_up
-    per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # the same by hardware class
+    per_class: dict[str, Counters] = field(default_factory=dict)  # the counters by hardware class
     counters: Counters = field(default_factory=Counters)
     devices: dict[str, int] = field(default_factory=dict)  # hardware class → count
     unplaced: int = 0  # devices whose memory fits no tier
@@ -88,10 +93,11 @@ class SimResult:
         c = self.counters
         return {"devices": self.devices, "unplaced": self.unplaced, "end_time_h": round(self.end_time_h, 6),
                 "versions": self.flushes[-1]["version"] if self.flushes else 0,
-                "counters": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(c).items()},
-                "per_tier": self.per_tier, "per_class": self.per_class, "evals": self.evals,
+                "counters": _rounded(c), "per_tier": self.per_tier,
+                "per_class": {k: _rounded(v) for k, v in sorted(self.per_class.items())}, "evals": self.evals,
                 "final_val_loss": self.evals[-1]["val_loss"] if self.evals else None,
-                "mean_staleness": float(np.mean(self.staleness)) if self.staleness else None}
+                "mean_staleness": float(np.mean(self.staleness)) if self.staleness else None,
+                "staleness_hist": np.bincount(self.staleness).tolist() if self.staleness else []}
 
 
 @dataclass
@@ -118,7 +124,8 @@ class Simulation:
         self.devices = sample_population(classes, config.population)
         train, val = load_corpus(config.data).split()
         self.shards: list[Shard] = partition(train, len(self.devices), config.partition, config.seed)
-        self.val = val.fixed_batches(config.eval_batches, 16, fed.training.seq_len, seed=config.seed)
+        # The centralized baseline's validation batches (core.baseline), so the curves compare.
+        self.val = val.fixed_batches(config.eval_batches, EVAL_BATCH, fed.training.seq_len, seed=config.seed + 1)
         torch.manual_seed(config.seed)
         self.eval_model = GPT(self.cfg)
         self.agg = Aggregator(self.cfg, weights(self.eval_model), fed.aggregator_config())
@@ -151,7 +158,7 @@ class Simulation:
         """Run until the horizon or the version cap; ``on_version`` drives a progress bar."""
         for d in self.devices:
             if d.id in self.tiers:
-                self._offline(d, 0.0)
+                self._session(d, *d.first_session(self.rng))
         self._evaluate(0.0)
         horizon = self.config.horizon_h * 3600
         t = 0.0
@@ -174,10 +181,11 @@ class Simulation:
 
     # --- devices ----------------------------------------------------------------------------
     def _offline(self, d: VirtualDevice, t: float) -> None:
-        start, end = d.next_session(t, self.rng)
-        if math.isfinite(start):
-            self.session_end[d.id] = end
-            self._push(start, "online", d)
+        self._session(d, *d.next_session(t, self.rng))
+
+    def _session(self, d: VirtualDevice, start: float, end: float) -> None:
+        self.session_end[d.id] = end
+        self._push(start, "online", d)
 
     def _on_online(self, d: VirtualDevice, t: float) -> None:
         if t >= self.session_end[d.id]:
@@ -189,22 +197,19 @@ class Simulation:
             retry = task.deadline if task is not None else t + self.fed.server.long_poll_s
             return self._push(max(retry, t + 1.0), "online", d)
         self._issued.add(task.task_id)
-        self.result.counters.tasks += 1
+        self._count(d, tasks=1)
         job = _Job(task, d, self.tiers[d.id])
-        caps, c = d.capabilities, self.result.counters
+        caps = d.capabilities
         down = self._download_size(task.plan, self.held.get(d.id), task.base_version)
         cost = task.plan.cost(self.cfg, task.batch_size, task.seq_len)
         compute = cost.flops_per_token * task.steps * task.batch_size * task.seq_len / caps.flops
-        done = t + down / caps.down_bytes_s + compute
+        done = t + d.overhead_s + down / caps.down_bytes_s + compute
         quit_at = t + self.rng.uniform() * (done - t) if self.rng.uniform() < d.dropout else math.inf
         quit_at = min(quit_at, self.session_end[d.id])
         if quit_at < done:
-            c.dropped += 1
-            c.bytes_down += int(down * min(1.0, (quit_at - t) * caps.down_bytes_s / max(down, 1)))
-            c.busy_s += quit_at - t
+            self._count(d, dropped=1, bytes_down=int(min(down, (quit_at - t) * caps.down_bytes_s)), busy_s=quit_at - t)
             return self._offline(d, quit_at)
-        c.bytes_down += down
-        c.busy_s += done - t
+        self._count(d, bytes_down=down, busy_s=done - t)
         self.held[d.id] = task.base_version
         if caps.role == "device":
             key = (task.plan.hash, task.base_version, task.step_offset, task.steps, task.batch_size,
@@ -228,21 +233,18 @@ class Simulation:
         payload = ef.encode(task.plan.hash, job.delta, task.codec, meta={"tokens": job.tokens, "loss": job.loss})
         job.delta, job.base = None, {}
         arrive = t + len(payload) / d.capabilities.up_bytes_s
-        c = self.result.counters
         if arrive > self.session_end[d.id]:
-            c.dropped += 1
-            c.busy_s += self.session_end[d.id] - t
+            self._count(d, dropped=1, busy_s=self.session_end[d.id] - t)
             return self._offline(d, self.session_end[d.id])
-        c.bytes_up += len(payload)
-        c.busy_s += arrive - t
+        self._count(d, bytes_up=len(payload), busy_s=arrive - t)
         self._push(arrive, "arrive", (job, payload))
 
     def _on_arrive(self, item: tuple[_Job, bytes], t: float) -> None:
         job, payload = item
-        task, c = job.task, self.result.counters
+        task = job.task
         self.scheduler.expire(t)
         if task.task_id not in self.scheduler.in_flight:
-            c.lapsed += 1
+            self._count(job.device, lapsed=1)
         else:
             shapes = task.plan.shapes(self.cfg)
             manifest = {n: shapes[n] for n in task.plan.trainable(self.cfg)}
@@ -253,7 +255,7 @@ class Simulation:
             try:
                 report = self.agg.submit(update, t)
             except StaleUpdate:
-                c.stale += 1
+                self._count(job.device, stale=1)
             else:
                 self.scheduler.complete(task.task_id)
                 self._accepted(job, tau, len(payload))
@@ -307,14 +309,20 @@ class Simulation:
         return self._download_sizes[key]
 
     # --- bookkeeping ------------------------------------------------------------------------
+    def _count(self, d: VirtualDevice, **amounts: float) -> None:
+        """Add to the run's counters and to the device's hardware class's."""
+        row = self.result.per_class.setdefault(d.hardware, Counters())
+        for name, amount in amounts.items():
+            setattr(self.result.counters, name, getattr(self.result.counters, name) + amount)
+            setattr(row, name, getattr(row, name) + amount)
+
     def _accepted(self, job: _Job, tau: int, nbytes: int) -> None:
-        self.result.counters.accepted += 1
+        self._count(job.device, accepted=1, tokens=job.tokens)
         self.result.staleness.append(tau)
-        for table, key in ((self.result.per_tier, job.tier), (self.result.per_class, job.device.hardware)):
-            row = table.setdefault(key, {"updates": 0, "tokens": 0, "bytes_up": 0})
-            row["updates"] += 1
-            row["tokens"] += job.tokens
-            row["bytes_up"] += nbytes
+        row = self.result.per_tier.setdefault(job.tier, {"updates": 0, "tokens": 0, "bytes_up": 0})
+        row["updates"] += 1
+        row["tokens"] += job.tokens
+        row["bytes_up"] += nbytes
 
     def _published(self, t: float, report) -> None:
         self.scheduler.published()
@@ -326,9 +334,13 @@ class Simulation:
 
     def _evaluate(self, t: float) -> None:
         load_weights(self.eval_model, self.agg.weights)
-        tokens = sum(r["tokens"] for r in self.result.per_tier.values())
+        tokens = self.result.counters.tokens
         self.result.evals.append({"version": self.agg.version, "time_h": t / 3600, "tokens": tokens,
                                   "val_loss": evaluate(self.eval_model, self.val)})
+
+
+def _rounded(c: Counters) -> dict:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(c).items()}
 
 
 def _cid(device_id: int) -> str:

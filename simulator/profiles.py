@@ -28,7 +28,8 @@ from stamen.core.records import Capabilities
 HOUR = 3600.0
 DAY = 24 * HOUR
 _MBPS = 1e6 / 8  # bytes per second in one megabit per second
-_NUMBER_KEYS = ("flops", "memory_mb", "up_mbps", "down_mbps", "cores", "session_min", "gap_min", "dropout")
+_NUMBER_KEYS = ("flops", "memory_mb", "up_mbps", "down_mbps", "cores", "session_min", "gap_min", "dropout",
+                "overhead_s")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class HardwareClass:
     session_s: float
     gap_s: float
     dropout: float
+    overhead_s: float  # per task, besides transfer and compute
 
     @classmethod
     def from_toml(cls, name: str, d: dict[str, Any]) -> "HardwareClass":
@@ -70,7 +72,7 @@ class HardwareClass:
         return cls(name, d["role"], float(d["flops"]), int(d["memory_mb"] * 2**20), d["up_mbps"] * _MBPS,
                    d["down_mbps"] * _MBPS, tuple(d["runtimes"]), str(d["accelerator"]), int(d["cores"]),
                    (float(window[0]), float(window[1])), d["session_min"] * 60.0, d["gap_min"] * 60.0,
-                   float(d["dropout"]))
+                   float(d["dropout"]), float(d["overhead_s"]))
 
 
 def load_classes(path: str | Path | None = None) -> dict[str, HardwareClass]:
@@ -126,6 +128,7 @@ class VirtualDevice:
     session_s: float
     gap_s: float
     dropout: float
+    overhead_s: float
 
     def window_at(self, t: float) -> tuple[float, float]:
         """The availability window (absolute virtual seconds) that holds ``t``, or the next one."""
@@ -139,6 +142,15 @@ class VirtualDevice:
         if t >= start + length:
             start += DAY
         return start, start + length
+
+    def first_session(self, rng: np.random.Generator) -> tuple[float, float]:
+        """The first session from time 0, drawn from the steady state: inside its window a
+        device is online with probability session / (session + gap), for an exponential rest
+        of session (memoryless), else it starts as ``next_session`` does."""
+        w_start, w_end = self.window_at(0.0)
+        if w_start <= 0.0 and rng.uniform() < self.session_s / (self.session_s + self.gap_s):
+            return 0.0, min(float(rng.exponential(self.session_s)), w_end)
+        return self.next_session(0.0, rng)
 
     def next_session(self, t: float, rng: np.random.Generator) -> tuple[float, float]:
         """The next online session at or after ``t``: back after a gap, inside a window,
@@ -172,5 +184,6 @@ def sample_population(classes: dict[str, HardwareClass], config: PopulationConfi
         caps = Capabilities(role=hw.role, memory_bytes=hw.memory_bytes, flops=hw.flops * float(f[0]),
                             runtimes=hw.runtimes, up_bytes_s=hw.up_bytes_s * float(f[1]),
                             down_bytes_s=hw.down_bytes_s * float(f[2]), cores=hw.cores, accelerator=hw.accelerator)
-        out.append(VirtualDevice(i, kind, caps, float(tz), hw.window, hw.session_s, hw.gap_s, hw.dropout))
+        out.append(VirtualDevice(i, kind, caps, float(tz), hw.window, hw.session_s, hw.gap_s, hw.dropout,
+                                 hw.overhead_s))
     return out

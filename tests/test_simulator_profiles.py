@@ -51,7 +51,7 @@ def test_jitter_spreads_around_the_class_figure(classes):
 def _device(window, tz=0.0, session_s=1800.0, gap_s=600.0) -> VirtualDevice:
     classes = load_classes()
     caps = sample_population(classes, PopulationConfig(devices=1, mix={"phone-low": 1}, gpu_nodes={}))[0].capabilities
-    return VirtualDevice(0, "phone-low", caps, tz, window, session_s, gap_s, 0.1)
+    return VirtualDevice(0, "phone-low", caps, tz, window, session_s, gap_s, 0.1, 2.0)
 
 
 def test_window_wraps_midnight_and_follows_time_zone():
@@ -76,6 +76,15 @@ def test_sessions_lie_inside_windows():
         assert t <= start < end <= w_end and start >= w_start
         t = end
     assert t > 5 * 24 * HOUR  # sessions keep coming, night after night
+
+
+def test_first_session_starts_from_the_steady_state():
+    rng = np.random.default_rng(0)
+    always = _device((0.0, 24.0), session_s=1800.0, gap_s=600.0)
+    starts = [always.first_session(rng)[0] for _ in range(4000)]
+    assert abs(np.mean([s == 0.0 for s in starts]) - 1800 / 2400) < 0.03
+    day = _device((9.0, 17.0))  # closed at midnight UTC: nobody starts before 09:00
+    assert min(day.first_session(rng)[0] for _ in range(200)) >= 9 * HOUR
 
 
 def test_bad_input_is_a_user_error(classes, tmp_path):

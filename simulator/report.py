@@ -1,0 +1,75 @@
+"""The simulation report's plots, drawn from ``summary.json`` alone (so a report can be redrawn
+without rerunning): validation loss against virtual time and against tokens (with the
+centralized baseline on the same axes), who contributed what, traffic, utilisation, staleness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def plot_loss(summary: dict, path: Path) -> None:
+    evals = summary["evals"]
+    fig, (ax_t, ax_n) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax_t.plot([e["time_h"] * 60 for e in evals], [e["val_loss"] for e in evals], marker="o", ms=3)
+    ax_t.set(xlabel="virtual time (minutes)", ylabel="validation loss (nats/byte)", title="Federated run vs virtual time")
+    ax_n.plot([e["tokens"] / 1e6 for e in evals], [e["val_loss"] for e in evals], marker="o", ms=3, label="federated")
+    if "baseline" in summary:
+        tokens, losses = zip(*summary["baseline"]["val_curve"])
+        ax_n.plot([t / 1e6 for t in tokens], losses, marker="s", ms=3, label="centralized, same tokens")
+    ax_n.set(xlabel="tokens trained (millions)", ylabel="validation loss (nats/byte)", title="Loss vs tokens")
+    ax_n.legend()
+    for ax in (ax_t, ax_n):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_devices(summary: dict, path: Path) -> None:
+    """Per hardware class: share of tokens, MiB moved, and utilisation (busy / present time)."""
+    classes = sorted(summary["per_class"])
+    rows = [summary["per_class"][c] for c in classes]
+    total = max(1, sum(r["tokens"] for r in rows))
+    span_s = max(summary["end_time_h"] * 3600, 1e-9)
+    fig, (ax_c, ax_b, ax_u) = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax_c.bar(classes, [100 * r["tokens"] / total for r in rows])
+    ax_c.set(ylabel="% of accepted tokens", title="Contribution by hardware class")
+    x = range(len(classes))
+    ax_b.bar([i - 0.2 for i in x], [r["bytes_down"] / 2**20 for r in rows], width=0.4, label="down")
+    ax_b.bar([i + 0.2 for i in x], [r["bytes_up"] / 2**20 for r in rows], width=0.4, label="up")
+    ax_b.set_xticks(list(x), classes)
+    ax_b.set(ylabel="MiB", title="Bytes moved")
+    ax_b.legend()
+    util = [100 * r["busy_s"] / (summary["devices"][c] * span_s) for c, r in zip(classes, rows)]
+    ax_u.bar(classes, util)
+    ax_u.set(ylabel="% of run time busy", title="Device utilisation")
+    for ax in (ax_c, ax_b, ax_u):
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_staleness(summary: dict, path: Path) -> None:
+    hist = summary["staleness_hist"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(range(len(hist)), hist)
+    ax.set(xlabel="staleness τ (versions behind when merged)", ylabel="accepted updates",
+           title="Staleness of accepted updates")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plots(summary: dict, out: Path) -> list[Path]:
+    paths = [out / "loss.png", out / "devices.png", out / "staleness.png"]
+    for plot, p in zip((plot_loss, plot_devices, plot_staleness), paths):
+        plot(summary, p)
+    return paths

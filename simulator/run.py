@@ -1,0 +1,42 @@
+"""``stamen simulate``: run a simulation, the centralized baseline on as many tokens, and write
+the report folder: ``summary.json`` (deterministic for a seed), ``timing.json`` (wall time and
+peak memory, which are not), the plots, and the baseline's own folder."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stamen.core.baseline import BaselineConfig, run_baseline
+from stamen.simulator.config import SimSetup
+from stamen.simulator.engine import EVAL_BATCH, Simulation
+from stamen.simulator.report import write_plots
+
+
+def simulate(setup: SimSetup, out: Path, progress: bool = True) -> dict:
+    """Run ``setup`` and write its report into ``out``; returns the summary."""
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    sim = Simulation(setup.sim, setup.fed, setup.classes)
+    bar = tqdm(total=setup.sim.max_versions, desc="simulate", unit="version", disable=not progress)
+    result = sim.run(on_version=lambda v: bar.update(v - bar.n))
+    bar.close()
+    summary = {"config": {"simulation": asdict(setup.sim), "federation": asdict(setup.fed)}, **result.summary()}
+    simulated_s = time.perf_counter() - start
+    if setup.sim.baseline and result.counters.tokens > 0:
+        base = run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data, tokens=result.counters.tokens,
+                                           batch_size=EVAL_BATCH, seq_len=setup.fed.training.seq_len,
+                                           eval_batches=setup.sim.eval_batches, seed=setup.sim.seed),
+                            out / "baseline", progress)
+        summary["baseline"] = {k: base[k] for k in ("tokens", "final_val_loss", "val_curve")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_plots(summary, out)
+    timing = {"wall_s": round(time.perf_counter() - start, 2), "simulation_wall_s": round(simulated_s, 2),
+              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    (out / "timing.json").write_text(json.dumps(timing, indent=2))
+    return summary
