@@ -192,16 +192,18 @@ class Aggregator:
         if set(update.delta) != set(shapes):
             missing, extra = sorted(set(shapes) - set(update.delta)), sorted(set(update.delta) - set(shapes))
             raise BadUpdate(f"delta tensors do not match plan {update.plan.name!r}: missing {missing[:3]}, extra {extra[:3]}")
+        sums = []
         for n, d in update.delta.items():
             if d.shape != shapes[n]:
                 raise BadUpdate(f"{n}: shape {tuple(d.shape)} but plan {update.plan.name!r} needs {shapes[n]}")
             if not d.is_floating_point():
                 raise BadUpdate(f"{n}: dtype {d.dtype} is not floating point")
-        # One read pass, one call: a NaN or inf anywhere makes its tensor's norm, and so the
-        # total, non-finite (so does a norm past float32's range, which no sane update reaches).
-        norms = torch._foreach_norm(list(update.delta.values()))
-        if not math.isfinite(torch.stack(norms).sum().item()):
-            bad = next(n for n, x in zip(update.delta, norms) if not math.isfinite(x.item()))
+            sums.append(d.sum(dtype=torch.float32))
+        # A NaN or inf anywhere makes its tensor's sum, and so the total, non-finite (so does a
+        # sum past float32's range, which no sane update reaches). A sum is the cheapest full
+        # read torch has (measured here: ~0.3-0.7 of an add pass, norms and amax cost more).
+        if not math.isfinite(torch.stack(sums).sum().item()):
+            bad = next(n for n, x in zip(update.delta, sums) if not math.isfinite(x.item()))
             raise BadUpdate(f"{bad}: values must be finite")
         weight = update.tokens ** self.config.token_exponent * (1 + tau) ** -self.config.staleness_exponent
         return Admission(tau, weight)
