@@ -11,6 +11,9 @@ One JSON line per case:
   model, plan, updates_per_s, floor_updates_per_s, ratio (target >= 0.5), flush_s,
   peak_rss_mb: the process's peak during the rounds and the flush (the high-water mark is reset
     after setup, so building the initial model does not count),
+  setup_rss_mb: RSS when the high-water mark was reset (all of the above allocated, plus what
+    the allocator kept from building the initial model); growth_mb = peak − setup: what the
+    rounds and the flush added (expected: the new version, new_version_mb),
   budget_mb: base_rss_mb (the process before the case: torch itself) + model + outer optimizer
     state + one buffer + the updates in flight + the floor's own accumulator + the new version
     the flush publishes while τ_max = 1 keeps the old one.
@@ -69,6 +72,7 @@ def measure(model: str, tier: str, updates: int, rounds: int, seed: int) -> dict
     acc = {n: torch.zeros(shapes[n]) for n in deltas[0]}
     agg.submit(Update("warm", 0, plan, deltas[0], 1), now=0.0)  # caches the plan layout (K leaves room)
     _reset_peak()
+    setup_rss = _status_mb("VmRSS")
 
     agg_s = floor_s = float("inf")
     for chunk in stream:
@@ -92,6 +96,8 @@ def measure(model: str, tier: str, updates: int, rounds: int, seed: int) -> dict
     return {"model": model, "plan": tier, "updates_per_s": round(updates / agg_s, 2),
             "floor_updates_per_s": round(updates / floor_s, 2), "ratio": round(floor_s / agg_s, 3),
             "flush_s": round(flush_s, 3), "peak_rss_mb": round(peak, 1), "base_rss_mb": round(base_rss, 1),
+            "setup_rss_mb": round(setup_rss, 1), "growth_mb": round(peak - setup_rss, 1),
+            "new_version_mb": round(model_b / MB, 1),
             "budget_mb": round(base_rss + budget_b / MB, 1)}
 
 
