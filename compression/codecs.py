@@ -162,7 +162,7 @@ def select_chunked(x: np.ndarray, fraction: float, chunk: int) -> np.ndarray:
     if full < x.size:
         count = _keep_count(fraction, x.size - full)
         out.append(full + np.sort(np.argpartition(mag[full:], x.size - full - count)[x.size - full - count:]))
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def select_topk(x: np.ndarray, k: TopK) -> np.ndarray:
