@@ -34,7 +34,7 @@ class Manifest:
     plan: dict[str, Any]  # Plan.to_dict(): a record, so a device needs no plan code to read it
     plan_hash: str
     runtime: str
-    exporter: dict[str, str]  # tool versions that built the program
+    exporter: dict[str, str]  # tool versions that built the program; ExecuTorch: "backend"
     inputs: tuple[dict, ...]
     layout_of: str  # what the params' offsets index: a file of the bundle, or "contiguous"
     params: tuple[ParamSlot, ...]

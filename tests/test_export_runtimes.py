@@ -47,7 +47,7 @@ def eager(plan: Plan, sub: dict, data: list, cfg: TrainConfig):
 def bundles(tmp_path_factory):
     cache = tmp_path_factory.mktemp("exports")
     out = {(p, r): cached_bundle(SPEC, plan, r, B, T, cache) for p, plan in PLANS.items() for r in RUNTIMES}
-    out["width", "executorch+xnnpack"] = cached_bundle(SPEC, PLANS["width"], "executorch", B, T, cache, xnnpack=True)
+    out["width", "executorch portable"] = cached_bundle(SPEC, PLANS["width"], "executorch", B, T, cache, xnnpack=False)
     return out
 
 
@@ -65,8 +65,9 @@ def test_sgd_parity_with_eager(bundles, plan_name, runtime):
     check_sgd_parity(PLANS[plan_name], RUNTIMES[runtime](bundles[plan_name, runtime], SPEC.hash, PLANS[plan_name].hash))
 
 
-def test_sgd_parity_with_xnnpack_delegation(bundles):
-    check_sgd_parity(PLANS["width"], ExecuTorchRuntime(bundles["width", "executorch+xnnpack"]))
+def test_sgd_parity_with_portable_kernels(bundles):
+    """ExecuTorch bundles delegate to XNNPACK by default; without it, its portable kernels."""
+    check_sgd_parity(PLANS["width"], ExecuTorchRuntime(bundles["width", "executorch portable"]))
 
 
 def check_sgd_parity(plan: Plan, rt):
