@@ -53,6 +53,15 @@ def export_bundle(spec: ModelSpec, plan: Plan, runtime: str, out_dir: str | Path
     return out
 
 
+def publish_bundle(spec: ModelSpec, plan: Plan, runtime: str, bundles_dir: str | Path, batch_size: int,
+                   seq_len: int, cache_dir: str | Path | None = None) -> Path:
+    """Export into the server's layout, ``<bundles_dir>/<plan hash>/<runtime>/``, which
+    ``GET /v1/bundles/{plan}/{runtime}`` serves (bundles_dir is ``<state>/bundles``). The
+    batch x seq must be the tier's: ExecuTorch programs have static shapes."""
+    return export_bundle(spec, plan, runtime, Path(bundles_dir) / plan.hash / runtime, batch_size, seq_len,
+                         cache_dir)
+
+
 def cached_bundle(spec: ModelSpec, plan: Plan, runtime: str, batch_size: int = 8, seq_len: int = 64,
                   cache_dir: str | Path | None = None, xnnpack: bool = True) -> Path:
     """The cache's bundle folder for this key, exported now if absent or failing verification.

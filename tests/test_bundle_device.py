@@ -13,7 +13,7 @@ import pytest
 from federation_procs import ENV, start_client, start_server, stdlib_folders
 from stamen.core.model import PRESETS, ModelSpec
 from stamen.core.plan import Plan, tier_plans
-from stamen.mobile_bridge.bundle import export_bundle
+from stamen.mobile_bridge.bundle import publish_bundle
 from stamen.mobile_bridge.device import ReferenceDevice, plan_hash
 from stamen.server.auth import create_token
 
@@ -63,7 +63,7 @@ def test_reference_devices_join_a_mixed_federation(tmp_path):
     (tmp_path / "fed.toml").write_text(FED)
     state = tmp_path / "state"
     for runtime in ("ort", "executorch"):  # what the server's export step publishes
-        export_bundle(SPEC, PLAN, runtime, state / "bundles" / PLAN.hash / runtime, 8, 64, tmp_path / "cache")
+        publish_bundle(SPEC, PLAN, runtime, state / "bundles", 8, 64, tmp_path / "cache")
     server, url = start_server(state, tmp_path / "fed.toml")
     try:
         gpu_tok = create_token(state, "gpu")
