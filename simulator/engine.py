@@ -60,6 +60,7 @@ class SimConfig:
     eval_batches: int = 8
     max_group: int = 128  # devices trained together in one vmap (bounds memory)
     baseline: bool = True  # the report also trains centrally on as many tokens
+    rounds: bool = False  # synchronous rounds: at most buffer_k tasks per version (see compare.py)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class SimResult:
                 "versions": self.flushes[-1]["version"] if self.flushes else 0,
                 "counters": _rounded(c), "per_tier": self.per_tier,
                 "per_class": {k: _rounded(v) for k, v in sorted(self.per_class.items())}, "evals": self.evals,
+                "flushes": self.flushes,
                 "final_val_loss": self.evals[-1]["val_loss"] if self.evals else None,
                 "mean_staleness": float(np.mean(self.staleness)) if self.staleness else None,
                 "staleness_hist": np.bincount(self.staleness).tolist() if self.staleness else []}
@@ -148,6 +150,8 @@ class Simulation:
         self.generation: dict[tuple, int] = {}
         self._download_sizes: dict[tuple, int] = {}
         self._issued: set[str] = set()
+        self.waiting: set[int] = set()  # devices held back until the round's next version
+        self._sweep_at = math.inf
 
     # --- the event queue --------------------------------------------------------------------
     def _push(self, t: float, kind: str, item: object) -> None:
@@ -190,6 +194,8 @@ class Simulation:
     def _on_online(self, d: VirtualDevice, t: float) -> None:
         if t >= self.session_end[d.id]:
             return self._offline(d, t)
+        if self.config.rounds and self._round_full(t):
+            return self.waiting.add(d.id)
         task = self.scheduler.next_task(_cid(d.id), self.agg.version, t)
         # None: the federation's cap on tasks in flight. A task it ran already: the scheduler
         # hands a client its unfinished task back (after a stale refusal) until the deadline.
@@ -324,8 +330,30 @@ class Simulation:
         row["tokens"] += job.tokens
         row["bytes_up"] += nbytes
 
+    def _round_full(self, t: float) -> bool:
+        """Whether this version's round has its buffer_k tasks out or merged. A full round is
+        re-checked when a task of it lapses (its deadline), to issue a replacement."""
+        self.scheduler.expire(t)
+        out = [task for task in self.scheduler.in_flight.values() if task.base_version == self.agg.version]
+        if len(out) + self.agg.buffer.count < self.agg.config.buffer_k:
+            return False
+        if out and min(task.deadline for task in out) < self._sweep_at:
+            self._sweep_at = min(task.deadline for task in out)
+            self._push(self._sweep_at + 1e-3, "sweep", None)
+        return True
+
+    def _on_sweep(self, _: None, t: float) -> None:
+        self._sweep_at = math.inf
+        self._wake(t)
+
+    def _wake(self, t: float) -> None:
+        for i in sorted(self.waiting):
+            self._push(t, "online", self.devices[i])
+        self.waiting.clear()
+
     def _published(self, t: float, report) -> None:
         self.scheduler.published()
+        self._wake(t)
         if report is not None:
             self.result.flushes.append({"version": report.version, "time_h": t / 3600, "updates": report.updates,
                                         "tokens": report.tokens, "staleness": report.mean_staleness})

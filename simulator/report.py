@@ -68,6 +68,21 @@ def plot_staleness(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_sync_vs_async(result: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in result["runs"].items():
+        ax.plot([e["time_h"] * 60 for e in r["evals"]], [e["val_loss"] for e in r["evals"]], marker="o", ms=3, label=name)
+    target = result["target_val_loss"]
+    ax.axhline(target, color="grey", ls="--", label=f"target {target:.3f}")
+    ax.set(xlabel="virtual time (minutes)", ylabel="validation loss (nats/byte)",
+           title="Synchronous rounds vs asynchronous buffer, same devices")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_plots(summary: dict, out: Path) -> list[Path]:
     paths = [out / "loss.png", out / "devices.png", out / "staleness.png"]
     for plot, p in zip((plot_loss, plot_devices, plot_staleness), paths):

@@ -11,7 +11,7 @@ def test_defaults_are_the_issue_default():
     pop = s.sim.population
     assert s.sim.model == "gpt-tiny" and s.sim.partition == "natural" and s.sim.data == "stdlib"
     assert pop.devices == 1000 and pop.gpu_nodes == {"gpu-h100": 2} and sum(pop.mix.values()) == pytest.approx(1.0)
-    assert s.fed.aggregation.buffer_k == 16 and s.fed.tiers["gpu"].steps == 50  # simulator/federation.toml
+    assert s.fed.aggregation.buffer_k == 32 and s.fed.tiers["gpu"].steps == 10  # simulator/federation.toml
     assert s.fed.tiers["phone-low"].codec == "topk(0.05)+int8+zstd(3)"  # the server's default underneath
     assert set(s.classes) >= set(pop.mix) | set(pop.gpu_nodes)
 
@@ -24,7 +24,7 @@ def test_overrides_key_by_key(tmp_path):
     s = load_simulation(cfg)
     assert s.sim.seed == 7 and s.sim.population.seed == 7 and s.sim.horizon_h == 2.0
     assert s.sim.population.mix == {"laptop": 1.0} and s.sim.population.gpu_nodes == {"gpu-h100": 2}
-    assert s.sim.max_versions == 60  # untouched default
+    assert s.sim.max_versions == 40  # untouched default
     assert s.fed.aggregation.buffer_k == 3  # relative to the config's folder
 
 
