@@ -28,8 +28,7 @@ per-seed losses and seed 0's validation curve, to show where it flattens); targe
 within 1 % of fp32, top-k + EF within 2 %.
 
 ``federated_run`` is the reusable piece (the simulator's codec comparisons call it).
-Run: ``python bench/quality.py`` (~4 CPU-minutes; ~7 minutes of wall time when the two cores
-are shared with other work).
+Run: ``python bench/quality.py`` (4.5 minutes on two CPU cores, longer when they are shared).
 """
 
 from __future__ import annotations
