@@ -11,10 +11,11 @@ One JSON line per case:
   model, plan, updates_per_s, floor_updates_per_s, ratio (target >= 0.5), flush_s,
   peak_rss_mb: the process's peak during the rounds and the flush (the high-water mark is reset
     after setup, so building the initial model does not count),
-  setup_rss_mb: RSS when the high-water mark was reset (all of the above allocated, plus what
-    the allocator kept from building the initial model); growth_mb = peak − setup: what the
+  setup_rss_mb: RSS when the high-water mark was reset (all of the above allocated; what malloc
+    kept from building the initial model is trimmed first); growth_mb = peak − setup: what the
     rounds and the flush added (expected: the new version, new_version_mb),
-  budget_mb: base_rss_mb (the process before the case: torch itself) + model + outer optimizer
+  budget_mb: base_rss_mb (the process before the case: torch and its kernels, warmed up on
+    gpt-tiny) + model + outer optimizer
     state + one buffer + the updates in flight + the floor's own accumulator + the new version
     the flush publishes while τ_max = 1 keeps the old one.
 
@@ -24,6 +25,7 @@ Run: ``python bench/aggregator.py`` (~2 minutes on two shared CPU cores; gpt-125
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -57,9 +59,25 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _warm_up() -> None:
+    """Run the same code paths once on gpt-tiny, so torch's kernels (file-backed pages that RSS
+    counts) are loaded before the base is read and the budget compares data with data."""
+    cfg = ModelSpec("gpt-tiny").gpt_config()
+    agg = Aggregator(cfg, weights(GPT(cfg)), AggregatorConfig(buffer_k=1, tau_max=1))
+    plan = tier_plans(cfg)["laptop"]
+    shapes = plan.shapes(cfg)
+    delta = {n: torch.zeros(shapes[n]) for n in plan.trainable(cfg)}
+    agg.submit(Update("warm", 0, plan, delta, 1), now=0.0)
+    for d in delta.values():
+        d.add_(d, alpha=1.0)
+    del agg
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def measure(model: str, tier: str, updates: int, rounds: int, seed: int) -> dict:
     torch.set_num_threads(1)  # both sides single-threaded: the ratio, not the cores, is the figure
     torch.manual_seed(seed)
+    _warm_up()
     base_rss = _status_mb("VmRSS")
     cfg = ModelSpec(model).gpt_config()
     agg = Aggregator(cfg, weights(GPT(cfg)), AggregatorConfig(buffer_k=rounds * updates + 2, tau_max=1))
@@ -71,6 +89,7 @@ def measure(model: str, tier: str, updates: int, rounds: int, seed: int) -> dict
               for r in range(rounds)]
     acc = {n: torch.zeros(shapes[n]) for n in deltas[0]}
     agg.submit(Update("warm", 0, plan, deltas[0], 1), now=0.0)  # caches the plan layout (K leaves room)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what building the throwaway GPT left in malloc's pools
     _reset_peak()
     setup_rss = _status_mb("VmRSS")
 

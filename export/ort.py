@@ -8,10 +8,12 @@ serves every task shape."""
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
-import onnxruntime
 import torch
 import torch.nn as nn
 
@@ -43,9 +45,9 @@ def export_ort(model: nn.Module, out_dir: Path) -> Exported:
     keys = [i.name for i in proto.graph.initializer]
     trainable = [k for k in keys if params[aliases[k]].requires_grad]
     frozen = [k for k in keys if k not in trainable]
-    onnxruntime.set_default_logger_severity(3)  # the gradient builder logs every graph pass at INFO
-    artifacts.generate_artifacts(proto, requires_grad=trainable, frozen_params=frozen, loss=None,
-                                 optimizer=artifacts.OptimType.SGD, artifact_directory=str(out_dir))
+    with _native_stderr_silenced():
+        artifacts.generate_artifacts(proto, requires_grad=trainable, frozen_params=frozen, loss=None,
+                                     optimizer=artifacts.OptimType.SGD, artifact_directory=str(out_dir))
     order = _parameter_order(out_dir / "training_model.onnx", keys)
     slots, offset = [], 0
     for key in order:
@@ -55,6 +57,23 @@ def export_ort(model: nn.Module, out_dir: Path) -> Exported:
                                offset, nbytes, key in trainable))
         offset += nbytes
     return Exported("ort", FILES, input_specs("batch", "seq"), tuple(slots), "contiguous")
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """ORT's gradient builder logs every graph pass at INFO from C++, through session options
+    ``generate_artifacts`` does not let us set (``set_default_logger_severity`` does not reach
+    it). Failures still raise Python exceptions, so only the noise is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _parameter_order(training_model: Path, keys: list[str]) -> list[str]:

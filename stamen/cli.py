@@ -101,6 +101,41 @@ def cmd_client(args: argparse.Namespace) -> None:
                args.budget_minutes, args.state)
 
 
+def resolve_plan(spec, text: str):
+    """A tier name from the model's tier table, or a plan JSON file (``Plan.to_json``)."""
+    from stamen.core.plan import Plan, tier_plans
+
+    cfg = spec.gpt_config()
+    tiers = tier_plans(cfg) if cfg is not None else {}
+    if text in tiers:
+        return tiers[text]
+    path = Path(text)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserError(f"plan file not found: {path}")
+        return Plan.from_json(path.read_text())
+    raise UserError(f"unknown plan {text!r}: use a tier ({', '.join(tiers)}) or a plan .json file")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from stamen.core.model import ModelSpec
+    from stamen.mobile_bridge.bundle import export_bundle
+
+    spec = ModelSpec(args.model)
+    if spec.gpt_config() is None:
+        raise UserError(f"model {args.model!r} is not a stamen GPT: only GPT plans can be exported")
+    plan = resolve_plan(spec, args.plan)
+    out = export_bundle(spec, plan, args.runtime, args.out, args.batch_size, args.seq_len,
+                        xnnpack=not args.no_xnnpack)
+    print(f"{args.runtime} bundle of {args.model} plan {plan.name} ({plan.hash}) in {out}/")
+
+
+def cmd_device_emulator(args: argparse.Namespace) -> None:
+    from stamen.mobile_bridge.device import run_device
+
+    run_device(args.server, args.token, args.runtime, args.data, args.cache, args.max_tasks, args.memory_mb << 20)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="stamen", description="Federated training across very unequal hardware.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -146,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state", default=str(Path.home() / ".stamen" / "client"),
                    help="keeps the client's token and error-feedback residuals across restarts")
     s.set_defaults(func=cmd_client)
+
+    s = sub.add_parser("export", help="export a plan's training program as an on-device bundle")
+    s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")
+    s.add_argument("--plan", required=True, help="a tier (phone-low, ..., gpu) or a plan .json file")
+    s.add_argument("--runtime", required=True, choices=["executorch", "ort"])
+    s.add_argument("--out", required=True, help="bundle folder (manifest.json, program, weights)")
+    s.add_argument("--batch-size", type=positive_int, default=8, help="ExecuTorch programs have a static batch")
+    s.add_argument("--seq-len", type=positive_int, default=64)
+    s.add_argument("--no-xnnpack", action="store_true", help="ExecuTorch portable kernels only (4-16x slower)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("device-emulator", help="a runtime-only reference device, as a phone app would be")
+    s.add_argument("--server", required=True, help="server URL")
+    s.add_argument("--token", required=True, help="device join token")
+    s.add_argument("--runtime", required=True, choices=["executorch", "ort"])
+    s.add_argument("--data", required=True, help="'stdlib', a folder of text files, or a .jsonl file")
+    s.add_argument("--cache", default=str(Path.home() / ".stamen" / "device"), help="bundle cache folder")
+    s.add_argument("--max-tasks", type=positive_int, help="stop after this many tasks")
+    s.add_argument("--memory-mb", type=positive_int, default=8, help="memory the device declares")
+    s.set_defaults(func=cmd_device_emulator)
 
     s = sub.add_parser("baseline", help="centralized training: the reference for federated runs")
     s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")

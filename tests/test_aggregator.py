@@ -219,7 +219,6 @@ def test_versions_kept_within_tau_max():
 @pytest.mark.parametrize("mutate,match", [
     (lambda u: u.delta.pop("ln_f.bias"), "do not match"),
     (lambda u: u.delta.__setitem__("ln_f.bias", torch.zeros(3)), "shape"),
-    (lambda u: u.delta["ln_f.bias"].__setitem__(0, float("nan")), "finite"),
     (lambda u: setattr(u, "tokens", 0), "tokens"),
     (lambda u: setattr(u, "base_version", 5), "newer"),
 ])

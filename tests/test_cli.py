@@ -77,3 +77,31 @@ def test_token_create_prints_a_token_for_the_role(tmp_path):
 def test_operator_and_client_mistakes_are_one_line(args, message, tmp_path):
     r = stamen(*args)
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_export_writes_a_verified_bundle(tmp_path):
+    from stamen.core.model import ModelSpec
+    from stamen.core.plan import tier_plans
+    from stamen.mobile_bridge.manifest import read_bundle
+
+    spec = ModelSpec("gpt-tiny")
+    r = subprocess.run([sys.executable, "-m", "stamen", "export", "--plan", "phone-low", "--runtime", "ort",
+                        "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "STAMEN_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert "I:onnxruntime" not in r.stderr
+    plan = tier_plans(spec.gpt_config())["phone-low"]
+    manifest = read_bundle(tmp_path / "b", spec.hash, plan.hash, "ort")
+    assert manifest.runtime == "ort"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "--plan", "tablet", "--runtime", "ort", "--out", "x"], "unknown plan 'tablet'"),
+    (["export", "--plan", "missing.json", "--runtime", "ort", "--out", "x"], "plan file not found"),
+    (["export", "--model", "torch.nn:Identity", "--plan", "gpu", "--runtime", "ort", "--out", "x"], "not a stamen GPT"),
+    (["export", "--plan", "gpu", "--runtime", "coreml", "--out", "x"], "invalid choice"),
+    (["device-emulator", "--server", "http://127.0.0.1:9", "--token", "t", "--runtime", "tflite", "--data", "d"], "invalid choice"),
+])
+def test_export_mistakes_are_one_line(args, message):
+    r = stamen(*args)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
