@@ -25,13 +25,14 @@ import msgpack
 from aiohttp import web
 
 from stamen.core.errors import UserError
+from stamen.server.bundles import BundlePublisher
 from stamen.server.config import FederationConfig, load_config
 from stamen.server.metrics import render
 from stamen.server.service import Federation, RequestError, http_status
 
 FEDERATION = web.AppKey("federation", Federation)
 REQUESTS = web.AppKey("requests", Counter)
-STATE = web.AppKey("state", Path)
+BUNDLES = web.AppKey("bundles", BundlePublisher)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 POLL_STEP_S = 0.1  # how often a long poll looks for a free task slot
 MAINTENANCE_S = 1.0  # how often deadlines and the max-wait flush are checked
@@ -133,16 +134,16 @@ async def update(request: web.Request) -> web.Response:
 
 
 async def bundle(request: web.Request) -> web.StreamResponse:
-    """Artifact bundles the export step wrote under ``<state>/bundles/<plan>/<runtime>/``:
-    without a file name, the listing (name → bytes); with one, the file."""
+    """A plan's artifact bundle for a runtime, published under ``<state>/bundles/<plan>/<runtime>/``
+    on first need (``BundlePublisher``): without a file name, the listing (name → bytes); with
+    one, the file. While the export runs the request waits up to the long-poll limit, then 503."""
     fed: Federation = request.app[FEDERATION]
-    fed.principal(_bearer(request), time.time())
+    p = fed.principal(_bearer(request), time.time())
     parts = [request.match_info["plan"], request.match_info["runtime"], request.match_info.get("file", "")]
     if not all(SAFE_NAME.match(x) for x in parts[:2]) or (parts[2] and not SAFE_NAME.match(parts[2])):
         raise RequestError("bad bundle path")
-    folder = request.app[STATE] / "bundles" / parts[0] / parts[1]
-    if not folder.is_dir():
-        raise RequestError(f"no {parts[1]} bundle for plan {parts[0]}", 404)
+    plan = fed.plan_for(p, parts[0])
+    folder = await request.app[BUNDLES].get(plan.hash, parts[1], fed.fed.server.long_poll_s)
     if not parts[2]:
         return _msgpack({"files": {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}})
     path = folder / parts[2]
@@ -168,7 +169,9 @@ async def _maintenance(app: web.Application) -> None:
 
 def make_app(federation: Federation, state_dir: Path) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=federation.fed.server.max_body_mib << 20)
-    app[FEDERATION], app[REQUESTS], app[STATE] = federation, Counter(), state_dir
+    app[FEDERATION], app[REQUESTS] = federation, Counter()
+    tiers = {name: (plan, federation.fed.tiers[name].batch_size) for name, plan in federation.scheduler.plans.items()}
+    app[BUNDLES] = BundlePublisher(federation.spec, tiers, federation.fed.training.seq_len, state_dir / "bundles")
     app.add_routes([
         web.post("/v1/join", join),
         web.get("/v1/task", task),
@@ -184,6 +187,7 @@ def make_app(federation: Federation, state_dir: Path) -> web.Application:
         job = asyncio.create_task(_maintenance(app))
         yield
         job.cancel()
+        app[BUNDLES].close()
 
     app.cleanup_ctx.append(background)
     return app

@@ -114,16 +114,22 @@ class Federation:
         if lapsed:
             self.ledger.lapsed([t.task_id for t in lapsed])
 
-    # --- weights ------------------------------------------------------------------------
-    def weights(self, p: Principal, version: int, plan_hash: str, have: int | None) -> bytes:
-        """The plan's slice of version ``version``, exact; as the difference from version
-        ``have`` when the client holds it (frozen and unchanged tensors then cost nearly
-        nothing after zstd), else whole."""
+    # --- weights and bundles ------------------------------------------------------------
+    def plan_for(self, p: Principal, plan_hash: str) -> Plan:
+        """A plan the caller may download (weights or bundle): devices only their own, which
+        also keeps a device from making the server export bundles nobody trains."""
         plan = self.plans.get(plan_hash)
         if plan is None:
             raise RequestError(f"unknown plan {plan_hash!r}", 404)
         if p.role == "device" and plan.hash != self.scheduler.clients[p.client_id].plan.hash:
-            raise RequestError("a device may download only its own plan's weights", 403)
+            raise RequestError("a device may download only its own plan", 403)
+        return plan
+
+    def weights(self, p: Principal, version: int, plan_hash: str, have: int | None) -> bytes:
+        """The plan's slice of version ``version``, exact; as the difference from version
+        ``have`` when the client holds it (frozen and unchanged tensors then cost nearly
+        nothing after zstd), else whole."""
+        plan = self.plan_for(p, plan_hash)
         target = self._version(version)
         sub = plan.extract(target, self.cfg)
         meta = {"version": version, "plan": plan.hash, "base": -1}
