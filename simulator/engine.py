@@ -109,6 +109,7 @@ class _Job:
     task: Task
     device: VirtualDevice
     tier: str
+    started: float  # when its current phase (download + train, then upload) began
     base: dict[str, torch.Tensor] = field(default_factory=dict)  # the weights it downloaded
     group: tuple | None = None
     delta: dict[str, torch.Tensor] | None = None
@@ -204,7 +205,7 @@ class Simulation:
             return self._push(max(retry, t + 1.0), "online", d)
         self._issued.add(task.task_id)
         self._count(d, tasks=1)
-        job = _Job(task, d, self.tiers[d.id])
+        job = _Job(task, d, self.tiers[d.id], started=t)
         caps = d.capabilities
         down = self._download_size(task.plan, self.held.get(d.id), task.base_version)
         cost = task.plan.cost(self.cfg, task.batch_size, task.seq_len)
@@ -215,7 +216,7 @@ class Simulation:
         if quit_at < done:
             self._count(d, dropped=1, bytes_down=int(min(down, (quit_at - t) * caps.down_bytes_s)), busy_s=quit_at - t)
             return self._offline(d, quit_at)
-        self._count(d, bytes_down=down, busy_s=done - t)
+        self._count(d, bytes_down=down)
         self.held[d.id] = task.base_version
         if caps.role == "device":
             key = (task.plan.hash, task.base_version, task.step_offset, task.steps, task.batch_size,
@@ -235,6 +236,8 @@ class Simulation:
         if job.delta is None:
             self._train(job)
         d, task = job.device, job.task
+        self._count(d, busy_s=t - job.started)  # counted when done, so never past the run's end
+        job.started = t
         ef = self.feedback.setdefault(d.id, ErrorFeedback())
         payload = ef.encode(task.plan.hash, job.delta, task.codec, meta={"tokens": job.tokens, "loss": job.loss})
         job.delta, job.base = None, {}
@@ -242,12 +245,13 @@ class Simulation:
         if arrive > self.session_end[d.id]:
             self._count(d, dropped=1, busy_s=self.session_end[d.id] - t)
             return self._offline(d, self.session_end[d.id])
-        self._count(d, bytes_up=len(payload), busy_s=arrive - t)
+        self._count(d, bytes_up=len(payload))
         self._push(arrive, "arrive", (job, payload))
 
     def _on_arrive(self, item: tuple[_Job, bytes], t: float) -> None:
         job, payload = item
         task = job.task
+        self._count(job.device, busy_s=t - job.started)
         self.scheduler.expire(t)
         if task.task_id not in self.scheduler.in_flight:
             self._count(job.device, lapsed=1)

@@ -72,6 +72,8 @@ def test_updates_flow_through_the_real_aggregator(fed):
         assert sum(row[key] for row in s["per_class"].values()) == pytest.approx(c[key], abs=0.01)
     assert sum(row["accepted"] > 0 for row in s["per_class"].values()) >= 2, "phones and laptops both contribute"
     assert c["tasks"] >= c["accepted"] + c["stale"] and c["bytes_up"] > 0 and c["bytes_down"] > 0
+    for hw, row in s["per_class"].items():  # busy time is within the run (utilisation <= 100%)
+        assert 0 <= row["busy_s"] <= s["devices"][hw] * s["end_time_h"] * 3600 + 1e-6
     # The real scheduler chose the tiers; tokens per update are that tier's steps x batch x seq.
     assert set(s["per_tier"]) <= set(sim.tiers.values())
     for tier, row in s["per_tier"].items():
