@@ -6,12 +6,19 @@ residual (kept per plan, saved in the state folder). Weights come down exact, as
 from the last version this client holds when the server still keeps it. A gpu-role client
 keeps its inner AdamW state across tasks (DiLoCo/Photon). Network failures and server restarts
 are ridden out by the session's retries; an upload is idempotent by task id.
+
+A task names its runtime (the first of the client's declared runtimes the server supports).
+For ``ort`` and ``executorch`` the client trains the plan's artifact bundle, downloaded once
+into its cache and verified (checksums, model, plan, runtime) before every load, as a phone app
+would; only weights then travel per version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +34,33 @@ from stamen.core.errors import UserError
 from stamen.core.model import ModelSpec
 from stamen.core.records import Task
 from stamen.core.train import default_device
+from stamen.edge_client.bundle_runtime import available_runtimes
+from stamen.edge_client.executorch_runtime import ExecuTorchRuntime
+from stamen.edge_client.ort_runtime import OrtRuntime
 from stamen.edge_client.probe import capabilities, measure_flops, probe
 from stamen.edge_client.runtime import Runtime, TorchRuntime
 from stamen.edge_client.session import ServerRefused, Session
+from stamen.mobile_bridge.manifest import BundleError, read_bundle
 
-RUNTIMES = ("torch",)  # the ort/executorch runtimes plug in here with the export issue
+RUNTIMES = ("torch", "ort", "executorch")
+BUNDLE_RUNTIMES = {"ort": OrtRuntime, "executorch": ExecuTorchRuntime}
 LONG_POLL_S = 30
+
+
+def declared_runtimes(runtime: str, role: str, cuda: bool) -> tuple[str, ...]:
+    """What the client declares at join, preferred first; the server gives each task the first
+    one it supports. ``auto``: every runtime this machine has, fastest first
+    (``available_runtimes``), except that a gpu-role client puts eager torch first: only it keeps
+    the inner AdamW state across tasks, as DiLoCo's workers do. An explicit runtime is declared
+    alone, and refused if this machine lacks it."""
+    have = available_runtimes(cuda)
+    if runtime == "auto":
+        return ("torch", *(r for r in have if r != "torch")) if role == "gpu" else have
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}: use auto, {', '.join(RUNTIMES)}")
+    if runtime not in have:
+        raise UserError(f"runtime {runtime!r} is not installed on this machine (available: {', '.join(have)})")
+    return (runtime,)
 
 
 @dataclass
@@ -49,6 +77,8 @@ class TaskLog:
     upload_bytes: int
     outcome: str  # "accepted", "duplicate", "stale", "lapsed"
     version: int  # the server's version after the upload
+    runtime: str
+    bundle_downloads: int  # bundle downloads this task needed (0: cached, or torch)
 
 
 @dataclass
@@ -60,7 +90,7 @@ class EdgeClient:
     role: str = "device"
     max_memory: int | None = None
     budget_minutes: float | None = None
-    state_dir: str | Path | None = None  # credentials and error-feedback residuals
+    state_dir: str | Path | None = None  # credentials, error-feedback residuals, bundles
     max_tasks: int | None = None
     progress: bool = True
     ca_file: str | None = None
@@ -70,8 +100,7 @@ class EdgeClient:
         return asyncio.run(self.run_async())
 
     async def run_async(self) -> list[TaskLog]:
-        if self.runtime not in ("auto", *RUNTIMES):
-            raise UserError(f"runtime {self.runtime!r} is not available in this client: use auto or torch")
+        declared = declared_runtimes(self.runtime, self.role, torch.cuda.is_available())
         corpus = load_corpus(self.data)
         shard = Shard(corpus, corpus.doc_bounds)
         state = Path(self.state_dir) if self.state_dir else None
@@ -79,51 +108,89 @@ class EdgeClient:
             state.mkdir(parents=True, exist_ok=True)
         ef_path = state / "residuals.safetensors" if state else None
         ef = ErrorFeedback.load(ef_path) if ef_path and ef_path.exists() else ErrorFeedback()
+        scratch = None if state else tempfile.TemporaryDirectory(prefix="stamen-bundles-")
+        bundles = state / "bundles" if state else Path(scratch.name)
         session = Session(self.server, ca_file=self.ca_file)
         try:
-            me = await self._join(session, state)
+            me = await self._join(session, state, declared)
             session.token = me["token"]
-            cfg = ModelSpec(me["model"]).gpt_config()
-            self._say(f"joined {self.server} as {me['client_id']} ({self.role}, tier {me['tier']})")
+            spec = ModelSpec(me["model"])
+            cfg = spec.gpt_config()
+            self._say(f"joined {self.server} as {me['client_id']} ({self.role}, tier {me['tier']}, "
+                      f"runtimes {', '.join(declared)})")
             stop_at = time.time() + 60 * self.budget_minutes if self.budget_minutes else None
-            runtimes: dict[str, Runtime] = {}
+            runtimes: dict[tuple[str, str], Runtime] = {}  # (plan hash, runtime) → loaded runtime
             held: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # plan hash → (version, weights)
             while (self.max_tasks is None or len(self.log) < self.max_tasks) and (stop_at is None or time.time() < stop_at):
                 answer = await session.call("GET", "/v1/task", params={"wait": LONG_POLL_S})
                 if answer is None:
                     continue
                 task = Task.from_dict(answer["task"])
-                if task.plan.hash not in runtimes:
-                    runtimes[task.plan.hash] = TorchRuntime(cfg, task.plan, default_device(),
-                                                            keep_optimizer=self.role == "gpu")
+                key, downloads = (task.plan.hash, task.runtime), 0
+                if key not in runtimes:
+                    if task.runtime == "torch":
+                        runtimes[key] = TorchRuntime(cfg, task.plan, default_device(), keep_optimizer=self.role == "gpu")
+                    else:
+                        folder, downloads = await self._bundle(session, task, spec.hash, bundles)
+                        runtimes[key] = BUNDLE_RUNTIMES[task.runtime](folder, spec.hash, task.plan.hash)
                 sub = await self._weights(session, task, held)
                 held[task.plan.hash] = (task.base_version, sub)
-                self.log.append(await self._train_and_upload(session, task, runtimes[task.plan.hash],
-                                                             sub, shard, ef, me["tier"]))
+                self.log.append(await self._train_and_upload(session, task, runtimes[key], sub, shard, ef,
+                                                             me["tier"], downloads))
                 if ef_path:
                     ef.save(ef_path)
         finally:
             await session.close()
+            if scratch:
+                scratch.cleanup()
         return self.log
 
-    async def _join(self, session: Session, state: Path | None) -> dict:
-        """Join once; later runs reuse the saved client token for the same server."""
+    async def _join(self, session: Session, state: Path | None, runtimes: tuple[str, ...]) -> dict:
+        """Join once; later runs reuse the saved client token for the same server and the same
+        declared runtimes (the server schedules by what was declared: other runtimes join anew)."""
         saved = state / "client.json" if state else None
         if saved and saved.exists():
             me = json.loads(saved.read_text())
-            if me.get("server") == self.server:
+            if me.get("server") == self.server and tuple(me.get("runtimes", ())) == runtimes:
                 return me
         hw = probe()
         flops = measure_flops(default_device())
-        caps = capabilities(hw, self.role, RUNTIMES, flops, self.max_memory)
+        caps = capabilities(hw, self.role, runtimes, flops, self.max_memory)
         try:
             me = await session.call("POST", "/v1/join", {"join_token": self.token, "capabilities": caps.to_dict()})
         except ServerRefused as e:
             raise UserError(f"cannot join {self.server}: {e.reason}") from None
-        me["server"] = self.server
+        me["server"], me["runtimes"] = self.server, list(runtimes)
         if saved:
             saved.write_text(json.dumps(me))
         return me
+
+    async def _bundle(self, session: Session, task: Task, spec_hash: str, cache: Path) -> tuple[Path, int]:
+        """The verified bundle folder of the task's plan and runtime, and how many downloads it
+        took. A cached copy that fails verification (corrupt, incomplete, for another model or
+        plan) is refused with its reason, deleted and downloaded again; a fresh download that
+        fails too is the server's fault and stops the client with that reason."""
+        folder = cache / f"{task.plan.hash}-{task.runtime}"
+        if folder.is_dir():
+            try:
+                read_bundle(folder, spec_hash, task.plan.hash, task.runtime)
+                return folder, 0
+            except BundleError as e:
+                self._say(f"refused the cached bundle: {e}; downloading it again")
+                shutil.rmtree(folder)
+        base = f"/v1/bundles/{task.plan.hash}/{task.runtime}"
+        listing = (await session.call("GET", base))["files"]
+        part = folder.with_name(folder.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        for name in listing:
+            if Path(name).name != name:
+                raise BundleError(f"the server listed a bundle file outside the bundle: {name!r}")
+            _, data = await session.request("GET", f"{base}/{name}")
+            (part / name).write_bytes(data)
+        part.rename(folder)
+        read_bundle(folder, spec_hash, task.plan.hash, task.runtime)
+        return folder, 1
 
     async def _weights(self, session: Session, task: Task, held: dict) -> dict[str, torch.Tensor]:
         """The task's base version of the plan's weights, as a delta from what we hold if we can."""
@@ -146,7 +213,7 @@ class EdgeClient:
         return payload.tensors
 
     async def _train_and_upload(self, session: Session, task: Task, rt: Runtime, sub: dict[str, torch.Tensor],
-                                shard: Shard, ef: ErrorFeedback, tier: str) -> TaskLog:
+                                shard: Shard, ef: ErrorFeedback, tier: str, downloads: int) -> TaskLog:
         rt.set_weights(sub)
         bar = tqdm(total=task.steps, desc=f"{task.task_id} v{task.base_version}", disable=not self.progress,
                    leave=False, unit="step")
@@ -172,7 +239,7 @@ class EdgeClient:
                 raise
             outcome, version = ("stale" if e.status == 409 else "lapsed"), -1
         log = TaskLog(task.task_id, task.base_version, tier, result.steps, result.tokens, result.losses[0],
-                      result.losses[-1], len(body), outcome, version)
+                      result.losses[-1], len(body), outcome, version, task.runtime, downloads)
         self._say(f"{task.task_id}: v{task.base_version} {task.plan.name} {result.steps} steps, loss "
                   f"{log.first_loss:.3f}→{log.last_loss:.3f}, {len(body) / 1024:.1f} KiB up: {outcome}")
         return log
