@@ -3,8 +3,8 @@ published into ``<state>/bundles/<plan hash>/<runtime>/`` on first need.
 
 Exporting is slow (an ExecuTorch program takes tens of seconds even for gpt-tiny) and a
 federation may never meet a device that wants a given (plan, runtime), so nothing is exported
-at start-up: a bundle is made when a client that will need it joins, or at the latest when
-one asks for it. Each export runs in its own Python process, one at a time: the event loop
+at start-up (eight device-tier exports would hold a small server's CPU for minutes): a bundle
+is exported when a client first asks for it, and the client waits or retries. Each export runs in its own Python process, one at a time: the event loop
 keeps answering, the GIL-heavy tracing does not stall it, the memory the exporter leaves
 behind goes away with the process, and a server shutdown can stop it. Concurrent requests for
 the same bundle share one job, so it is exported once; the export cache (``mobile_bridge.bundle``,
@@ -44,7 +44,7 @@ class BundlePublisher:
         self.one_at_a_time = asyncio.Semaphore(1)  # exports share the machine with training servers
         self.exporters: set[asyncio.subprocess.Process] = set()
 
-    def start(self, plan_hash: str, runtime: str) -> asyncio.Task[Path]:
+    def _job(self, plan_hash: str, runtime: str) -> asyncio.Task[Path]:
         """The job that publishes this bundle, started now unless one exists. Refuses an
         unknown plan or runtime and a bundle that cannot be built, with a reason."""
         if runtime not in EXPORTABLE:
@@ -62,7 +62,7 @@ class BundlePublisher:
     async def get(self, plan_hash: str, runtime: str, wait_s: float) -> Path:
         """The published bundle folder, waiting up to ``wait_s`` for its export; then 503, which
         clients retry. The wait is shielded: a request that gives up does not cancel the job."""
-        job = self.start(plan_hash, runtime)
+        job = self._job(plan_hash, runtime)
         try:
             return await asyncio.wait_for(asyncio.shield(job), wait_s)
         except TimeoutError:

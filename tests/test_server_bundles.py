@@ -4,6 +4,7 @@ against the manifest (model, plan, runtime, checksums), ExecuTorch programs are 
 tier's batch x the federation's seq_len, access follows the weights' rules, and a published
 bundle survives a restart -- re-exported only when it no longer verifies."""
 
+import asyncio
 import json
 import re
 import threading
@@ -19,7 +20,9 @@ from stamen.core.model import PRESETS, ModelSpec
 from stamen.core.plan import Plan, tier_plans
 from stamen.mobile_bridge.manifest import read_bundle
 from stamen.server.auth import create_token
+from stamen.server.bundles import BundlePublisher
 from stamen.server.config import load_config
+from stamen.server.service import RequestError
 from test_server_http import call
 
 SPEC = ModelSpec("gpt-tiny")
@@ -149,3 +152,26 @@ def test_bundles_published_once_verified_and_kept(root, env):
     finally:
         exports = stop(proc)
     assert exports == [("ort", plan)]
+
+
+def test_a_request_during_the_export_gets_503_and_the_export_goes_on(root, monkeypatch):
+    """In-process publisher (a real export process): a caller that cannot wait is told to
+    retry, without cancelling the export that the next caller then gets."""
+    monkeypatch.setenv("STAMEN_CACHE", str(root / "inproc-cache"))
+    tiers = {"a": (PLANS["phone-low"], 8), "b": (PLANS["phone-low"], 16)}  # one plan, two batch sizes
+
+    async def scenario():
+        pub = BundlePublisher(SPEC, tiers, 32, root / "inproc")
+        with pytest.raises(RequestError, match="being exported: retry shortly") as e:
+            await pub.get(PLANS["phone-low"].hash, "ort", 0.01)
+        assert e.value.status == 503
+        folder = await pub.get(PLANS["phone-low"].hash, "ort", 200)
+        with pytest.raises(RequestError, match="one static shape") as e:
+            await pub.get(PLANS["phone-low"].hash, "executorch", 200)
+        assert e.value.status == 501
+        pub.close()
+        return folder
+
+    folder = asyncio.run(scenario())
+    assert folder == root / "inproc" / PLANS["phone-low"].hash / "ort"
+    read_bundle(folder, SPEC.hash, PLANS["phone-low"].hash, "ort")
