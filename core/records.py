@@ -4,7 +4,7 @@ them and may not import each other."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,12 +78,18 @@ class Capabilities:
     down_bytes_s: float = 1e7
     cores: int = 1
     accelerator: str = ""  # e.g. "cuda:NVIDIA H100", "jetson:orin"
+    # Hardware class, named like the tier table (phone-low, phone-high, laptop, jetson, gpu):
+    # the largest tier the client may get. "" = unknown, so memory and time alone decide.
+    device_class: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Capabilities":
-        d = dict(d)
+        """Tolerant both ways: a key an older client omits takes its default, and a key a newer
+        client adds is ignored, so clients and servers of different versions still join."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in dict(d).items() if k in known}
         d["runtimes"] = tuple(d.get("runtimes", ("torch",)))
         return cls(**d)

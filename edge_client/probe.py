@@ -81,7 +81,16 @@ def capabilities(hw: Hardware, role: str, runtimes: tuple[str, ...], flops: floa
         memory = min(memory, max_memory)
     accel = f"cuda:{hw.cuda_device}" if hw.cuda_device else (f"jetson:{hw.jetson}" if hw.jetson else "")
     return Capabilities(role=role, memory_bytes=memory, flops=flops, runtimes=runtimes,
-                        cores=hw.cores, accelerator=accel)
+                        cores=hw.cores, accelerator=accel, device_class=device_class(hw, role))
+
+
+def device_class(hw: Hardware, role: str) -> str:
+    """The hardware class the scheduler caps the tier by, where the probe can tell: a Jetson
+    board is a jetson, a CUDA box in the gpu role a gpu node; any other machine running this
+    Python client is a laptop-class computer (phones run native apps, not this client)."""
+    if role == "gpu" and hw.cuda_device:
+        return "gpu"
+    return "jetson" if hw.jetson else "laptop"
 
 
 def parse_size(text: str) -> int:

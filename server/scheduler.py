@@ -4,9 +4,9 @@ virtual clock drive the very same object.
 
 Three rules from the field. GPU nodes train the full model for many inner steps with AdamW
 whose state they keep (DiLoCo, Photon); devices train the largest tier plan their memory
-holds, for as many steps as fit their compute in the task's deadline. One global step counter,
-advanced by the most steps any merged update trained each time a version is published,
-places every task on the federation's single lr schedule (Photon's server step counter).
+holds, no larger than their hardware class's tier, for as many steps as fit their compute in
+the task's deadline. One global step counter, advanced by the most steps any merged update
+trained each time a version is published, places every task on the federation's single lr schedule (Photon's server step counter).
 Tasks not uploaded by their deadline lapse, and the work goes to the next client that asks.
 """
 
@@ -47,17 +47,31 @@ class Scheduler:
     def _cost(self, tier: str):
         return self.plans[tier].cost(self.cfg, self.fed.tiers[tier].batch_size, self.fed.training.seq_len)
 
+    def _size(self, tier: str) -> tuple[int, int]:
+        c = self._cost(tier)
+        return c.trainable_params, c.params
+
     def tier_for(self, caps: Capabilities) -> str:
-        """gpu role → the gpu tier; a device → the device tier with the most trainable
-        parameters whose training memory fits the memory it declared."""
+        """gpu role → the gpu tier. A device → the largest device tier (most trainable
+        parameters) allowed by three caps: its hardware class (a phone-low never gets more
+        than the phone-low tier, even when a tiny model fits its memory many times over), its
+        declared memory, and its compute (the tier's full steps fit ``compute_share`` of the
+        deadline; when no allowed tier does, the smallest, whose steps ``steps_for`` then cuts).
+        A class that names no device tier ("" = unknown, or "gpu") caps nothing."""
         if caps.role == "gpu":
             return "gpu"
-        fitting = [t for t in self.plans if t != "gpu" and self._cost(t).memory_bytes <= caps.memory_bytes]
+        devices = sorted((t for t in self.plans if t != "gpu"), key=self._size)
+        if not isinstance(caps.device_class, str):
+            raise UserError(f"device_class must be a string, got {caps.device_class!r}")
+        if caps.device_class in devices:
+            devices = [t for t in devices if self._size(t) <= self._size(caps.device_class)]
+        fitting = [t for t in devices if self._cost(t).memory_bytes <= caps.memory_bytes]
         if not fitting:
-            need = min(self._cost(t).memory_bytes for t in self.plans if t != "gpu")
+            need = min(self._cost(t).memory_bytes for t in devices)
             raise UserError(f"no device tier fits {caps.memory_bytes / 2**20:.1f} MiB "
                             f"(the smallest needs {need / 2**20:.1f} MiB)")
-        return max(fitting, key=lambda t: (self._cost(t).trainable_params, self._cost(t).params))
+        in_time = [t for t in fitting if self.steps_for(t, caps) >= self.fed.tiers[t].steps]
+        return in_time[-1] if in_time else fitting[0]
 
     def register(self, client_id: str, caps: Capabilities) -> Assignment:
         if caps.role not in ("device", "gpu"):
@@ -69,11 +83,11 @@ class Scheduler:
         self.clients[client_id] = a
         return a
 
-    def steps_for(self, a: Assignment) -> int:
+    def steps_for(self, tier: str, caps: Capabilities) -> int:
         """The tier's steps, cut so the estimated compute fits ``compute_share`` of the deadline."""
-        t, c = self.fed.tiers[a.tier], self._cost(a.tier)
+        t, c = self.fed.tiers[tier], self._cost(tier)
         step_flops = c.flops_per_token * t.batch_size * self.fed.training.seq_len
-        budget = self.fed.scheduler.compute_share * self.fed.scheduler.task_deadline_s * a.caps.flops
+        budget = self.fed.scheduler.compute_share * self.fed.scheduler.task_deadline_s * caps.flops
         return max(1, min(t.steps, int(budget / step_flops)))
 
     def next_task(self, client_id: str, version: int, now: float) -> Task | None:
@@ -93,7 +107,7 @@ class Scheduler:
         self.next_seq += 1
         task = Task(
             task_id=f"t{seq:09d}", client_id=client_id, base_version=version, plan=a.plan,
-            runtime=next(r for r in a.caps.runtimes if r in RUNTIMES), steps=self.steps_for(a),
+            runtime=next(r for r in a.caps.runtimes if r in RUNTIMES), steps=self.steps_for(a.tier, a.caps),
             batch_size=tier.batch_size, seq_len=self.fed.training.seq_len,
             train=self.fed.train_config(a.tier), step_offset=self.global_step, codec=tier.codec,
             deadline=now + self.fed.scheduler.task_deadline_s, seed=self.seed * 1_000_003 + seq)
@@ -111,6 +125,12 @@ class Scheduler:
         for t in lapsed:
             del self.in_flight[t.task_id]
         return lapsed
+
+    def abandon(self, task_id: str) -> Task | None:
+        """Close a task whose update can never be merged (refused as stale), so the client's
+        next poll gets fresh work from the current version instead of the same task back
+        until its deadline. Its steps do not count toward the global step counter."""
+        return self.in_flight.pop(task_id, None)
 
     def complete(self, task_id: str) -> Task:
         """An accepted update closes its task; its steps count toward the next publish."""

@@ -156,7 +156,8 @@ class Federation:
         if entry.status == "done" or task_id in self.agg.seen:
             return {"status": "duplicate", "version": self.agg.version}
         if entry.status == "lapsed" or task_id not in self.scheduler.in_flight:
-            raise RequestError(f"task {task_id!r} passed its deadline and was reissued", 410)
+            raise RequestError(f"task {task_id!r} is closed (its deadline passed, or its update was refused "
+                               "as stale): ask for a new task", 410)
         shapes = task.plan.shapes(self.cfg)
         manifest = {n: shapes[n] for n in task.plan.trainable(self.cfg)}
         limits = Limits(max_compressed_bytes=self.fed.server.max_body_mib << 20,
@@ -174,7 +175,13 @@ class Federation:
         update = Update(task_id, task.base_version, task.plan,
                         {n: t.to(torch.float32) for n, t in payload.tensors.items()}, tokens,
                         {} if loss is None else {"loss": loss})
-        self.agg.check(update)  # stale (409) or bad (422): nothing written, nothing changed
+        try:
+            self.agg.check(update)  # stale (409) or bad (422): no update written, model unchanged
+        except StaleUpdate:
+            # Never mergeable now: close the task so the client's next poll gets fresh work.
+            self.scheduler.abandon(task_id)
+            self.ledger.lapsed([task_id])
+            raise
         self.ledger.claim(task_id, tokens, loss)
         report = self.store.accept(self.agg, update, now)  # journaled durably, then applied
         self.scheduler.complete(task_id)

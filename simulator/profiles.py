@@ -4,7 +4,9 @@ sources) and a seeded population drawn from them.
 A class gives typical figures; a population says how many devices of each class take part and
 how much each device differs from its class (a log-normal jitter on compute and bandwidth,
 a time zone). Drawing is deterministic for a seed, so two runs simulate the same devices.
-Memory is not jittered: it decides which plan a device gets, and a class should map to one tier.
+A device declares its class's name as its ``device_class``: the scheduler gives it at most the
+tier of that name (phone-low, phone-high, laptop, jetson), so a tiny model that fits every
+device's memory still trains on mixed plans. Memory is not jittered, so a class maps to one tier.
 
 Availability is a diurnal window in local time inside which a device alternates online
 sessions and offline gaps (both exponential); the engine asks ``next_session`` when a device
@@ -183,7 +185,8 @@ def sample_population(classes: dict[str, HardwareClass], config: PopulationConfi
         hw = classes[kind]
         caps = Capabilities(role=hw.role, memory_bytes=hw.memory_bytes, flops=hw.flops * float(f[0]),
                             runtimes=hw.runtimes, up_bytes_s=hw.up_bytes_s * float(f[1]),
-                            down_bytes_s=hw.down_bytes_s * float(f[2]), cores=hw.cores, accelerator=hw.accelerator)
+                            down_bytes_s=hw.down_bytes_s * float(f[2]), cores=hw.cores, accelerator=hw.accelerator,
+                            device_class="gpu" if hw.role == "gpu" else hw.name)
         out.append(VirtualDevice(i, kind, caps, float(tz), hw.window, hw.session_s, hw.gap_s, hw.dropout,
                                  hw.overhead_s))
     return out

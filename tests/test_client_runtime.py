@@ -55,4 +55,15 @@ def test_capabilities_memory():
     gpu = Hardware(8 * 2**30, 16 * 2**30, 4, "H100", 80 * 2**30, "")
     c = capabilities(gpu, "gpu", ("torch",), 1e14)
     assert c.memory_bytes == 80 * 2**30 and c.accelerator == "cuda:H100"
+
+
+def test_capabilities_device_class():
+    jetson = Hardware(8 * 2**30, 16 * 2**30, 4, "", 0, "NVIDIA Jetson Orin")
+    gpu = Hardware(8 * 2**30, 16 * 2**30, 4, "H100", 80 * 2**30, "")
+    plain = Hardware(8 * 2**30, 16 * 2**30, 4, "", 0, "")
+    assert capabilities(jetson, "device", ("torch",), 1e9).device_class == "jetson"
+    assert capabilities(gpu, "gpu", ("torch",), 1e14).device_class == "gpu"
+    assert capabilities(gpu, "device", ("torch",), 1e14).device_class == "laptop"  # a CUDA box training as a device
+    assert capabilities(plain, "gpu", ("torch",), 1e9).device_class == "laptop"  # no CUDA: not a gpu-class node
+    assert capabilities(plain, "device", ("torch",), 1e9).device_class == "laptop"
     assert parse_size("512M") == 512 * 2**20 and parse_size("1.5GiB") == int(1.5 * 2**30)

@@ -32,17 +32,60 @@ def test_tier_is_the_largest_device_plan_that_fits_memory():
         s.register("e", caps(mem=costs["phone-low"] - 1))
 
 
+def step_flops(s, fed, tier):
+    t = fed.tiers[tier]
+    return s.plans[tier].cost(CFG, t.batch_size, fed.training.seq_len).flops_per_token * t.batch_size * fed.training.seq_len
+
+
 def test_steps_fit_compute_share_of_the_deadline():
     fed = load_config()
     s = Scheduler(CFG, fed)
     a = s.register("slow", caps(mem=10**12, flops=1.0))
+    assert a.tier == "phone-low"  # no tier's full steps fit: the smallest, cut to one step
     assert s.next_task("slow", 0, now=0.0).steps == 1
-    t = fed.tiers["jetson"]
-    per_step = s.plans["jetson"].cost(CFG, t.batch_size, fed.training.seq_len).flops_per_token * t.batch_size * fed.training.seq_len
     budget = fed.scheduler.compute_share * fed.scheduler.task_deadline_s
-    s.register("mid", caps(mem=10**12, flops=per_step * 5.5 / budget))
-    assert s.next_task("mid", 0, now=0.0).steps == 5
-    assert a.tier == "jetson"
+    m = s.register("mid", caps(mem=10**12, flops=step_flops(s, fed, "phone-low") * 5.5 / budget))
+    assert m.tier == "phone-low" and s.next_task("mid", 0, now=0.0).steps == 5
+
+
+def test_hardware_class_and_time_cap_the_tier():
+    fed = load_config()
+    s = Scheduler(CFG, fed)
+    big = 10**12  # gpt-tiny fits every tier many times over: memory alone would give all jetson
+    for cls in ("phone-low", "phone-high", "laptop", "jetson"):
+        assert s.tier_for(Capabilities("device", big, 1e12, device_class=cls)) == cls
+    assert s.tier_for(Capabilities("device", big, 1e12, device_class="")) == "jetson"  # unknown: no cap
+    assert s.tier_for(Capabilities("device", big, 1e12, device_class="gpu")) == "jetson"
+    laptop_mem = s.plans["laptop"].cost(CFG, fed.tiers["laptop"].batch_size, fed.training.seq_len).memory_bytes
+    assert s.tier_for(Capabilities("device", laptop_mem, 1e12, device_class="jetson")) == "laptop"  # memory caps too
+    # Compute for exactly the laptop tier's full steps in the budget, not the jetson's: laptop.
+    budget = fed.scheduler.compute_share * fed.scheduler.task_deadline_s
+    flops = step_flops(s, fed, "laptop") * fed.tiers["laptop"].steps / budget
+    assert step_flops(s, fed, "jetson") * fed.tiers["jetson"].steps > flops * budget
+    assert s.tier_for(Capabilities("device", big, flops * 1.0001, device_class="jetson")) == "laptop"
+    with pytest.raises(UserError, match="device_class must be a string"):
+        s.tier_for(Capabilities("device", big, 1e12, device_class=3))
+
+
+def test_capabilities_wire_dict_is_tolerant():
+    c = Capabilities("device", 1 << 30, 1e9, ("ort",), device_class="phone-high")
+    assert Capabilities.from_dict(c.to_dict()) == c
+    old = {"role": "device", "memory_bytes": 1 << 30, "flops": 1e9}  # a client from before device_class
+    assert Capabilities.from_dict(old).device_class == ""
+    assert Capabilities.from_dict({**old, "battery": 0.5}) == Capabilities("device", 1 << 30, 1e9)
+
+
+def test_abandoned_task_gives_fresh_work():
+    fed = load_config()
+    s = Scheduler(CFG, fed)
+    s.register("a", caps())
+    stale = s.next_task("a", 0, now=0.0)
+    assert s.next_task("a", 5, now=1.0) == stale  # held until done, lapsed or abandoned
+    assert s.abandon(stale.task_id) == stale and s.abandon(stale.task_id) is None
+    fresh = s.next_task("a", 5, now=2.0)
+    assert fresh.task_id != stale.task_id and fresh.base_version == 5
+    s.complete(fresh.task_id)
+    assert s.published() == fresh.steps  # the abandoned task's steps never counted
 
 
 def test_global_step_counter_and_tasks():
