@@ -11,6 +11,7 @@ bundle's manifest, so an app in Kotlin or Swift can do the same with the same fi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -33,6 +34,8 @@ from stamen.mobile_bridge.manifest import BundleError, Manifest, read_bundle
 
 UPLOAD_CODEC, UPLOAD_ZSTD = "fp32+zstd(1)", 1
 LONG_POLL_S = 30
+RETRIES = 8  # a phone app backs off through a server restart or a first bundle export (~20 s)
+RETRY_STATUS = (502, 503, 504)
 
 
 def plan_hash(plan: dict) -> str:
@@ -79,16 +82,22 @@ class ReferenceDevice:
             req.add_header("Authorization", f"Bearer {self.token}")
         if body is not None:
             req.add_header("Content-Type", "application/msgpack")
-        try:
-            with urllib.request.urlopen(req, timeout=LONG_POLL_S + 30) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            raw = e.read()
+        for attempt in itertools.count():
             try:
-                reason = json.loads(raw)["error"]
-            except (ValueError, KeyError, TypeError):
-                reason = raw[:200].decode(errors="replace")
-            raise HttpError(e.code, reason) from None
+                with urllib.request.urlopen(req, timeout=LONG_POLL_S + 30) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                raw = e.read()
+                try:
+                    reason = json.loads(raw)["error"]
+                except (ValueError, KeyError, TypeError):
+                    reason = raw[:200].decode(errors="replace")
+                if e.code not in RETRY_STATUS or attempt == RETRIES:
+                    raise HttpError(e.code, reason) from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if attempt == RETRIES:
+                    raise
+            time.sleep(min(30.0, 0.5 * 2 ** attempt))  # a bundle export or a server restart: back off
 
     # --- the protocol -----------------------------------------------------------------------
     def join(self) -> dict:

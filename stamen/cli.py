@@ -136,6 +136,37 @@ def cmd_device_emulator(args: argparse.Namespace) -> None:
     run_device(args.server, args.token, args.runtime, args.data, args.cache, args.max_tasks, args.memory_mb << 20)
 
 
+def cmd_simulate(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import replace
+
+    from stamen.simulator.compare import sync_vs_async
+    from stamen.simulator.config import load_simulation
+    from stamen.simulator.run import simulate
+
+    setup = load_simulation(args.config)
+    sim = setup.sim
+    if args.devices is not None:
+        sim = replace(sim, population=replace(sim.population, devices=args.devices))
+    if args.seed is not None:
+        sim = replace(sim, seed=args.seed, population=replace(sim.population, seed=args.seed))
+    setup = replace(setup, sim=sim)
+    out = Path(args.out)
+    if args.sync_vs_async:
+        result = sync_vs_async(setup, out)
+        hours = result["hours_to_target"]
+        print(f"time to validation loss {result['target_val_loss']:.3f}: async {hours['async']} h, "
+              f"sync {hours['sync']} h; report in {out}/sync_vs_async.json and .png")
+        return
+    summary = simulate(setup, out, progress=not args.quiet)
+    timing = json.loads((out / "timing.json").read_text())
+    line = (f"{summary['versions']} versions in {summary['end_time_h']:.2f} virtual hours, final validation loss "
+            f"{summary['final_val_loss']:.3f}")
+    if "baseline" in summary:
+        line += f" (centralized on the same tokens: {summary['baseline']['final_val_loss']:.3f})"
+    print(f"{line}; {timing['wall_s']:.0f} s wall, peak {timing['peak_rss_mib']:.0f} MiB; report in {out}/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="stamen", description="Federated training across very unequal hardware.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -148,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=positive_int, default=8)
     s.add_argument("--seq-len", type=positive_int, default=128)
     s.set_defaults(func=cmd_plans)
+
+    s = sub.add_parser("simulate", help="simulate a federation of thousands of heterogeneous devices")
+    s.add_argument("--config", help="simulation TOML; keys you leave out keep the packaged defaults")
+    s.add_argument("--out", required=True, help="report folder (summary.json, plots)")
+    s.add_argument("--devices", type=positive_int, help="override the population's device count")
+    s.add_argument("--seed", type=int, help="override the seed (devices, data, weights, events)")
+    s.add_argument("--sync-vs-async", action="store_true",
+                   help="run the population both as synchronous rounds and asynchronously, and compare")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("server", help="run a federation server (aggregator, scheduler, HTTP API)")
     s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")

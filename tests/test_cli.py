@@ -105,3 +105,27 @@ def test_export_writes_a_verified_bundle(tmp_path):
 def test_export_mistakes_are_one_line(args, message):
     r = stamen(*args)
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_simulate_writes_the_report(tmp_path):
+    config = tmp_path / "sim.toml"
+    config.write_text("[simulation]\nmax_versions = 2\neval_every = 1\neval_batches = 1\nbaseline = false\n")
+    r = stamen("simulate", "--config", str(config), "--devices", "30", "--out", str(tmp_path / "run"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sum(summary["devices"].values()) == 30 + 2  # the packaged default adds 2 GPU nodes
+    assert summary["versions"] == 2
+    for png in ("loss.png", "devices.png", "staleness.png"):
+        assert (tmp_path / "run" / png).read_bytes()[:4] == b"\x89PNG"
+    assert f"report in {tmp_path / 'run'}/" in r.stdout
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[simulation]\nmax_versions = 'many'\n", "max_versions"),
+    ("[simulaton]\nseed = 1\n", "simulaton"),
+])
+def test_simulate_bad_config_is_one_line(tmp_path, body, message):
+    config = tmp_path / "sim.toml"
+    config.write_text(body)
+    r = stamen("simulate", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
