@@ -14,6 +14,7 @@ from stamen.core.errors import UserError
 from stamen.server.config import FederationConfig, load_config
 from stamen.simulator.engine import SimConfig
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, load_classes
+from stamen.simulator.ray_backend import check_backend
 
 _POPULATION_KEYS = ("devices", "jitter", "timezone_spread_h")
 
@@ -94,6 +95,7 @@ def load_simulation(path: str | Path | None = None) -> SimSetup:
     if sim.horizon_h <= 0 or sim.max_versions < 1 or sim.eval_every < 1 or sim.eval_batches < 1 or sim.max_group < 1:
         raise UserError("simulation config [simulation]: horizon_h, max_versions, eval_every, eval_batches "
                         "and max_group must be positive")
+    check_backend(sim.backend, sim.address)
     fed_file = _resolve(_typed("[federation] file", data["federation"]["file"], ""), base)
     if fed_file is None:
         with resources.as_file(resources.files("stamen.simulator").joinpath("federation.toml")) as f:

@@ -38,8 +38,8 @@ from stamen.server.aggregator import Aggregator, StaleUpdate
 from stamen.server.config import FederationConfig
 from stamen.server.scheduler import Scheduler
 from stamen.server.service import WEIGHTS_CODEC
-from stamen.simulator.batched import train_batched
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, VirtualDevice, sample_population
+from stamen.simulator.ray_backend import GroupWork, make_backend
 
 
 EVAL_BATCH = 32  # sequences per validation batch, as core.baseline's default batch size
@@ -61,6 +61,8 @@ class SimConfig:
     max_group: int = 128  # devices trained together in one vmap (bounds memory)
     baseline: bool = True  # the report also trains centrally on as many tokens
     rounds: bool = False  # synchronous rounds: at most buffer_k tasks per version (see compare.py)
+    backend: str = "local"  # where devices train: "local" (this process) or "ray" (ray_backend.py)
+    address: str = ""  # the Ray cluster's head, HOST:6379 ("" = start a local Ray)
 
 
 @dataclass
@@ -127,6 +129,7 @@ class Simulation:
         self.devices = sample_population(classes, config.population)
         train, val = load_corpus(config.data).split()
         self.shards: list[Shard] = partition(train, len(self.devices), config.partition, config.seed)
+        self.backend = make_backend(config.backend, train.corpus, config.address)
         # The centralized baseline's validation batches (core.baseline), so the curves compare.
         self.val = val.fixed_batches(config.eval_batches, EVAL_BATCH, fed.training.seq_len, seed=config.seed + 1)
         torch.manual_seed(config.seed)
@@ -148,6 +151,7 @@ class Simulation:
         self.feedback: dict[int, ErrorFeedback] = {}
         self.gpu_runtimes: dict[int, TorchRuntime] = {}
         self.groups: dict[tuple, list[_Job]] = {}  # open groups, not yet trained
+        self.submitted: dict[tuple, tuple[list[_Job], object]] = {}  # closed groups, training on the backend
         self.generation: dict[tuple, int] = {}
         self._download_sizes: dict[tuple, int] = {}
         self._issued: set[str] = set()
@@ -179,6 +183,7 @@ class Simulation:
             getattr(self, f"_on_{kind}")(item, t)
             if on_version is not None and self.agg.version != version:
                 on_version(self.agg.version)
+        self.backend.close()
         self.result.end_time_h = t / 3600
         if not self.result.evals or self.result.evals[-1]["version"] != self.agg.version:
             self._evaluate(t)
@@ -287,16 +292,21 @@ class Simulation:
             job.delta = {n: base[n] - trained[n] for n in trained}
             job.tokens, job.loss = r.tokens, r.final_loss
             return
-        jobs = self.groups.pop(job.group)
-        key = job.group[:-1]
-        self.generation[key] = self.generation.get(key, 0) + 1
-        model = task.plan.build(self.cfg)
-        load_weights(model, base)
-        for first in range(0, len(jobs), self.config.max_group):
-            chunk = jobs[first:first + self.config.max_group]
-            r = train_batched(model, [self._batches(j) for j in chunk], task.steps, task.train, task.step_offset)
-            for i, j in enumerate(chunk):
+        jobs, handle = self.submitted.pop(job.group) if job.group in self.submitted else self._submit(job.group)
+        for first, r in zip(range(0, len(jobs), self.config.max_group), self.backend.result(handle)):
+            for i, j in enumerate(jobs[first:first + self.config.max_group]):
                 j.delta, j.tokens, j.loss = r.delta(base, i), r.tokens, float(r.losses[i, -1])
+
+    def _submit(self, group: tuple) -> tuple[list[_Job], object]:
+        """Close an open group (no task joins it any more) and hand it to the training backend."""
+        jobs = self.groups.pop(group)
+        key = group[:-1]
+        self.generation[key] = self.generation.get(key, 0) + 1
+        t = jobs[0].task
+        work = GroupWork(self.cfg, t.plan, jobs[0].base, [self.shards[j.device.id].ranges for j in jobs],
+                         [j.task.seed for j in jobs], t.batch_size, t.seq_len, t.steps, t.train, t.step_offset,
+                         self.config.max_group)
+        return jobs, self.backend.submit(work)
 
     def _batches(self, job: _Job):
         return self.shards[job.device.id].batches(job.task.batch_size, job.task.seq_len, seed=job.task.seed)
@@ -357,6 +367,10 @@ class Simulation:
 
     def _published(self, t: float, report) -> None:
         self.scheduler.published()
+        # Tasks are issued at the newest version, so older groups are complete: train them now
+        # (a Ray backend computes them ahead while events run; results are applied in order).
+        for group in [g for g in self.groups if g[1] < self.agg.version]:
+            self.submitted[group] = self._submit(group)
         self._wake(t)
         if report is not None:
             self.result.flushes.append({"version": report.version, "time_h": t / 3600, "updates": report.updates,
