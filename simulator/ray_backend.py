@@ -16,6 +16,7 @@ read exactly the driver's bytes and need no data of their own.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,17 @@ def _train_on_worker(work: GroupWork, corpus: Corpus) -> list[BatchedResult]:
     return train_group(work, corpus)
 
 
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse an address nothing answers at: ``ray.init`` would retry it for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"a Ray address is HOST:PORT (as `ray start --head` prints it), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
 class RayBackend:
     """Trains groups as Ray tasks (one CPU each) as soon as they are submitted.
 
@@ -89,14 +101,11 @@ class RayBackend:
 
     def __init__(self, corpus: Corpus, address: str = "", num_cpus: int | None = None) -> None:
         self.owned = not ray.is_initialized()
-        if self.owned:
-            try:
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:
-                    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-            except ConnectionError as e:
-                raise UserError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+        if self.owned and address:
+            _reachable(address)
+            ray.init(address=address, log_to_driver=False)
+        elif self.owned:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         self.corpus = ray.put(corpus)
         self.train = ray.remote(num_cpus=1)(_train_on_worker)
 

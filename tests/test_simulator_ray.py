@@ -97,3 +97,9 @@ def test_bad_backend_settings_are_one_line_errors(tmp_path, extra, reason):
     (tmp_path / "sim.toml").write_text(f"[simulation]\n{extra}\n")
     with pytest.raises(UserError, match=reason):
         load_simulation(tmp_path / "sim.toml")
+
+
+@pytest.mark.parametrize("address, reason", [("head", "HOST:PORT"), ("127.0.0.1:9", "cannot reach")])
+def test_a_ray_address_that_cannot_work_is_refused_at_once(stdlib, address, reason):
+    with pytest.raises(UserError, match=reason):
+        RayBackend(stdlib[0], address)
