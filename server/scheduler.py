@@ -92,7 +92,10 @@ class Scheduler:
 
     def next_task(self, client_id: str, version: int, now: float) -> Task | None:
         """The client's task: the one it already holds (a re-poll is idempotent), a new one,
-        or None when the federation-wide cap on tasks in flight is reached."""
+        or None for a device when the cap on device tasks in flight is reached. The cap bounds
+        staleness (about in-flight / buffer_k versions, FedBuff); GPU nodes are not counted, so
+        a thousand devices queueing for slots never starve the few nodes that train the full
+        model (and the embeddings, which device tiers freeze)."""
         a = self.clients.get(client_id)
         if a is None:
             raise KeyError(client_id)
@@ -100,7 +103,8 @@ class Scheduler:
         for task in self.in_flight.values():
             if task.client_id == client_id:
                 return task
-        if len(self.in_flight) >= self.fed.scheduler.max_in_flight:
+        devices = sum(self.clients[t.client_id].caps.role == "device" for t in self.in_flight.values())
+        if a.caps.role == "device" and devices >= self.fed.scheduler.max_in_flight:
             return None
         tier = self.fed.tiers[a.tier]
         seq = self.next_seq

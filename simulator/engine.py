@@ -203,8 +203,8 @@ class Simulation:
         if self.config.rounds and self._round_full(t):
             return self.waiting.add(d.id)
         task = self.scheduler.next_task(_cid(d.id), self.agg.version, t)
-        # None: the federation's cap on tasks in flight. A task it ran already: the scheduler
-        # hands a client its unfinished task back (after a stale refusal) until the deadline.
+        # None: the federation's cap on tasks in flight. A task it ran already: the device
+        # dropped out of it without telling the server, which holds it until its deadline.
         if task is None or task.task_id in self._issued:
             retry = task.deadline if task is not None else t + self.fed.server.long_poll_s
             return self._push(max(retry, t + 1.0), "online", d)
@@ -270,6 +270,7 @@ class Simulation:
             try:
                 report = self.agg.submit(update, t)
             except StaleUpdate:
+                self.scheduler.abandon(task.task_id)  # as the server does on a 409
                 self._count(job.device, stale=1)
             else:
                 self.scheduler.complete(task.task_id)

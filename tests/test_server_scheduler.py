@@ -117,3 +117,17 @@ def test_deadline_lapses_and_cap():
     assert tb is not None and ta.task_id not in s.in_flight
     with pytest.raises(KeyError):
         s.complete(ta.task_id)
+
+
+def test_cap_counts_device_tasks_only():
+    fed = load_config()
+    s = Scheduler(CFG, fed)
+    object.__setattr__(fed.scheduler, "max_in_flight", 1)
+    s.register("a", caps())
+    s.register("b", caps())
+    s.register("g", caps(role="gpu"))
+    assert s.next_task("g", 0, now=0.0) is not None
+    assert s.next_task("a", 0, now=0.0) is not None  # the gpu node's task takes no device slot
+    assert s.next_task("b", 0, now=0.0) is None
+    s.register("h", caps(role="gpu"))
+    assert s.next_task("h", 0, now=0.0) is not None  # devices queueing never starve a gpu node

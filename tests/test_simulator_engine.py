@@ -89,3 +89,29 @@ def test_sessions_too_short_drop_every_task(fed):
     _, r = simulate(fed, session_s=1e-3, versions=1)
     c = r.counters
     assert c.accepted == 0 and c.dropped == c.tasks > 0 and r.flushes == []
+
+
+def test_each_class_trains_its_own_tier(fed):
+    sim, r = simulate(fed)
+    # gpt-tiny fits every device's memory; the hardware class still caps the plan.
+    assert {sim.tiers[d.id] for d in sim.devices} == {"phone-low", "phone-high", "laptop"}
+    assert all(sim.tiers[d.id] == d.hardware for d in sim.devices)
+    assert len(r.per_tier) >= 2
+
+
+def test_a_stale_refusal_frees_the_task(fed):
+    torch.set_num_threads(1)
+    population = PopulationConfig(devices=16, mix={"phone-low": 1.0}, gpu_nodes={}, seed=0)
+    sim = Simulation(SimConfig(population=population, max_versions=6, eval_every=6, eval_batches=1), fed, always_on())
+    abandoned = []
+    abandon = sim.scheduler.abandon
+    sim.scheduler.abandon = lambda task_id: abandoned.append(abandon(task_id))
+    c = sim.run().counters
+    assert c.stale > 0, "16 devices in flight over K = 4 with tau_max = 2 refuse some updates"
+    # Each refusal closed its task at once, as the server does on a 409 (not held until the
+    # deadline): the refused devices asked again and got new tasks.
+    assert len(abandoned) == c.stale and all(t is not None for t in abandoned)
+    assert not any(t.task_id in sim.scheduler.in_flight for t in abandoned)
+    assert c.lapsed == 0
+    refused = {t.client_id for t in abandoned}
+    assert all(any(t.client_id == cid for t in sim.scheduler.in_flight.values()) for cid in refused)

@@ -30,6 +30,9 @@ buffer_k = 3
 tau_max = 4
 [training]
 seq_len = 32
+[tiers.laptop]
+steps = 2
+batch_size = 2
 [tiers.jetson]
 steps = 2
 batch_size = 2
