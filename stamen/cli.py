@@ -142,6 +142,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     from stamen.simulator.compare import sync_vs_async
     from stamen.simulator.config import load_simulation
+    from stamen.simulator.ray_backend import check_backend
     from stamen.simulator.run import simulate
 
     setup = load_simulation(args.config)
@@ -150,6 +151,11 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         sim = replace(sim, population=replace(sim.population, devices=args.devices))
     if args.seed is not None:
         sim = replace(sim, seed=args.seed, population=replace(sim.population, seed=args.seed))
+    if args.backend is not None:
+        sim = replace(sim, backend=args.backend)
+    if args.address is not None:
+        sim = replace(sim, address=args.address)
+    check_backend(sim.backend, sim.address)
     setup = replace(setup, sim=sim)
     out = Path(args.out)
     if args.sync_vs_async:
@@ -185,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="report folder (summary.json, plots)")
     s.add_argument("--devices", type=positive_int, help="override the population's device count")
     s.add_argument("--seed", type=int, help="override the seed (devices, data, weights, events)")
+    s.add_argument("--backend", choices=["local", "ray"], help="where devices train (default: the config's)")
+    s.add_argument("--address", help="a Ray cluster's HOST:PORT (with --backend ray; default: a local Ray)")
     s.add_argument("--sync-vs-async", action="store_true",
                    help="run the population both as synchronous rounds and asynchronously, and compare")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
