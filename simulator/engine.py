@@ -128,7 +128,13 @@ class Simulation:
         self.rng = np.random.default_rng(config.seed)
         self.devices = sample_population(classes, config.population)
         train, val = load_corpus(config.data).split()
-        self.shards: list[Shard] = partition(train, len(self.devices), config.partition, config.seed)
+        # Devices split the training text (config.partition); a GPU node is a datacentre holding
+        # a broad corpus (Photon's sites hold large C4 shards) and trains on the whole split. Dealt
+        # one 1/1000th of one package like a phone, the nodes that bring most tokens and alone
+        # train the embeddings overfit it, and validation loss jumped by nats between versions.
+        n = sum(d.capabilities.role == "device" for d in self.devices)
+        parts = iter(partition(train, n, config.partition, config.seed) if n else [])
+        self.shards: list[Shard] = [next(parts) if d.capabilities.role == "device" else train for d in self.devices]
         self.backend = make_backend(config.backend, train.corpus, config.address)
         # The centralized baseline's validation batches (core.baseline), so the curves compare.
         self.val = val.fixed_batches(config.eval_batches, EVAL_BATCH, fed.training.seq_len, seed=config.seed + 1)

@@ -115,3 +115,14 @@ def test_a_stale_refusal_frees_the_task(fed):
     assert c.lapsed == 0
     refused = {t.client_id for t in abandoned}
     assert all(any(t.client_id == cid for t in sim.scheduler.in_flight.values()) for cid in refused)
+
+
+def test_gpu_nodes_train_on_the_whole_split_devices_on_partitions(fed):
+    population = PopulationConfig(devices=6, mix={"laptop": 1.0}, gpu_nodes={"gpu-h100": 1}, seed=0)
+    sim = Simulation(SimConfig(population=population), fed, always_on())
+    gpu = [d for d in sim.devices if d.capabilities.role == "gpu"]
+    devices = [d for d in sim.devices if d.capabilities.role == "device"]
+    assert len(gpu) == 1 and len(devices) == 6
+    whole = sum(int((r[1] - r[0])) for r in sim.shards[gpu[0].id].ranges)
+    parts = [sum(int(r[1] - r[0]) for r in sim.shards[d.id].ranges) for d in devices]
+    assert sum(parts) == whole and all(0 < p < whole for p in parts)  # the devices' parts tile the split
