@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/stamen baseline --model gpt-tiny --tokens 2000000 --out runs/baseline
+	$(VENV)/bin/stamen simulate --out runs/simulate
 
 test: $(STAMP)
 	$(PY) -m pytest
