@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from contextlib import contextmanager
 import sys
 import sysconfig
 import time
@@ -39,6 +40,19 @@ def start_server(state: Path, config: Path | None = None, port: int = 0) -> tupl
             break
     proc.kill()
     raise RuntimeError(f"server did not start: {proc.stdout.read()}")
+
+
+@contextmanager
+def running_server(root: Path, federation: str):
+    """A server process on a fresh state folder under ``root`` with the given federation TOML;
+    yields (url, state folder) and stops the server afterwards."""
+    (root / "fed.toml").write_text(federation)
+    proc, url = start_server(root / "state", root / "fed.toml")
+    try:
+        yield url, root / "state"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
 
 
 def start_client(url: str, token: str, data: Path, role: str, max_memory: int, state: Path,

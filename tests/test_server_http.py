@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import torch
 
-from federation_procs import start_server
+from federation_procs import running_server
 from stamen.compression.codecs import encode
 from stamen.core.model import PRESETS
 from stamen.core.plan import full_plan
@@ -51,12 +51,8 @@ def update_for(task: Task, tokens=512, fill=0.01, **changes):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("http")
-    (root / "fed.toml").write_text(FED)
-    proc, url = start_server(root / "state", root / "fed.toml")
-    yield url, root / "state"
-    proc.terminate()
-    proc.communicate(timeout=60)
+    with running_server(tmp_path_factory.mktemp("http"), FED) as running:
+        yield running
 
 
 def test_bad_requests_get_4xx_and_leave_the_model_unchanged(server):

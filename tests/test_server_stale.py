@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from federation_procs import start_server
+from federation_procs import running_server
 from stamen.core.records import Task
 from stamen.server.auth import create_token
 from test_server_http import call, join, update_for
@@ -15,12 +15,8 @@ FED = "[aggregation]\nbuffer_k = 1\ntau_max = 0\n[scheduler]\ntask_deadline_s = 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stale")
-    (root / "fed.toml").write_text(FED)
-    proc, url = start_server(root / "state", root / "fed.toml")
-    yield url, root / "state"
-    proc.terminate()
-    proc.communicate(timeout=60)
+    with running_server(tmp_path_factory.mktemp("stale"), FED) as running:
+        yield running
 
 
 def test_stale_update_gets_409_and_fresh_work(server):
