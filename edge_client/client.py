@@ -20,6 +20,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,9 @@ class EdgeClient:
     max_tasks: int | None = None
     progress: bool = True
     ca_file: str | None = None
+    # A fresh runtime per task, made by the caller: the Flower gateway's runtime hands the task
+    # to a Flower node, which needs the task's own settings (batch, seed), not just its plan.
+    runtime_factory: Callable[[ModelSpec, Task], Runtime] | None = None
     log: list[TaskLog] = field(default_factory=list)
 
     def run(self) -> list[TaskLog]:
@@ -127,7 +131,9 @@ class EdgeClient:
                     continue
                 task = Task.from_dict(answer["task"])
                 key, downloads = (task.plan.hash, task.runtime), 0
-                if key not in runtimes:
+                if self.runtime_factory is not None:
+                    runtimes[key] = self.runtime_factory(spec, task)
+                elif key not in runtimes:
                     if task.runtime == "torch":
                         runtimes[key] = TorchRuntime(cfg, task.plan, default_device(), keep_optimizer=self.role == "gpu")
                     else:
