@@ -60,7 +60,7 @@ class SimConfig:
     eval_batches: int = 8
     max_group: int = 128  # devices trained together in one vmap (bounds memory)
     baseline: bool = True  # the report also trains centrally on as many tokens
-    rounds: bool = False  # synchronous rounds: at most buffer_k tasks per version (see compare.py)
+    rounds: bool = False  # synchronous rounds: one task per GPU node and buffer_k minus those per version (compare.py)
     backend: str = "local"  # where devices train: "local" (this process) or "ray" (ray_backend.py)
     address: str = ""  # the Ray cluster's head, HOST:6379 ("" = start a local Ray)
 
@@ -163,21 +163,24 @@ class Simulation:
         self._issued: set[str] = set()
         self.waiting: set[int] = set()  # devices held back until the round's next version
         self._sweep_at = math.inf
+        self.merged: list[str] = []  # clients merged into this version's round (rounds only)
+        self.gpu_nodes = sum(d.id in self.tiers and d.capabilities.role != "device" for d in self.devices)
 
     # --- the event queue --------------------------------------------------------------------
     def _push(self, t: float, kind: str, item: object) -> None:
         heapq.heappush(self.events, (t, self.seq, kind, item))
         self.seq += 1
 
-    def run(self, on_version: Callable[[int], None] | None = None) -> SimResult:
-        """Run until the horizon or the version cap; ``on_version`` drives a progress bar."""
+    def run(self, on_version: Callable[[int], None] | None = None, target_loss: float | None = None) -> SimResult:
+        """Run until the horizon or the version cap, or until an evaluation reaches
+        ``target_loss`` (compare.py times runs to a target); ``on_version`` drives a progress bar."""
         for d in self.devices:
             if d.id in self.tiers:
                 self._session(d, *d.first_session(self.rng))
         self._evaluate(0.0)
         horizon = self.config.horizon_h * 3600
         t = 0.0
-        while self.events and self.agg.version < self.config.max_versions:
+        while self.events and self.agg.version < self.config.max_versions and not self._reached(target_loss):
             t, _, kind, item = heapq.heappop(self.events)
             if t > horizon:
                 t = horizon
@@ -195,6 +198,9 @@ class Simulation:
             self._evaluate(t)
         return self.result
 
+    def _reached(self, target_loss: float | None) -> bool:
+        return target_loss is not None and self.result.evals[-1]["val_loss"] <= target_loss
+
     # --- devices ----------------------------------------------------------------------------
     def _offline(self, d: VirtualDevice, t: float) -> None:
         self._session(d, *d.next_session(t, self.rng))
@@ -206,7 +212,7 @@ class Simulation:
     def _on_online(self, d: VirtualDevice, t: float) -> None:
         if t >= self.session_end[d.id]:
             return self._offline(d, t)
-        if self.config.rounds and self._round_full(t):
+        if self.config.rounds and self._round_full(d, t):
             return self.waiting.add(d.id)
         task = self.scheduler.next_task(_cid(d.id), self.agg.version, t)
         # None: the federation's cap on tasks in flight. A task it ran already: the device
@@ -280,6 +286,7 @@ class Simulation:
                 self._count(job.device, stale=1)
             else:
                 self.scheduler.complete(task.task_id)
+                self.merged.append(task.client_id)
                 self._accepted(job, tau, len(payload))
                 if report is not None:
                     self._published(t, report)
@@ -351,12 +358,20 @@ class Simulation:
         row["tokens"] += job.tokens
         row["bytes_up"] += nbytes
 
-    def _round_full(self, t: float) -> bool:
-        """Whether this version's round has its buffer_k tasks out or merged. A full round is
-        re-checked when a task of it lapses (its deadline), to issue a replacement."""
+    def _round_full(self, d: VirtualDevice, t: float) -> bool:
+        """Whether this version's round has no place for ``d``. Each GPU node trains once a round
+        (DiLoCo's workers; the scheduler's max_in_flight does not count them either) and devices
+        fill the other buffer_k slots, so a round never lacks the nodes that bring most tokens.
+        A full round is re-checked when a device task of it lapses (its deadline), to issue a
+        replacement."""
         self.scheduler.expire(t)
-        out = [task for task in self.scheduler.in_flight.values() if task.base_version == self.agg.version]
-        if len(out) + self.agg.buffer.count < self.agg.config.buffer_k:
+        role = d.capabilities.role
+        out = [task for task in self.scheduler.in_flight.values() if task.base_version == self.agg.version
+               and self.scheduler.clients[task.client_id].caps.role == role]
+        if role != "device":
+            return _cid(d.id) in self.merged or any(task.client_id == _cid(d.id) for task in out)
+        merged = sum(self.scheduler.clients[c].caps.role == "device" for c in self.merged)
+        if len(out) + merged < self.agg.config.buffer_k - self.gpu_nodes:
             return False
         if out and min(task.deadline for task in out) < self._sweep_at:
             self._sweep_at = min(task.deadline for task in out)
@@ -374,6 +389,7 @@ class Simulation:
 
     def _published(self, t: float, report) -> None:
         self.scheduler.published()
+        self.merged.clear()
         # Tasks are issued at the newest version, so older groups are complete: train them now
         # (a Ray backend computes them ahead while events run; results are applied in order).
         for group in [g for g in self.groups if g[1] < self.agg.version]:

@@ -1,0 +1,18 @@
+"""The sync-vs-async comparison's pieces: the synchronous federation and the target."""
+
+from stamen.server.config import load_config
+from stamen.simulator.compare import TARGET_FRACTION, synchronous, target_loss
+
+
+def test_synchronous_rounds_hold_every_gpu_node_and_close_at_the_deadline():
+    fed = load_config()
+    sync = synchronous(fed, 10, gpu_nodes=2)
+    a = sync.aggregation
+    assert (a.buffer_k, a.tau_max, a.max_wait_s, a.min_quorum) == (12, 0, fed.scheduler.task_deadline_s, 1)
+    assert sync.tiers == fed.tiers and sync.scheduler == fed.scheduler
+
+
+def test_target_is_a_fixed_fraction_of_the_async_drop():
+    evals = [{"val_loss": 5.0}, {"val_loss": 3.5}, {"val_loss": 3.0}]
+    assert TARGET_FRACTION == 0.9
+    assert abs(target_loss(evals) - (5.0 - 0.9 * 2.0)) < 1e-12
