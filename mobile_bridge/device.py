@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import torch
 
 from stamen.core.data import Shard, load_corpus

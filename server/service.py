@@ -20,7 +20,7 @@ from stamen.core.model import ModelSpec, weights
 from stamen.core.plan import Plan, full_plan, global_shapes
 from stamen.core.records import Capabilities, Task, Update
 from stamen.core.wire import FrameTooLarge, Limits, WireError
-from stamen.server.aggregator import Aggregator, BadUpdate, StaleUpdate
+from stamen.server.aggregator import BadUpdate, StaleUpdate
 from stamen.server.auth import Auth, Principal, Unauthorized
 from stamen.server.config import FederationConfig
 from stamen.server.ledger import Ledger
