@@ -21,6 +21,7 @@ import fnmatch
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,27 +206,20 @@ class Plan:
         and attention's 4·T·inner per block forward, x3 with backward (PaLM's 6N + 12LHQT
         for the full model)."""
         sub, trainable = self.shapes(cfg), set(self.trainable(cfg))
-        params = sum(_numel(s) for s in sub.values())
-        n_train = sum(_numel(sub[n]) for n in trainable)
+        params = sum(math.prod(s) for s in sub.values())
+        n_train = sum(math.prod(sub[n]) for n in trainable)
         if not isinstance(cfg, GPTConfig):  # no model of activations for a user module
             return PlanCost(params, n_train, 4 * (params + 3 * n_train), 6.0 * params)
         d, a, m = cfg.n_embd, self.n_head(cfg) * cfg.head_dim, self.mlp_hidden(cfg)
         matmuls = [n for n in sub if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight", "lm_head.weight"))]
         matmuls.append("lm_head.weight" if "lm_head.weight" in sub else "wte.weight")  # the head's matmul
-        mm = sum(_numel(sub[n]) for n in matmuls)
-        mm_train = sum(_numel(sub[n]) for n in matmuls if n in trainable)
+        mm = sum(math.prod(sub[n]) for n in matmuls)
+        mm_train = sum(math.prod(sub[n]) for n in matmuls if n in trainable)
         L = len(self.blocks)
         flops = 4.0 * mm + 2.0 * mm_train + 12.0 * L * a * seq_len
         per_token = L * (6 * d + 4 * a + 2 * m + self.n_head(cfg) * seq_len) + 3 * d + 2 * cfg.vocab_size
         memory = 4 * (params + 3 * n_train + batch_size * seq_len * per_token)
         return PlanCost(params, n_train, memory, flops)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def full_plan(cfg: Model) -> Plan:
