@@ -1,6 +1,6 @@
 """The codec spec syntax, e.g. ``int8(block=256)+zstd(3)`` or ``topk(0.02)+int4+zstd(1)``.
 
-A chain is an optional ``topk`` (which keeps the largest-magnitude fraction of each tensor, or
+A chain is an optional ``topk`` (which keeps the largest-magnitude fraction of each matrix, or
 of each ``chunk`` of it, and hands the kept values on), then one value codec (``fp32``, ``fp16``, ``bf16``, ``int8``,
 ``int4``; ``fp32`` if none is named), then an optional ``zstd`` over the whole body. That
 fixed order is the only one that means anything, so anything else is a ``UserError``.

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stamen.compression.codecs import compress, decode, encode, reconstruct, select_topk
+from stamen.compression.codecs import compress, decode, encode, reconstruct, select_topk, sparse
 from stamen.compression.downlink import BaseMismatch, decode_download, encode_delta, encode_weights
 from stamen.compression.spec import TopK, parse
 from stamen.core.errors import UserError
@@ -63,7 +63,7 @@ def check_within_bound(spec: str, tensors: dict[str, torch.Tensor], decoded: dic
         assert decoded[rec.name].dtype == tensors[rec.name].dtype
         assert decoded[rec.name].shape == tensors[rec.name].shape
         bound = np.abs(x).copy()  # a dropped entry loses all of itself
-        if s.topk is None:
+        if not sparse(s, rec.shape):  # dense codecs, and vectors under top-k
             bound = value_bound(str(s.values), x)
         else:
             kept = np.cumsum(rec.parts[0].astype(np.int64))
@@ -126,16 +126,25 @@ def test_int4_packs_two_values_per_byte():
 
 
 def test_topk_keeps_exactly_k_and_delta_codes_indices():
-    t = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.3, 0.0, 4.0, 0.05])
+    t = torch.tensor([[0.1, -5.0, 0.2, 3.0], [-0.3, 0.0, 4.0, 0.05]])
     rec = compress({"w": t}, "topk(0.375)").tensors[0]  # k = 3 of 8
     assert rec.part_dtypes[0] == "uint8" and rec.parts[0].tolist() == [1, 2, 3]  # indices 1, 3, 6
-    assert decode(encode({"w": t}, "topk(0.375)")).tensors["w"].tolist() == [0, -5.0, 0, 3.0, 0, 0, 4.0, 0]
+    assert decode(encode({"w": t}, "topk(0.375)")).tensors["w"].tolist() == [[0, -5.0, 0, 3.0], [0, 0, 4.0, 0]]
+
+
+def test_topk_sends_vectors_whole():
+    """Norm gains and biases go through the value codec only: every element arrives."""
+    t = {"ln.weight": torch.tensor([0.1, -5.0, 0.2, 3.0]), "w": torch.tensor([[0.1, -5.0], [0.2, 3.0]])}
+    frame = compress(t, "topk(0.25)+fp32")
+    assert [len(r.parts) for r in frame.tensors] == [1, 2]
+    out = decode(encode(t, "topk(0.25)+fp32")).tensors
+    assert torch.equal(out["ln.weight"], t["ln.weight"]) and out["w"].tolist() == [[0, -5.0], [0, 0]]
 
 
 def test_topk_index_dtype_widens_with_the_largest_gap():
     t = torch.zeros(200_000)
     t[[3, 70_000, 199_999]] = torch.tensor([1.0, 2.0, 3.0])
-    rec = compress({"w": t}, "topk(0.000015)").tensors[0]
+    rec = compress({"w": t.view(1, -1)}, "topk(0.000015)").tensors[0]
     assert rec.part_dtypes[0] == "uint32" and np.cumsum(rec.parts[0]).tolist() == [3, 70_000, 199_999]
 
 
@@ -166,14 +175,15 @@ def test_chunked_topk_keeps_each_chunks_own_maxima():
     reference = np.concatenate([start + np.sort(np.argsort(-np.abs(x[start:start + 100]), kind="stable")[:5 if start < 1000 else 2])
                                 for start in range(0, 1037, 100)])
     assert np.array_equal(idx, reference) and idx.size == 10 * 5 + 2
-    rec = compress({"w": torch.from_numpy(x)}, "topk(0.05, chunk=100)+fp32").tensors[0]
+    w = torch.from_numpy(x).view(1, -1)
+    rec = compress({"w": w}, "topk(0.05, chunk=100)+fp32").tensors[0]
     assert rec.part_dtypes[0] == "uint8"  # gaps stay below 2 * chunk
-    out = decode(encode({"w": torch.from_numpy(x)}, "topk(0.05, chunk=100)")).tensors["w"].numpy()
+    out = decode(encode({"w": w}, "topk(0.05, chunk=100)")).tensors["w"].numpy().reshape(-1)
     assert np.array_equal(np.flatnonzero(out), reference) and np.array_equal(out[reference], x[reference])
 
 
 def test_reconstruct_matches_decoded_bytes():
-    t = {"a": torch.randn(1000, generator=torch.Generator().manual_seed(2))}
+    t = {"a": torch.randn(10, 100, generator=torch.Generator().manual_seed(2))}
     frame = compress(t, "topk(0.1)+int4(block=16)")
     assert torch.equal(reconstruct(frame)["a"], decode(encode(t, "topk(0.1)+int4(block=16)+zstd(3)")).tensors["a"])
 

@@ -17,15 +17,15 @@ SPEC = "topk(0.02)+int4+zstd(1)"
 def updates(rounds: int, n: int = 4096, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """A persistent direction plus noise, like successive pseudo-gradients of one model."""
     g = torch.Generator().manual_seed(seed)
-    drift = torch.randn(n, generator=g)
-    return [{"w": drift + torch.randn(n, generator=g), "b": 0.1 * torch.randn(16, generator=g)}
+    drift = torch.randn(1, n, generator=g)
+    return [{"w": drift + torch.randn(1, n, generator=g), "b": 0.1 * torch.randn(16, generator=g)}
             for _ in range(rounds)]
 
 
 def test_feedback_tracks_the_sum_and_plain_topk_drifts():
     n = 2048
     ef = ErrorFeedback()
-    true_sum, ef_sum, plain_sum = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    true_sum, ef_sum, plain_sum = torch.zeros(1, n), torch.zeros(1, n), torch.zeros(1, n)
     residual_norms, ef_errors = [], []
     for u in updates(300, n):
         ef_out = decode(ef.encode("plan-a", u, SPEC)).tensors
@@ -48,7 +48,7 @@ def test_decayed_feedback_keeps_the_decayed_sums_equal():
     here in float64, independently of the codec), and the residual stays bounded."""
     beta, spec = 0.9, "topk(0.02, chunk=512)+int4+zstd(1)"
     ef = ErrorFeedback(decay=beta)
-    true_sum, sent_sum = torch.zeros(2048, dtype=torch.float64), torch.zeros(2048, dtype=torch.float64)
+    true_sum, sent_sum = torch.zeros(1, 2048, dtype=torch.float64), torch.zeros(1, 2048, dtype=torch.float64)
     norms = []
     for u in updates(200, 2048):
         sent = decode(ef.encode("p", u, spec)).tensors["w"]
@@ -72,8 +72,8 @@ def test_residuals_are_per_plan_and_survive_a_restart(tmp_path):
     for u in stream[:3]:
         first.encode("aa11", u, SPEC)
         second.encode("aa11", u, SPEC)
-        first.encode("bb22", {"w": u["w"][:100]}, SPEC)
-    assert first.residuals["bb22"]["w"].shape == (100,)
+        first.encode("bb22", {"w": u["w"][:, :100]}, SPEC)
+    assert first.residuals["bb22"]["w"].shape == (1, 100)
     assert torch.equal(first.residuals["aa11"]["w"], second.residuals["aa11"]["w"])
     first.save(tmp_path / "ef.safetensors")
     restored = ErrorFeedback.load(tmp_path / "ef.safetensors")

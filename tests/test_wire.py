@@ -167,7 +167,7 @@ def test_malformed_entries():
 def test_parts_that_do_not_fit_the_codec():
     with pytest.raises(MalformedPayload, match="expected"):  # int8 needs int8 values and scales
         decode(frame(GOOD_BODY, codec="int8(block=4)"))
-    topk = [["w", "float32", [4], [["uint8", 2], ["float32", 2]]]]
+    topk = [["w", "float32", [2, 2], [["uint8", 2], ["float32", 2]]]]
     past_end = np.array([1, 3], np.uint8).tobytes() + bytes(6) + np.ones(2, np.float32).tobytes()
     with pytest.raises(MalformedPayload, match="run past"):
         decode(frame(past_end, codec="topk(0.5)+fp32", tensors=topk))
