@@ -61,6 +61,10 @@ class SimConfig:
     max_group: int = 128  # devices trained together in one vmap (bounds memory)
     baseline: bool = True  # the report also trains centrally on as many tokens
     rounds: bool = False  # synchronous rounds: one task per GPU node and buffer_k minus those per version (compare.py)
+    # Rounds only: device tasks issued per round, as a multiple of its device slots. The round
+    # closes at buffer_k arrivals and the late ones are discarded, as production synchronous FL
+    # does to cut stragglers (Bonawitz et al., "Towards Federated Learning at Scale", 2019: 130 %).
+    overselect: float = 1.3
     backend: str = "local"  # where devices train: "local" (this process) or "ray" (ray_backend.py)
     address: str = ""  # the Ray cluster's head, HOST:6379 ("" = start a local Ray)
 
@@ -361,7 +365,8 @@ class Simulation:
     def _round_full(self, d: VirtualDevice, t: float) -> bool:
         """Whether this version's round has no place for ``d``. Each GPU node trains once a round
         (DiLoCo's workers; the scheduler's max_in_flight does not count them either) and devices
-        fill the other buffer_k slots, so a round never lacks the nodes that bring most tokens.
+        fill the other buffer_k slots, over-selected by ``overselect``, so a round never lacks
+        the nodes that bring most tokens.
         A full round is re-checked when a device task of it lapses (its deadline), to issue a
         replacement."""
         self.scheduler.expire(t)
@@ -371,7 +376,7 @@ class Simulation:
         if role != "device":
             return _cid(d.id) in self.merged or any(task.client_id == _cid(d.id) for task in out)
         merged = sum(self.scheduler.clients[c].caps.role == "device" for c in self.merged)
-        if len(out) + merged < self.agg.config.buffer_k - self.gpu_nodes:
+        if len(out) + merged < math.ceil(self.config.overselect * (self.agg.config.buffer_k - self.gpu_nodes)):
             return False
         if out and min(task.deadline for task in out) < self._sweep_at:
             self._sweep_at = min(task.deadline for task in out)

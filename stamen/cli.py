@@ -136,6 +136,10 @@ def cmd_device_emulator(args: argparse.Namespace) -> None:
     run_device(args.server, args.token, args.runtime, args.data, args.cache, args.max_tasks, args.memory_mb << 20)
 
 
+def _hours(h: float | None) -> str:
+    return "never" if h is None else f"{h:.3g} h"
+
+
 def cmd_simulate(args: argparse.Namespace) -> None:
     import json
     from dataclasses import replace
@@ -160,9 +164,13 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.sync_vs_async:
         result = sync_vs_async(setup, out)
-        hours = result["hours_to_target"]
-        print(f"time to validation loss {result['target_val_loss']:.3f}: async {hours['async']} h, "
-              f"sync {hours['sync']} h; report in {out}/sync_vs_async.json and .png")
+        for r in result["seeds"]:
+            hours = r["hours_to_target"]
+            print(f"seed {r['seed']}: to validation loss {r['target_val_loss']:.3f}, async {_hours(hours['async'])}, "
+                  f"sync {_hours(hours['sync'])}")
+        median = result["median_async_speedup"]
+        print(f"async is {median:.1f}x sooner (median)" if median is not None else "no seed reached the target both ways",
+              f"; report in {out}/sync_vs_async.json and .png", sep="")
         return
     summary = simulate(setup, out, progress=not args.quiet)
     timing = json.loads((out / "timing.json").read_text())
@@ -194,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["local", "ray"], help="where devices train (default: the config's)")
     s.add_argument("--address", help="a Ray cluster's HOST:PORT (with --backend ray; default: a local Ray)")
     s.add_argument("--sync-vs-async", action="store_true",
-                   help="run the population both as synchronous rounds and asynchronously, and compare")
+                   help="run the population both as synchronous rounds and asynchronously, and compare (3 seeds from --seed)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
 

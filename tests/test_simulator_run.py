@@ -94,12 +94,18 @@ def test_hours_to_loss():
 
 
 def test_sync_vs_async(setup, tmp_path):
-    r = sync_vs_async(setup, tmp_path)
-    sync, asyn = r["runs"]["sync"], r["runs"]["async"]
-    assert sync["mean_staleness"] == 0 and sync["counters"]["stale"] == 0
-    # Each version merged exactly one round of K = 3 tasks issued at the version before it.
+    r = sync_vs_async(setup, tmp_path, seeds=2)
+    assert [s["seed"] for s in r["seeds"]] == [0, 1]
+    first = r["seeds"][0]
+    sync, asyn = first["runs"]["sync"], first["runs"]["async"]
+    # Each version merged exactly one round of K = 3 tasks issued at the version before it;
+    # a round over-selects ceil(1.3 * 3) = 4 devices, and a late one is refused as stale.
+    assert sync["mean_staleness"] == 0
     assert all(f["updates"] == 3 for f in sync["flushes"])
-    assert r["hours_to_target"]["sync"] is not None and r["hours_to_target"]["async"] is not None
+    assert sync["counters"]["stale"] > 0 and sync["counters"]["accepted"] == 3 * sync["versions"]
+    assert first["hours_to_target"]["sync"] is not None and first["hours_to_target"]["async"] is not None
     # Rounds wait for the slow jetsons; the async buffer merges whoever is done.
     assert sync["end_time_h"] > asyn["end_time_h"]
+    speedups = [s["hours_to_target"]["sync"] / s["hours_to_target"]["async"] for s in r["seeds"]]
+    assert r["async_speedups"] == speedups and r["median_async_speedup"] == sum(speedups) / 2
     assert (tmp_path / "sync_vs_async.png").read_bytes()[:4] == b"\x89PNG"
