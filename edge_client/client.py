@@ -257,6 +257,10 @@ class EdgeClient:
 
 def run_client(server: str, token: str, data: str, runtime: str = "auto", role: str = "device",
                max_memory: int | None = None, budget_minutes: float | None = None,
-               state_dir: str | Path | None = None) -> list[TaskLog]:
-    """``stamen client``: train for the server until the budget ends (or forever)."""
-    return EdgeClient(server, token, data, runtime, role, max_memory, budget_minutes, state_dir).run()
+               state_dir: str | Path | None = None, max_tasks: int | None = None,
+               ca_file: str | None = None) -> list[TaskLog]:
+    """``stamen client``: train for the server until the budget or the task count ends (or forever)."""
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise UserError(f"CA file not found: {ca_file}")
+    return EdgeClient(server, token, data, runtime, role, max_memory, budget_minutes, state_dir, max_tasks,
+                      ca_file=ca_file).run()

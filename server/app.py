@@ -248,11 +248,14 @@ def run_server(model: str, state_dir: str | Path, config_path: str | Path | None
     asyncio.run(main())
 
 
-def fetch_status(url: str) -> dict:
-    """``stamen status URL``: the server's /v1/status as a dict."""
+def fetch_status(url: str, ca_file: str | None = None) -> dict:
+    """``stamen status URL``: the server's /v1/status as a dict; ``ca_file`` is trusted for https."""
     target = url.rstrip("/") + "/v1/status"
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise UserError(f"CA file not found: {ca_file}")
     try:
-        with urllib.request.urlopen(target, timeout=10) as r:
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        with urllib.request.urlopen(target, timeout=10, context=context) as r:
             return json.loads(r.read())
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise UserError(f"cannot read {target}: {e}") from None

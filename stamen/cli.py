@@ -89,7 +89,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
     from stamen.server.app import fetch_status
 
-    print(json.dumps(fetch_status(args.url), indent=2))
+    print(json.dumps(fetch_status(args.url, args.ca_file), indent=2))
 
 
 def cmd_client(args: argparse.Namespace) -> None:
@@ -98,7 +98,7 @@ def cmd_client(args: argparse.Namespace) -> None:
 
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     run_client(args.server, args.token, args.data, args.runtime, args.role, max_memory,
-               args.budget_minutes, args.state)
+               args.budget_minutes, args.state, args.max_tasks, args.ca_file)
 
 
 def resolve_plan(spec, text: str):
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="a running server's status as JSON")
     s.add_argument("url", help="e.g. http://127.0.0.1:8080")
+    s.add_argument("--ca-file", help="PEM certificate(s) to trust for an https server (e.g. its self-signed one)")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("client", help="train for a federation on this machine's data")
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-minutes", type=float, help="stop after this long (default: run until stopped)")
     s.add_argument("--state", default=str(Path.home() / ".stamen" / "client"),
                    help="keeps the client's token and error-feedback residuals across restarts")
+    s.add_argument("--max-tasks", type=positive_int, help="stop after this many tasks")
+    s.add_argument("--ca-file", help="PEM certificate(s) to trust for an https server (e.g. its self-signed one)")
     s.set_defaults(func=cmd_client)
 
     s = sub.add_parser("export", help="export a plan's training program as an on-device bundle")

@@ -15,7 +15,8 @@ from pathlib import Path
 SERVER = """
 import sys
 from stamen.server.app import run_server
-run_server("gpt-tiny", sys.argv[1], sys.argv[2] if sys.argv[2] != "-" else None, "127.0.0.1", int(sys.argv[3]))
+run_server("gpt-tiny", sys.argv[1], sys.argv[2] if sys.argv[2] != "-" else None, "127.0.0.1", int(sys.argv[3]),
+           *sys.argv[4:6])
 """
 CLIENT = """
 import sys, json
@@ -28,12 +29,14 @@ for entry in c.run():
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start_server(state: Path, config: Path | None = None, port: int = 0) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(state), str(config or "-"), str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+def start_server(state: Path, config: Path | None = None, port: int = 0,
+                 tls: tuple[Path, Path] | None = None) -> tuple[subprocess.Popen, str]:
+    """A server process; ``tls`` = (certificate, key) PEM files serves https."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(state), str(config or "-"), str(port),
+                             *map(str, tls or ())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     deadline = time.time() + 60
     for line in proc.stdout:
-        m = re.search(r"serving on (http://\S+)", line)
+        m = re.search(r"serving on (https?://\S+)", line)
         if m:
             return proc, m.group(1)
         if time.time() > deadline:
