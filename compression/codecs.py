@@ -10,9 +10,10 @@ Each tensor is flattened and encoded into a few typed parts (``stamen.core.wire`
 - ``topk``: the largest-magnitude fraction of each matrix, as delta-coded ascending indices
   (the smallest unsigned dtype that holds the largest gap) plus the kept values, which go
   through the value codec. Vectors and scalars (norm gains, biases) go whole through the value
-  codec: they are a sliver of the bytes (1.5 % of gpt-tiny, 0.1 % of gpt-small) but dropping
-  98 % of a norm gain's update is what cost most of top-k's model quality (bench/quality.py:
-  +5.8 % → +1.8 % validation loss against fp32). The receiver tells the two apart by shape. ``exact`` keeps exactly k; ``sample`` keeps about k, faster;
+  codec: they are a sliver of the bytes (1.5 % of gpt-tiny, 0.3 % of gpt-small) but dropping
+  98 % of a norm gain's update is what cost most of top-k's model quality (bench/quality.py,
+  outer step 1, seeds 0-3: +5.8 % → +2.2 % validation loss against fp32). The receiver tells
+  the two apart by shape. ``exact`` keeps exactly k; ``sample`` keeps about k, faster;
   ``chunk=C`` keeps the top fraction of every C elements (the receiver needs no chunk size:
   the indices say where the values go).
 - ``zstd``: the whole body, in the frame.
