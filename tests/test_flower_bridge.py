@@ -42,3 +42,21 @@ def test_a_flower_node_trains_one_task_for_the_stamen_server(tmp_path):
     assert status["tiers"]["gpu"] == {"updates": 1, "tokens": STEPS * BATCH * SEQ}
     [client] = status["clients"]
     assert (client["role"], client["updates"], client["tokens"]) == ("gpu", 1, STEPS * BATCH * SEQ)
+
+
+@pytest.mark.timeout(180)
+def test_two_flower_nodes_train_side_by_side(tmp_path):
+    """Each node is its own stamen client; their tasks are sent from two threads through the
+    one Grid, and every reply reaches the client that sent the task."""
+    with running_server(tmp_path, FED.replace("buffer_k = 1", "buffer_k = 2")) as (url, state):
+        logs: list = []
+        app = gateway_app(url, create_token(state, "gpu"), nodes=2, max_tasks=2, logs=logs)
+        run_simulation(app, client_app, num_supernodes=2,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        with urllib.request.urlopen(f"{url}/v1/status", timeout=30) as r:
+            status = json.loads(r.read())
+
+    assert len(logs) == 2 and all([e.outcome for e in log] == ["accepted", "accepted"] for log in logs)
+    assert status["version"] == 2  # four updates, two per version
+    assert sorted((c["role"], c["updates"]) for c in status["clients"]) == [("gpu", 2), ("gpu", 2)]
+    assert status["tiers"]["gpu"] == {"updates": 4, "tokens": 4 * STEPS * BATCH * SEQ}
