@@ -110,9 +110,11 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    """For ``flwr run``: run_config ``stamen-server``, ``stamen-join-token``, ``stamen-nodes``."""
+    """For ``flwr run``: run_config ``stamen-server``, ``stamen-join-token``, ``stamen-nodes`` and
+    ``stamen-max-tasks`` (tasks per node, after which the run ends; 0 trains until ``flwr stop``)."""
     cfg = context.run_config
-    serve(grid, str(cfg["stamen-server"]), str(cfg["stamen-join-token"]), int(cfg.get("stamen-nodes", 1)))
+    serve(grid, str(cfg["stamen-server"]), str(cfg["stamen-join-token"]), int(cfg.get("stamen-nodes", 1)),
+          int(cfg.get("stamen-max-tasks", 0)) or None)
 
 
 @functools.lru_cache(maxsize=2)
@@ -123,7 +125,9 @@ def _shard(data: str) -> Shard:
 
 @functools.lru_cache(maxsize=4)
 def _runtime(model: str, plan_json: str) -> TorchRuntime:
-    """Kept for the node's life: a GPU node keeps its inner AdamW state across tasks (DiLoCo)."""
+    """Kept for the ClientApp process's life, so a GPU node keeps its inner AdamW state across tasks
+    (DiLoCo). That is the node's life under the simulation engine; a SuperNode (``flwr run``)
+    starts one process per message, so there each task starts with fresh AdamW moments."""
     return TorchRuntime(ModelSpec(model).gpt_config(), Plan.from_json(plan_json), default_device(),
                         keep_optimizer=True)
 
