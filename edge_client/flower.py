@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -127,7 +128,7 @@ def _shard(data: str) -> Shard:
 def _runtime(model: str, plan_json: str) -> TorchRuntime:
     """Kept for the ClientApp process's life, so a GPU node keeps its inner AdamW state across tasks
     (DiLoCo). That is the node's life under the simulation engine; a SuperNode (``flwr run``)
-    starts one process per message, so there each task starts with fresh AdamW moments."""
+    starts one process per message, so there the state goes through node_config ``state``."""
     return TorchRuntime(ModelSpec(model).gpt_config(), Plan.from_json(plan_json), default_device(),
                         keep_optimizer=True)
 
@@ -142,8 +143,18 @@ def _train(msg: Message, context: Context) -> Message:
     rt = _runtime(str(config["model"]), task.plan.to_json())
     rt.set_weights(msg.content["weights"].to_torch_state_dict())
     shard = _shard(str(context.node_config.get("data", "stdlib")))
+    # A node folder (node_config "state") carries the AdamW moments from one ClientApp process
+    # to the next; one file per plan, as the in-process cache keeps one runtime per plan.
+    saved = Path(str(context.node_config["state"])) / f"optimizer-{task.plan.hash}.pt" \
+        if "state" in context.node_config else None
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        if rt.optimizer is None:
+            rt.load_optimizer(saved, task.train)
     result = rt.train(shard.batches(task.batch_size, task.seq_len, task.seed), task.steps, task.train,
                       task.step_offset)
+    if saved is not None:
+        rt.save_optimizer(saved)
     reply = RecordDict({"weights": ArrayRecord(torch_state_dict=rt.trained_weights()),
                         "result": ConfigRecord({"steps": result.steps, "tokens": result.tokens,
                                                 "losses": result.losses})})

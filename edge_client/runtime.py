@@ -8,8 +8,11 @@ by GLOBAL names (``blocks.3.attn.c_attn.weight``), shaped like the plan's extrac
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -75,6 +78,26 @@ class TorchRuntime(Runtime):
               on_step: OnStep | None = None) -> TrainResult:
         return train_steps(self.model, batches, steps, cfg, optimizer=self._optimizer_for(cfg),
                            step_offset=step_offset, on_step=on_step)
+
+    def save_optimizer(self, path: Path) -> None:
+        """Write the kept optimizer and its setting, atomically (a crash leaves the old file):
+        for a node that runs each task in a new process (a Flower SuperNode)."""
+        if self.optimizer is None or self._optimizer_cfg is None:
+            return
+        tmp = path.with_suffix(".tmp")
+        torch.save({"cfg": dataclasses.asdict(self._optimizer_cfg), "state": self.optimizer.state_dict()}, tmp)
+        os.replace(tmp, path)
+
+    def load_optimizer(self, path: Path, cfg: TrainConfig) -> bool:
+        """Resume the optimizer saved at ``path`` if it was made with ``cfg`` (a changed
+        setting starts afresh, as within one process). Returns whether it resumed."""
+        if not path.is_file():
+            return False
+        saved = torch.load(path, map_location=next(self.model.parameters()).device, weights_only=True)
+        if saved["cfg"] != dataclasses.asdict(cfg):
+            return False
+        self._optimizer_for(cfg).load_state_dict(saved["state"])
+        return True
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())

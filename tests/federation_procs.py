@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from contextlib import contextmanager
 import sys
@@ -27,6 +28,13 @@ for entry in c.run():
     print("TASK", json.dumps(entry.__dict__), flush=True)
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for processes that cannot report the one they bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_server(state: Path, config: Path | None = None, port: int = 0,

@@ -37,6 +37,31 @@ def test_torch_runtime_matches_train_steps_and_keeps_adamw_state():
     assert rt.optimizer.state  # moments exist and were reused (same losses as the kept optimizer)
 
 
+def test_a_saved_optimizer_resumes_exactly_in_a_new_runtime(tmp_path):
+    """A Flower SuperNode runs each task in a new process: the saved AdamW state must make
+    task 2 in a fresh runtime identical to task 2 in the runtime that kept it; a changed
+    setting does not resume."""
+    torch.manual_seed(0)
+    plan = tier_plans(CFG)["laptop"]
+    glob = weights(GPT(CFG))
+    shard, _ = stdlib_corpus().split()
+    tc = TrainConfig(lr=1e-2, warmup_steps=2, total_steps=20)
+    kept, path = TorchRuntime(CFG, plan, keep_optimizer=True), tmp_path / "opt.pt"
+    kept.set_weights(plan.extract(glob, CFG))
+    kept.train(shard.batches(2, 16, seed=0), 3, tc)
+    kept.save_optimizer(path)
+    fresh = TorchRuntime(CFG, plan, keep_optimizer=True)
+    assert not fresh.load_optimizer(path, TrainConfig(lr=5e-3, warmup_steps=2, total_steps=20))
+    assert fresh.load_optimizer(path, tc)
+    for rt in (kept, fresh):
+        rt.set_weights(plan.extract(glob, CFG))
+    a = kept.train(shard.batches(2, 16, seed=1), 3, tc, step_offset=3)
+    b = fresh.train(shard.batches(2, 16, seed=1), 3, tc, step_offset=3)
+    assert a.losses == b.losses
+    assert all(torch.equal(kept.trained_weights()[n], t) for n, t in fresh.trained_weights().items())
+    assert not TorchRuntime(CFG, plan, keep_optimizer=True).load_optimizer(tmp_path / "none.pt", tc)
+
+
 def test_jetson_detection(tmp_path):
     assert jetson_board(tmp_path) == ""
     (tmp_path / "etc").mkdir()

@@ -3,14 +3,13 @@ device-role clients with different plans on disjoint stdlib packages; then a SIG
 server mid-run and a restart on the same state folder."""
 
 import json
-import socket
 import time
 import urllib.request
 
 import pytest
 import torch
 
-from federation_procs import start_client, start_server, stdlib_folders
+from federation_procs import free_port, start_client, start_server, stdlib_folders
 from stamen.compression.codecs import decode
 from stamen.core.data import Shard, folder_corpus
 from stamen.core.model import GPT, PRESETS, load_weights
@@ -106,11 +105,6 @@ def test_mixed_federation_over_http(tmp_path):
         server.terminate()
         server.communicate(timeout=60)
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(300)

@@ -17,9 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.simulation import run_simulation
 
-from federation_procs import ENV, running_server
+from federation_procs import ENV, free_port, running_server
 from stamen.edge_client.flower import client_app, gateway_app
 from stamen.server.auth import create_token
 
@@ -73,11 +74,6 @@ def test_two_flower_nodes_train_side_by_side(tmp_path):
     assert sorted((c["role"], c["updates"]) for c in status["clients"]) == [("gpu", 2), ("gpu", 2)]
     assert status["tiers"]["gpu"] == {"updates": 4, "tokens": 4 * STEPS * BATCH * SEQ}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -138,7 +134,8 @@ def test_flwr_run_on_a_superlink_with_two_supernodes_trains_for_the_stamen_serve
                         "--port", str(link_port)], tmp_path / "superlink")]
         try:
             procs += [start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                             "--port", str(free_port()), "--node-config", 'data="stdlib"'], tmp_path / f"node{i}")
+                             "--port", str(free_port()), "--node-config",
+                             f'data="stdlib" state="{tmp_path / f"node{i}" / "state"}"'], tmp_path / f"node{i}")
                       for i in range(2)]
             wait_for_port(link_port, 30)
             # --stream prints the ServerApp's log and returns when the run has ended.
@@ -157,3 +154,8 @@ def test_flwr_run_on_a_superlink_with_two_supernodes_trains_for_the_stamen_serve
     assert status["version"] == 2  # four updates, two per version
     assert sorted((c["role"], c["updates"]) for c in status["clients"]) == [("gpu", tasks), ("gpu", tasks)]
     assert status["tiers"]["gpu"] == {"updates": 2 * tasks, "tokens": 2 * tasks * STEPS * BATCH * SEQ}
+    # Each task ran in a new ClientApp process; the node folder carried AdamW across them.
+    for i in range(2):
+        [saved] = (tmp_path / f"node{i}" / "state").glob("optimizer-*.pt")
+        moments = torch.load(saved, weights_only=True)["state"]["state"]
+        assert {int(m["step"]) for m in moments.values()} == {tasks * STEPS}
