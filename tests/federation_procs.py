@@ -30,6 +30,12 @@ for entry in c.run():
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def stamen(*args) -> subprocess.CompletedProcess:
+    """``python -m stamen ARGS`` as a user runs it: output captured, the exit code kept."""
+    return subprocess.run([sys.executable, "-m", "stamen", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now (for processes that cannot report the one they bound)."""
     with socket.socket() as s:

@@ -6,7 +6,6 @@ Then a corrupted cached bundle is refused and downloaded again."""
 import json
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 
@@ -15,6 +14,7 @@ from stamen.core.model import PRESETS, ModelSpec
 from stamen.core.plan import Plan, tier_plans
 from stamen.mobile_bridge.bundle import publish_bundle
 from stamen.mobile_bridge.device import ReferenceDevice, plan_hash
+from stamen.server.app import fetch_status
 from stamen.server.auth import create_token
 
 SPEC = ModelSpec("gpt-tiny")
@@ -81,8 +81,7 @@ def test_reference_devices_join_a_mixed_federation(tmp_path):
             modules = tagged(out, "MODULES")
             assert "stamen.core.model" not in modules and "stamen.core.plan" not in modules
             assert not any(m.startswith(("stamen.edge_client", "stamen.server", "stamen.compression")) for m in modules)
-        with urllib.request.urlopen(f"{url}/v1/status", timeout=30) as r:
-            status = json.loads(r.read())
+        status = fetch_status(url)
         assert status["version"] == 1 and status["buffered"] == 0  # K = 3 updates made version 1
         assert sorted(c["updates"] for c in status["clients"]) == [1, 1, 1]
 

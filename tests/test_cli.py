@@ -6,9 +6,7 @@ import sys
 
 import pytest
 
-
-def stamen(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stamen", *args], capture_output=True, text=True, timeout=300)
+from federation_procs import stamen
 
 
 def test_models_lists_every_preset_with_its_count():

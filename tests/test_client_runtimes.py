@@ -4,9 +4,7 @@ verifies it, trains, and its update is aggregated with another runtime's. A corr
 incomplete cached bundle is refused with its reason and downloaded again. ``--runtime auto``
 declares what ``available_runtimes`` finds; a runtime the machine lacks is a one-line error."""
 
-import json
 import sys
-import urllib.request
 
 import pytest
 
@@ -18,6 +16,7 @@ from stamen.core.plan import tier_plans
 from stamen.core.records import Capabilities
 from stamen.edge_client.bundle_runtime import available_runtimes
 from stamen.edge_client.client import EdgeClient, declared_runtimes
+from stamen.server.app import fetch_status
 from stamen.server.auth import create_token
 from stamen.server.config import load_config
 from stamen.server.scheduler import Scheduler
@@ -53,11 +52,6 @@ def client(url, state_root, runtime, data, name):
                       max_memory=8 * MiB, state_dir=state_root / name, max_tasks=1)
 
 
-def status(url):
-    with urllib.request.urlopen(f"{url}/v1/status", timeout=30) as r:
-        return json.loads(r.read())
-
-
 @pytest.mark.timeout(300)
 def test_ort_and_executorch_clients_are_aggregated_and_corrupt_bundles_refetched(federation, capsys):
     root, url, data = federation
@@ -67,7 +61,7 @@ def test_ort_and_executorch_clients_are_aggregated_and_corrupt_bundles_refetched
         logs[runtime] = entry
         assert (entry.runtime, entry.steps, entry.bundle_downloads, entry.outcome) == (runtime, 4, 1, "accepted")
         assert entry.tokens == 4 * 8 * 64
-    s = status(url)
+    s = fetch_status(url)
     assert s["version"] == 1 and s["buffered"] == 0  # K = 2: the ORT and ExecuTorch updates made version 1
     assert sorted(c["updates"] for c in s["clients"]) == [1, 1]
     assert logs["executorch"].base_version == 0  # both trained version 0 and were merged together

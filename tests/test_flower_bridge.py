@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from flwr.simulation import run_simulation
 
 from federation_procs import ENV, free_port, running_server
 from stamen.edge_client.flower import client_app, gateway_app
+from stamen.server.app import fetch_status
 from stamen.server.auth import create_token
 
 APP = Path(__file__).resolve().parents[1] / "edge_client" / "flower_app"
@@ -38,16 +38,20 @@ batch_size = {BATCH}
 """
 
 
+def simulated_gateway(root: Path, buffer_k: int, nodes: int, max_tasks: int) -> tuple[list, dict]:
+    """The gateway and ``nodes`` Flower nodes under the simulation engine, against a real
+    server; returns each node's task log and the server's status afterwards."""
+    with running_server(root, FED.replace("buffer_k = 1", f"buffer_k = {buffer_k}")) as (url, state):
+        logs: list = []
+        app = gateway_app(url, create_token(state, "gpu"), nodes=nodes, max_tasks=max_tasks, logs=logs)
+        run_simulation(app, client_app, num_supernodes=nodes,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        return logs, fetch_status(url)
+
+
 @pytest.mark.timeout(120)
 def test_a_flower_node_trains_one_task_for_the_stamen_server(tmp_path):
-    with running_server(tmp_path, FED) as (url, state):
-        logs: list = []
-        app = gateway_app(url, create_token(state, "gpu"), nodes=1, max_tasks=1, logs=logs)
-        run_simulation(app, client_app, num_supernodes=1,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-        with urllib.request.urlopen(f"{url}/v1/status", timeout=30) as r:
-            status = json.loads(r.read())
-
+    logs, status = simulated_gateway(tmp_path, buffer_k=1, nodes=1, max_tasks=1)
     [[entry]] = logs
     assert (entry.outcome, entry.version, entry.steps, entry.tokens) == ("accepted", 1, STEPS, STEPS * BATCH * SEQ)
     assert abs(entry.first_loss - math.log(256)) < 0.5  # an untrained byte model: ~uniform over 256
@@ -61,14 +65,7 @@ def test_a_flower_node_trains_one_task_for_the_stamen_server(tmp_path):
 def test_two_flower_nodes_train_side_by_side(tmp_path):
     """Each node is its own stamen client; their tasks are sent from two threads through the
     one Grid, and every reply reaches the client that sent the task."""
-    with running_server(tmp_path, FED.replace("buffer_k = 1", "buffer_k = 2")) as (url, state):
-        logs: list = []
-        app = gateway_app(url, create_token(state, "gpu"), nodes=2, max_tasks=2, logs=logs)
-        run_simulation(app, client_app, num_supernodes=2,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-        with urllib.request.urlopen(f"{url}/v1/status", timeout=30) as r:
-            status = json.loads(r.read())
-
+    logs, status = simulated_gateway(tmp_path, buffer_k=2, nodes=2, max_tasks=2)
     assert len(logs) == 2 and all([e.outcome for e in log] == ["accepted", "accepted"] for log in logs)
     assert status["version"] == 2  # four updates, two per version
     assert sorted((c["role"], c["updates"]) for c in status["clients"]) == [("gpu", 2), ("gpu", 2)]
@@ -144,8 +141,7 @@ def test_flwr_run_on_a_superlink_with_two_supernodes_trains_for_the_stamen_serve
                              "-c", "stamen-nodes=2", "-c", f"stamen-max-tasks={tasks}"], cli, timeout=70)
             run_id = re.search(r"Successfully started run (\d+)", streamed).group(1)
             [run] = json.loads(flwr(["ls", "stamen", "--run-id", run_id, "--format", "json"], cli, timeout=30))["runs"]
-            with urllib.request.urlopen(f"{url}/v1/status", timeout=30) as r:
-                status = json.loads(r.read())
+            status = fetch_status(url)
         finally:
             for proc in procs:
                 stop(proc)

@@ -4,8 +4,6 @@ train and read the status; clients that do not are refused with a one-line error
 import datetime
 import ipaddress
 import json
-import subprocess
-import sys
 
 import pytest
 from cryptography import x509
@@ -13,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from federation_procs import ENV, start_server, stdlib_folders
+from federation_procs import stamen, start_server, stdlib_folders
 from stamen.core.errors import UserError
 from stamen.server.app import fetch_status
 from stamen.server.auth import create_token
@@ -53,11 +51,6 @@ def tls_server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
-
-
-def stamen(*args):
-    return subprocess.run([sys.executable, "-m", "stamen", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=300)
 
 
 def test_status_over_https_needs_the_certificate(tls_server):
