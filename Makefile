@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -c constraints.txt -e '.[edge,flower,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[edge,flower,hf,dev]'
 	touch $(STAMP)
 
 .PHONY: setup run test

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from stamen.core.errors import UserError
+from stamen.core.hf import build_hf, folder_hash, hf_folder, is_hf
 
 
 @dataclass(frozen=True)
@@ -163,15 +165,18 @@ PRESETS: dict[str, GPTConfig] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A named model configuration. ``name`` is a preset or a user factory ``"pkg.mod:fn"``
-    (which returns an ``nn.Module``, or a ``GPTConfig`` to get stamen's GPT and its submodels).
+    """A named model configuration. ``name`` is a preset, a user factory ``"pkg.mod:fn"``
+    (which returns an ``nn.Module``, or a ``GPTConfig`` to get stamen's GPT and its submodels),
+    or ``"hf:PATH"``, a pretrained causal LM in Hugging Face's folder format (``core.hf``).
     The hash names checkpoints, plans and artifacts, so it must not depend on the process."""
 
     name: str
 
     def __post_init__(self) -> None:
-        if self.name not in PRESETS and ":" not in self.name:
-            raise UserError(f"unknown model {self.name!r}: use one of {', '.join(PRESETS)} or 'pkg.module:function'")
+        if is_hf(self.name):
+            hf_folder(self.name)
+        elif self.name not in PRESETS and ":" not in self.name:
+            raise UserError(f"unknown model {self.name!r}: use one of {', '.join(PRESETS)}, 'pkg.module:function' or 'hf:PATH'")
 
     def _factory(self):
         mod_name, _, fn_name = self.name.partition(":")
@@ -184,15 +189,24 @@ class ModelSpec:
         """The GPTConfig behind this spec, or None for a factory that builds its own module."""
         if self.name in PRESETS:
             return PRESETS[self.name]
+        if is_hf(self.name):
+            return None
         made = self._factory()()
         return made if isinstance(made, GPTConfig) else None
 
-    def build(self) -> nn.Module:
+    def build(self, weights: bool = True) -> nn.Module:
+        """The model; an ``hf:`` base with its pretrained weights (``weights=False``: its
+        architecture on the meta device, for shapes and estimates)."""
+        if is_hf(self.name):
+            return build_hf(hf_folder(self.name), weights)
         cfg = self.gpt_config()
-        return GPT(cfg) if cfg is not None else self._factory()()
+        with nullcontext() if weights else torch.device("meta"):
+            return GPT(cfg) if cfg is not None else self._factory()()
 
     @property
     def hash(self) -> str:
+        if is_hf(self.name):
+            return folder_hash(hf_folder(self.name))
         cfg = self.gpt_config()
         ident = {"name": self.name, "config": asdict(cfg) if cfg is not None else None}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

@@ -55,6 +55,10 @@ def cmd_plans(args: argparse.Namespace) -> None:
     from stamen.core.model import ModelSpec
     from stamen.core.plan import plans_table
 
+    if args.lora:
+        return _lora_plans(args)
+    if args.model.startswith("hf:"):
+        raise UserError("a Hugging Face base is fine-tuned with LoRA plans: add --lora")
     rows = plans_table(ModelSpec(args.model), args.batch_size, args.seq_len)
     print(f"plans of {args.model} at batch {args.batch_size} x seq {args.seq_len} (memory: fp32 weights, "
           "grads, AdamW state, activations)")
@@ -63,6 +67,24 @@ def cmd_plans(args: argparse.Namespace) -> None:
         blocks = ",".join(map(str, r["blocks"])) if len(r["blocks"]) <= 4 else f"{r['blocks'][0]}-{r['blocks'][-1]}"
         print(f"{r['tier']:<11}{blocks:<16}{r['width']:>6.2f}{r['params']:>14,}{r['trainable']:>14,}"
               f"{r['memory_mb']:>12,.1f}{r['flops_per_token'] / 1e6:>13,.2f}  {r['plan']}")
+
+
+def _lora_plans(args: argparse.Namespace) -> None:
+    from stamen.core.lora import lora_plans_table, lora_space
+    from stamen.core.model import ModelSpec
+
+    base = ModelSpec(args.model).build(weights=False)  # shapes only: no weight file is read
+    targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else None
+    space = lora_space(base, args.lora_rank, targets=targets)
+    b = space.base
+    print(f"LoRA plans of {args.model} ({b.params / 1e9:.2f}B params, {b.n_layer} layers, d {b.d_model}) at batch "
+          f"{args.batch_size} x seq {args.seq_len}, rule {args.lora_rule}, {len(space.targets)} adapted layers "
+          f"(global rank {space.r_max})")
+    print("memory: base at its precision, adapter + grads + AdamW state, activations (ckpt: recomputed per block)")
+    print(f"{'tier':<11}{'rank':>5}{'base':>6}{'ckpt':>5}{'trainable':>14}{'memory MiB':>13}{'GFLOP/token':>13}  plan")
+    for r in lora_plans_table(space, args.batch_size, args.seq_len, args.lora_rule, args.base):
+        print(f"{r['tier']:<11}{r['rank']:>5}{r['base']:>6}{'yes' if r['checkpointing'] else 'no':>5}"
+              f"{r['trainable']:>14,}{r['memory_mb']:>13,.1f}{r['flops_per_token'] / 1e9:>13,.3f}  {r['plan']}")
 
 
 def cmd_server(args: argparse.Namespace) -> None:
@@ -189,9 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("plans", help="the tier table of submodels for a model, with their cost")
-    s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")
+    s.add_argument("--model", default="gpt-tiny", help="preset, 'pkg.module:function' or 'hf:PATH' (with --lora)")
     s.add_argument("--batch-size", type=positive_int, default=8)
     s.add_argument("--seq-len", type=positive_int, default=128)
+    s.add_argument("--lora", action="store_true", help="LoRA plans over the frozen base (with --model hf:PATH too)")
+    s.add_argument("--lora-rank", type=positive_int, default=16, help="the global adapter's rank (GPU nodes' rank)")
+    s.add_argument("--lora-targets", help="comma-separated module names to adapt (default: PEFT's for the model type)")
+    s.add_argument("--lora-rule", choices=["fedavg", "exact"], default="fedavg",
+                   help="fedavg: A and B train (FlowerTune); exact: A frozen, B trains (FFA-LoRA)")
+    s.add_argument("--base", choices=["fp32", "bf16", "int8", "nf4"], help="every tier's base precision (default: per tier)")
     s.set_defaults(func=cmd_plans)
 
     s = sub.add_parser("simulate", help="simulate a federation of thousands of heterogeneous devices")
