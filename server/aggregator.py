@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from stamen.core.errors import UserError
+from stamen.core.lora import LoraSpace
 from stamen.core.model import GPTConfig
 from stamen.core.plan import Model, Plan, full_plan, global_shapes
 from stamen.core.records import Update
@@ -340,7 +341,10 @@ def _along(v: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
 
 def _weight_dims(cfg: Model) -> dict[str, int | None]:
     """Per global tensor, the one dimension width cuts slice (None if none does), read off the
-    narrowest possible plan: every width plan slices the same dimension of a given tensor."""
+    narrowest possible plan: every width plan slices the same dimension of a given tensor. In a
+    LoRA adapter, rank plans slice A's rows and B's columns."""
+    if isinstance(cfg, LoraSpace):
+        return dict(cfg.rank_dims)
     if not isinstance(cfg, GPTConfig):
         return {n: None for n in global_shapes(cfg)}
     narrow = Plan("narrowest", full_plan(cfg).blocks, 1e-9)
