@@ -87,6 +87,15 @@ def _lora_plans(args: argparse.Namespace) -> None:
               f"{r['trainable']:>14,}{r['memory_mb']:>13,.1f}{r['flops_per_token'] / 1e9:>13,.3f}  {r['plan']}")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from stamen.core.hf import is_hf
+    from stamen.core.lora_out import generate
+
+    if not is_hf(args.model):
+        raise UserError("generate reads a Hugging Face folder: --model hf:PATH")
+    print(generate(args.model, args.prompt, args.max_new_tokens, args.adapter))
+
+
 def cmd_server(args: argparse.Namespace) -> None:
     from stamen.core.model import ModelSpec
     from stamen.server.app import run_server
@@ -221,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fedavg: A and B train (FlowerTune); exact: A frozen, B trains (FFA-LoRA)")
     s.add_argument("--base", choices=["fp32", "bf16", "int8", "nf4"], help="every tier's base precision (default: per tier)")
     s.set_defaults(func=cmd_plans)
+
+    s = sub.add_parser("generate", help="complete a prompt with a pretrained model, with or without a LoRA adapter")
+    s.add_argument("--model", required=True, help="hf:PATH (a base, or a merged fine-tuned folder)")
+    s.add_argument("--adapter", help="a PEFT adapter folder to apply to the base")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=positive_int, default=64)
+    s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("simulate", help="simulate a federation of thousands of heterogeneous devices")
     s.add_argument("--config", help="simulation TOML; keys you leave out keep the packaged defaults")

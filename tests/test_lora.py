@@ -197,3 +197,45 @@ def test_plans_cli_prints_the_lora_table(tmp_path):
     assert r.returncode == 2 and "add --lora" in r.stderr
     r = stamen("plans", "--model", "hf:/no/such/folder", "--lora")
     assert r.returncode == 2 and "not a Hugging Face model folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_saved_adapter_loads_with_peft_and_merged_folder_with_transformers(base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from stamen.core.lora_out import generate, save_merged, save_peft_adapter
+
+    _, folder = base
+    spec = ModelSpec(f"hf:{folder}")
+    space = lora_space(spec.build(weights=False), r_max=4, alpha=8)
+    values = {n: torch.randn(space[n], generator=torch.Generator().manual_seed(i)) * 0.2 for i, n in enumerate(space)}
+    model = LoraPlan("p", 4).build(spec.build(), space)
+    load_adapter(model, values)
+    idx = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(4))
+    ours = model(idx).detach()
+    assert not torch.allclose(ours, spec.build()(idx), atol=1e-3)  # the adapter matters
+
+    save_peft_adapter(space, values, tmp_path / "adapter", spec.name)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapter")
+    assert torch.allclose(peft_model(input_ids=idx).logits, ours, atol=1e-5)
+
+    save_merged(space, values, spec.name, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(merged(idx).logits, ours, atol=1e-5)
+
+    prompt = "def add(a, b):"
+    with_adapter = generate(spec.name, prompt, 8, str(tmp_path / "adapter"))
+    assert with_adapter == generate(f"hf:{tmp_path / 'merged'}", prompt, 8)
+
+
+def test_generate_cli(tmp_path):
+    from federation_procs import stamen
+
+    folder = save_tiny("gpt2", tmp_path / "m")
+    r = stamen("generate", "--model", f"hf:{folder}", "--prompt", "import os", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    from stamen.core.lora_out import generate
+
+    assert r.stdout == generate(f"hf:{folder}", "import os", 5) + "\n"
+    r = stamen("generate", "--model", f"hf:{folder}", "--adapter", str(tmp_path), "--prompt", "x")
+    assert r.returncode == 2 and "not a PEFT adapter folder" in r.stderr.splitlines()[-1]

@@ -1,0 +1,80 @@
+"""Results a user takes away from a LoRA federation on a Hugging Face base: the adapter in PEFT's
+own format (``peft.PeftModel.from_pretrained`` loads it) and the merged model as a standard
+folder (``AutoModelForCausalLM.from_pretrained`` loads it), plus greedy generation from either.
+
+PEFT names a LoRA tensor ``base_model.model.<module>.lora_A.weight`` and scales it by
+``lora_alpha / r``; the global adapter is saved at rank r_max with alpha = scale · r_max, so
+PEFT's product is exactly stamen's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from stamen.core.errors import UserError
+from stamen.core.hf import build_hf, hf_folder, load_tokenizer
+from stamen.core.lora import A, B, LoraPlan, LoraSpace, load_adapter, merge
+
+HF = "hf."  # module names inside core.hf.CausalLM start with this; PEFT's do not
+
+
+def _hf_name(module: str) -> str:
+    if not module.startswith(HF):
+        raise UserError("only an adapter over a Hugging Face base (hf:PATH) is saved in PEFT's format")
+    return module[len(HF):]
+
+
+def save_peft_adapter(space: LoraSpace, adapter: dict[str, torch.Tensor], folder: Path, base: str) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``."""
+    from peft import LoraConfig
+
+    transposed = {t for _, _, t in space.targets.values()}
+    if len(transposed) != 1:
+        raise UserError("PEFT needs one weight layout (fan_in_fan_out) for every adapted layer")
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = [_hf_name(m) for m in space.targets]
+    LoraConfig(r=space.r_max, lora_alpha=space.alpha, target_modules=modules, lora_dropout=0.0, bias="none",
+               fan_in_fan_out=transposed.pop(), task_type="CAUSAL_LM", inference_mode=True,
+               base_model_name_or_path=str(hf_folder(base).resolve())).save_pretrained(str(folder))
+    tensors = {}
+    for m in space.targets:
+        for part in (A, B):
+            tensors[f"base_model.model.{_hf_name(m)}{part}.weight"] = adapter[m + part].contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def save_merged(space: LoraSpace, adapter: dict[str, torch.Tensor], base: str, out: Path) -> Path:
+    """Fold the adapter into an fp32 copy of the base and save it, with the base's tokenizer,
+    as a Hugging Face folder."""
+    folder = hf_folder(base)
+    model = LoraPlan("merge", space.r_max).build(build_hf(folder), space)
+    load_adapter(model, adapter)
+    merged = merge(model)
+    merged.hf.save_pretrained(out)
+    load_tokenizer(folder).save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def generate(base: str, prompt: str, max_new_tokens: int, adapter: str | None = None) -> str:
+    """Greedy completion of ``prompt`` by the base, or by the base with a PEFT adapter folder."""
+    from transformers import AutoModelForCausalLM
+
+    folder = hf_folder(base)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter)
+    tok = load_tokenizer(folder)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise UserError("the prompt is empty")
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
