@@ -1,10 +1,13 @@
-"""What the server sends down: weights (fp16/bf16 + zstd halve or better the bytes of fp32) or,
-to a client that already holds version b, the compressed change from b to v, which is far
-smaller than the weights once training has settled.
+"""What the server sends down: a plan's weights of version v or, to a client that already
+holds version b, the change from b to v, which zstd shrinks far below the weights once frozen
+and unchanged tensors dominate.
 
-A delta is taken from the server's exact version b; the client adds it to its own copy of b.
-A client that chains many lossy deltas accumulates their rounding, so a server sends full
-weights now and then (the scheduler's call) and uses a lossless codec where that matters.
+``core.wire.WEIGHTS_CODEC`` is the federation's one weights codec, lossless: a client computes its
+pseudo-gradient Δ = θ_base − θ_local against the weights it was sent, and the aggregator
+applies Δ to the server's exact θ_base, so any rounding on the way down would enter every
+update as error. The lossy value codecs (fp16/bf16 halve the bytes) stay available through
+``spec`` for a caller that accepts the drift; a client chaining many lossy deltas accumulates
+their rounding.
 """
 
 from __future__ import annotations
@@ -12,21 +15,20 @@ from __future__ import annotations
 import torch
 
 from stamen.compression.codecs import MalformedPayload, decode, encode
-from stamen.core.wire import Limits, WireError
+from stamen.core.wire import WEIGHTS_CODEC, Limits, WireError
 
-DEFAULT_SPEC = "fp16+zstd(1)"
 
 
 class BaseMismatch(WireError):
     """A delta was built on a version the client does not hold."""
 
 
-def encode_weights(weights: dict[str, torch.Tensor], version: int, spec: str = DEFAULT_SPEC) -> bytes:
+def encode_weights(weights: dict[str, torch.Tensor], version: int, spec: str = WEIGHTS_CODEC) -> bytes:
     return encode(weights, spec, kind="weights", meta={"version": version})
 
 
 def encode_delta(base: dict[str, torch.Tensor], target: dict[str, torch.Tensor], base_version: int,
-                 version: int, spec: str = DEFAULT_SPEC) -> bytes:
+                 version: int, spec: str = WEIGHTS_CODEC) -> bytes:
     """The change ``target − base`` (computed in float32) as a payload a holder of base applies."""
     delta = {n: target[n].float() - base[n].float() for n in target}
     return encode(delta, spec, kind="delta", meta={"base_version": base_version, "version": version})

@@ -42,6 +42,11 @@ PART_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16),
 }
 HEADER_KEYS = {"format", "kind", "codec", "meta", "tensors", "zstd", "body_bytes"}
+# The federation's one weights codec: float32 values, zstd level 1, lossless. Weights go down in
+# it (``compression.downlink``) because clients compute Δ against them; it is named here, in
+# the frame's own module, so a runtime-only device that reads frames without the codecs
+# (``mobile_bridge.device``) names the same one.
+WEIGHTS_CODEC = "fp32+zstd(1)"
 
 
 class WireError(UserError):

@@ -28,7 +28,7 @@ import msgpack
 import torch
 from tqdm import tqdm
 
-from stamen.compression.codecs import decode
+from stamen.compression.downlink import decode_download
 from stamen.compression.feedback import ErrorFeedback
 from stamen.core.data import Shard, load_corpus
 from stamen.core.errors import UserError
@@ -213,10 +213,9 @@ class EdgeClient:
                 raise
             del params["have"]  # the version we hold is no longer kept: take the whole slice
             _, data = await session.request("GET", f"/v1/weights/{task.base_version}", params=params)
-        payload = decode(data)
-        if payload.kind == "delta":
-            return {n: have[1][n] + d for n, d in payload.tensors.items()}
-        return payload.tensors
+        if have is None:
+            return decode_download(data)[1]
+        return decode_download(data, base=have[1], base_version=have[0])[1]  # whole weights ignore the base
 
     async def _train_and_upload(self, session: Session, task: Task, rt: Runtime, sub: dict[str, torch.Tensor],
                                 shard: Shard, ef: ErrorFeedback, tier: str, downloads: int) -> TaskLog:

@@ -27,11 +27,11 @@ import torch
 from stamen.core.data import Shard, load_corpus
 from stamen.core.errors import UserError
 from stamen.core.train import TrainConfig
-from stamen.core.wire import Frame, Limits, TensorRecord, decode_frame, encode_frame
+from stamen.core.wire import WEIGHTS_CODEC, Frame, Limits, TensorRecord, decode_frame, encode_frame
 from stamen.mobile_bridge.loop import train_loop
 from stamen.mobile_bridge.manifest import BundleError, Manifest, read_bundle
 
-UPLOAD_CODEC, UPLOAD_ZSTD = "fp32+zstd(1)", 1
+UPLOAD_CODEC, UPLOAD_ZSTD = WEIGHTS_CODEC, 1  # the device writes the lossless frame it reads
 LONG_POLL_S = 30
 RETRIES = 8  # a phone app backs off through a server restart or a first bundle export (~20 s)
 RETRY_STATUS = (502, 503, 504)
@@ -147,8 +147,8 @@ class ReferenceDevice:
         _, raw = self._call("GET", f"/v1/weights/{version}", params={"plan": plan})
         shapes = {s.name: tuple(s.shape) for s in manifest.params}
         frame = decode_frame(raw, Limits(max_tensors=len(shapes), manifest=shapes))
-        if frame.codec.split("+")[0] != "fp32" or frame.kind != "weights":
-            raise UserError(f"the server sent {frame.kind} weights as {frame.codec}; this device reads fp32 weights only")
+        if frame.codec != WEIGHTS_CODEC or frame.kind != "weights":
+            raise UserError(f"the server sent {frame.kind} weights as {frame.codec}; this device reads {WEIGHTS_CODEC} only")
         return {t.name: torch.from_numpy(t.parts[0].copy()).view(t.shape) for t in frame.tensors}
 
     def upload(self, task_id: str, delta: dict[str, torch.Tensor], tokens: int, loss: float) -> str:

@@ -28,7 +28,8 @@ from stamen.core.errors import UserError
 from stamen.server.bundles import BundlePublisher
 from stamen.server.config import FederationConfig, load_config
 from stamen.server.metrics import render
-from stamen.server.service import Federation, RequestError, http_status
+from stamen.server.coordinator import RequestError
+from stamen.server.service import Federation, http_status
 
 FEDERATION = web.AppKey("federation", Federation)
 REQUESTS = web.AppKey("requests", Counter)
@@ -108,7 +109,7 @@ async def task(request: web.Request) -> web.Response:
     while True:
         t = fed.task(p, time.time())
         if t is not None:
-            return _msgpack({"task": t.to_dict(), "version": fed.agg.version})
+            return _msgpack({"task": t.to_dict(), "version": fed.coord.version})
         if time.monotonic() >= deadline:
             return web.Response(status=204)
         await asyncio.sleep(POLL_STEP_S)
@@ -170,7 +171,7 @@ async def _maintenance(app: web.Application) -> None:
 def make_app(federation: Federation, state_dir: Path) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=federation.fed.server.max_body_mib << 20)
     app[FEDERATION], app[REQUESTS] = federation, Counter()
-    tiers = {name: (plan, federation.fed.tiers[name].batch_size) for name, plan in federation.scheduler.plans.items()}
+    tiers = {name: (plan, federation.fed.tiers[name].batch_size) for name, plan in federation.coord.tier_plans.items()}
     app[BUNDLES] = BundlePublisher(federation.spec, tiers, federation.fed.training.seq_len, state_dir / "bundles")
     app.add_routes([
         web.post("/v1/join", join),
@@ -219,14 +220,14 @@ async def serve(federation: Federation, state_dir: Path, host: str, port: int,
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     scheme = "https" if tls else "http"
-    print(f"stamen server: model {federation.spec.name}, version {federation.agg.version}, "
+    print(f"stamen server: model {federation.spec.name}, version {federation.coord.version}, "
           f"serving on {scheme}://{host}:{bound}", flush=True)
     try:
         await stop.wait()
     finally:
         await runner.cleanup()
         federation.close()
-        print(f"stamen server: stopped at version {federation.agg.version}, checkpoint written", flush=True)
+        print(f"stamen server: stopped at version {federation.coord.version}, checkpoint written", flush=True)
 
 
 def run_server(model: str, state_dir: str | Path, config_path: str | Path | None = None,

@@ -24,7 +24,7 @@ from stamen.core.plan import Plan
 from stamen.mobile_bridge.bundle import RUNTIMES as EXPORTABLE
 from stamen.mobile_bridge.bundle import publish_bundle
 from stamen.mobile_bridge.manifest import BundleError, read_bundle
-from stamen.server.service import RequestError
+from stamen.server.coordinator import RequestError
 
 
 class BundlePublisher:

@@ -1,13 +1,15 @@
-"""The virtual-clock simulation: thousands of virtual devices driving the real scheduler,
-aggregator and codecs, with time taken from their hardware profiles instead of a wall clock.
+"""The virtual-clock simulation: thousands of virtual devices driving the real coordinator
+(scheduler and aggregator) and codecs, with time taken from their hardware profiles instead of
+a wall clock: the engine adds only the clock, the devices and the training.
 
 Events fire in virtual-time order (ties broken by the order they were scheduled, so a seed
-gives one history). A device comes online for a session and asks the *real* ``Scheduler`` for
-a task; it downloads its plan's weights (the size of the real encoded payload over its
+gives one history). A device comes online for a session and asks the *real* ``Coordinator``
+for a task; it downloads its plan's weights (the size of the server's real download over its
 downlink), trains (the plan's FLOPs over its compute rate), may drop out, encodes its update
 with the task's real codec and its own error feedback, uploads it over its uplink, and the
-decoded payload reaches the *real* ``Aggregator`` at its virtual arrival time. Staleness,
-stragglers, lapsed deadlines and diurnal availability arise from that, not from assumptions.
+coordinator admits the bytes at their virtual arrival time under the server's very rules.
+Staleness, stragglers, lapsed deadlines and diurnal availability arise from that, not from
+assumptions.
 
 Local training really happens, lazily and batched: tasks that share a plan, base version and
 settings join one group, and the group trains (``batched.train_batched``) when its first task
@@ -25,19 +27,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stamen.compression.codecs import decode, encode
 from stamen.compression.feedback import ErrorFeedback
 from stamen.core.data import Shard, load_corpus, partition
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, ModelSpec, load_weights, weights
-from stamen.core.records import Task, Update
+from stamen.core.records import Task
 from stamen.core.train import evaluate
-from stamen.core.wire import Limits
 from stamen.edge_client.runtime import TorchRuntime
 from stamen.server.aggregator import Aggregator, StaleUpdate
 from stamen.server.config import FederationConfig
-from stamen.server.scheduler import Scheduler
-from stamen.server.service import WEIGHTS_CODEC
+from stamen.server.coordinator import Coordinator, TaskClosed
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, VirtualDevice, sample_population
 from stamen.simulator.ray_backend import GroupWork, make_backend
 
@@ -76,6 +75,7 @@ class Counters:
     tokens: int = 0  # trained by accepted updates
     stale: int = 0
     lapsed: int = 0  # arrived after the task's deadline
+    refused: int = 0  # refused by the coordinator for another reason (SimResult.refusals says why)
     dropped: int = 0  # dropped out, or the session ended before the upload
     bytes_down: int = 0
     bytes_up: int = 0
@@ -94,6 +94,7 @@ class SimResult:
     counters: Counters = field(default_factory=Counters)
     devices: dict[str, int] = field(default_factory=dict)  # hardware class → count
     unplaced: int = 0  # devices whose memory fits no tier
+    refusals: dict[str, int] = field(default_factory=dict)  # the coordinator's reason → updates refused so
     end_time_h: float = 0.0
 
     def summary(self) -> dict:
@@ -144,14 +145,14 @@ class Simulation:
         self.val = val.fixed_batches(config.eval_batches, EVAL_BATCH, fed.training.seq_len, seed=config.seed + 1)
         torch.manual_seed(config.seed)
         self.eval_model = GPT(self.cfg)
-        self.agg = Aggregator(self.cfg, weights(self.eval_model), fed.aggregator_config())
-        self.scheduler = Scheduler(self.cfg, fed, seed=config.seed)
+        self.coord = Coordinator(self.cfg, fed, Aggregator(self.cfg, weights(self.eval_model), fed.aggregator_config()),
+                                 seed=config.seed)
         self.result = SimResult()
         self.tiers: dict[int, str] = {}
         for d in self.devices:
             self.result.devices[d.hardware] = self.result.devices.get(d.hardware, 0) + 1
             try:
-                self.tiers[d.id] = self.scheduler.register(_cid(d.id), d.capabilities).tier
+                self.tiers[d.id] = self.coord.register(_cid(d.id), d.capabilities).tier
             except UserError:
                 self.result.unplaced += 1
         self.events: list[tuple[float, int, str, object]] = []
@@ -184,21 +185,21 @@ class Simulation:
         self._evaluate(0.0)
         horizon = self.config.horizon_h * 3600
         t = 0.0
-        while self.events and self.agg.version < self.config.max_versions and not self._reached(target_loss):
+        while self.events and self.coord.version < self.config.max_versions and not self._reached(target_loss):
             t, _, kind, item = heapq.heappop(self.events)
             if t > horizon:
                 t = horizon
                 break
-            version = self.agg.version
-            report = self.agg.poll(t)
+            version = self.coord.version
+            report = self.coord.poll(t)
             if report is not None:
                 self._published(t, report)
             getattr(self, f"_on_{kind}")(item, t)
-            if on_version is not None and self.agg.version != version:
-                on_version(self.agg.version)
+            if on_version is not None and self.coord.version != version:
+                on_version(self.coord.version)
         self.backend.close()
         self.result.end_time_h = t / 3600
-        if not self.result.evals or self.result.evals[-1]["version"] != self.agg.version:
+        if not self.result.evals or self.result.evals[-1]["version"] != self.coord.version:
             self._evaluate(t)
         return self.result
 
@@ -218,7 +219,7 @@ class Simulation:
             return self._offline(d, t)
         if self.config.rounds and self._round_full(d, t):
             return self.waiting.add(d.id)
-        task = self.scheduler.next_task(_cid(d.id), self.agg.version, t)
+        task = self.coord.next_task(_cid(d.id), t)
         # None: the federation's cap on tasks in flight. A task it ran already: the device
         # dropped out of it without telling the server, which holds it until its deadline.
         if task is None or task.task_id in self._issued:
@@ -251,7 +252,7 @@ class Simulation:
         self._push(done, "trained", job)
 
     def _extract(self, task: Task) -> dict[str, torch.Tensor]:
-        return task.plan.extract(self.agg.weights_at(task.base_version), self.cfg)
+        return task.plan.extract(self.coord.weights_at(task.base_version), self.cfg)
 
     def _on_trained(self, job: _Job, t: float) -> None:
         if job.delta is None:
@@ -273,27 +274,22 @@ class Simulation:
         job, payload = item
         task = job.task
         self._count(job.device, busy_s=t - job.started)
-        self.scheduler.expire(t)
-        if task.task_id not in self.scheduler.in_flight:
+        self.coord.expire(t)
+        try:  # the server's admission, rule for rule (Federation.submit)
+            admitted = self.coord.admit(task.client_id, task, payload)
+        except TaskClosed:
             self._count(job.device, lapsed=1)
+        except StaleUpdate:  # the coordinator closed the task, as the server does on a 409
+            self._count(job.device, stale=1)
+        except UserError as e:
+            self._count(job.device, refused=1)
+            self.result.refusals[str(e)] = self.result.refusals.get(str(e), 0) + 1
         else:
-            shapes = task.plan.shapes(self.cfg)
-            manifest = {n: shapes[n] for n in task.plan.trainable(self.cfg)}
-            p = decode(payload, Limits(manifest=manifest, max_tensors=len(manifest)))
-            update = Update(task.task_id, task.base_version, task.plan,
-                            {n: v.to(torch.float32) for n, v in p.tensors.items()}, job.tokens, {"loss": job.loss})
-            tau = self.agg.version - task.base_version
-            try:
-                report = self.agg.submit(update, t)
-            except StaleUpdate:
-                self.scheduler.abandon(task.task_id)  # as the server does on a 409
-                self._count(job.device, stale=1)
-            else:
-                self.scheduler.complete(task.task_id)
-                self.merged.append(task.client_id)
-                self._accepted(job, tau, len(payload))
-                if report is not None:
-                    self._published(t, report)
+            accepted = self.coord.accept(admitted, t)
+            self.merged.append(task.client_id)
+            self._accepted(job, admitted.staleness, len(payload))
+            if accepted.report is not None:
+                self._published(t, accepted.report)
         self._on_online(job.device, t)
 
     # --- training ---------------------------------------------------------------------------
@@ -335,15 +331,10 @@ class Simulation:
         nothing when the device holds that version already."""
         if have == version:
             return 0
-        if have not in self.agg.history:
-            have = None
+        have = have if self.coord.kept(have) else None
         key = (plan.hash, have, version)
         if key not in self._download_sizes:
-            sub = plan.extract(self.agg.weights_at(version), self.cfg)
-            if have is not None:
-                old = plan.extract(self.agg.weights_at(have), self.cfg)
-                sub = {n: sub[n] - old[n] for n in sub}
-            self._download_sizes[key] = len(encode(sub, WEIGHTS_CODEC, kind="weights"))
+            self._download_sizes[key] = len(self.coord.download(plan, version, have))
         return self._download_sizes[key]
 
     # --- bookkeeping ------------------------------------------------------------------------
@@ -369,14 +360,14 @@ class Simulation:
         the nodes that bring most tokens.
         A full round is re-checked when a device task of it lapses (its deadline), to issue a
         replacement."""
-        self.scheduler.expire(t)
+        self.coord.expire(t)
         role = d.capabilities.role
-        out = [task for task in self.scheduler.in_flight.values() if task.base_version == self.agg.version
-               and self.scheduler.clients[task.client_id].caps.role == role]
+        out = [task for task in self.coord.open_tasks() if task.base_version == self.coord.version
+               and self.coord.assignment(task.client_id).caps.role == role]
         if role != "device":
             return _cid(d.id) in self.merged or any(task.client_id == _cid(d.id) for task in out)
-        merged = sum(self.scheduler.clients[c].caps.role == "device" for c in self.merged)
-        if len(out) + merged < math.ceil(self.config.overselect * (self.agg.config.buffer_k - self.gpu_nodes)):
+        merged = sum(self.coord.assignment(c).caps.role == "device" for c in self.merged)
+        if len(out) + merged < math.ceil(self.config.overselect * (self.fed.aggregation.buffer_k - self.gpu_nodes)):
             return False
         if out and min(task.deadline for task in out) < self._sweep_at:
             self._sweep_at = min(task.deadline for task in out)
@@ -393,23 +384,22 @@ class Simulation:
         self.waiting.clear()
 
     def _published(self, t: float, report) -> None:
-        self.scheduler.published()
         self.merged.clear()
         # Tasks are issued at the newest version, so older groups are complete: train them now
         # (a Ray backend computes them ahead while events run; results are applied in order).
-        for group in [g for g in self.groups if g[1] < self.agg.version]:
+        for group in [g for g in self.groups if g[1] < self.coord.version]:
             self.submitted[group] = self._submit(group)
         self._wake(t)
         if report is not None:
             self.result.flushes.append({"version": report.version, "time_h": t / 3600, "updates": report.updates,
                                         "tokens": report.tokens, "staleness": report.mean_staleness})
-        if self.agg.version % self.config.eval_every == 0:
+        if self.coord.version % self.config.eval_every == 0:
             self._evaluate(t)
 
     def _evaluate(self, t: float) -> None:
-        load_weights(self.eval_model, self.agg.weights)
+        load_weights(self.eval_model, self.coord.weights)
         tokens = self.result.counters.tokens
-        self.result.evals.append({"version": self.agg.version, "time_h": t / 3600, "tokens": tokens,
+        self.result.evals.append({"version": self.coord.version, "time_h": t / 3600, "tokens": tokens,
                                   "val_loss": evaluate(self.eval_model, self.val)})
 
 

@@ -231,9 +231,11 @@ def test_downlink_weights_and_delta():
     g = torch.Generator().manual_seed(4)
     base = {"a": torch.randn(64, 8, generator=g), "b": torch.randn(8, generator=g)}
     target = {n: t + 1e-3 * torch.randn(t.shape, generator=g) for n, t in base.items()}
-    version, w = decode_download(encode_weights(target, 7))
+    version, w = decode_download(encode_weights(target, 7))  # the federation's codec: exact
+    assert version == 7 and all(torch.equal(w[n], target[n]) for n in target)
+    version, w = decode_download(encode_weights(target, 7, spec="fp16+zstd(1)"))
     assert version == 7 and all(torch.allclose(w[n], target[n], rtol=2**-11, atol=2**-25) for n in target)
-    data = encode_delta(base, target, base_version=5, version=7)
+    data = encode_delta(base, target, base_version=5, version=7, spec="fp16+zstd(1)")
     version, w = decode_download(data, base=base, base_version=5)
     for n in target:  # the fp16 rounding applies to the small delta, not to the weights
         assert version == 7 and (w[n] - target[n]).abs().max() <= 1e-3 * 5 * 2**-11 + 1e-6

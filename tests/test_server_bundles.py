@@ -21,7 +21,7 @@ from stamen.core.plan import Plan, tier_plans
 from stamen.mobile_bridge.manifest import read_bundle
 from stamen.server.auth import create_token
 from stamen.server.bundles import BundlePublisher
-from stamen.server.service import RequestError
+from stamen.server.coordinator import RequestError
 from test_server_http import call
 
 SPEC = ModelSpec("gpt-tiny")

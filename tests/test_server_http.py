@@ -19,7 +19,7 @@ from stamen.core.records import Task
 from stamen.server.auth import create_token
 
 CFG = PRESETS["gpt-tiny"]
-FED = "[server]\nmax_body_mib = 1\n[scheduler]\ntask_deadline_s = 3.0\n[aggregation]\nbuffer_k = 1\n"
+FED = "[server]\nmax_body_mib = 1\n[scheduler]\ntask_deadline_s = 10.0\n[aggregation]\nbuffer_k = 1\n"
 
 
 def call(url, method="GET", body=None, token=None):

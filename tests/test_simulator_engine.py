@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from stamen.server.aggregator import StaleUpdate
 from stamen.server.config import load_config
 from stamen.simulator.engine import SimConfig, Simulation
 from stamen.simulator.profiles import PopulationConfig, load_classes
@@ -63,10 +64,10 @@ def test_updates_flow_through_the_real_aggregator(fed):
     sim, r = simulate(fed)
     s = r.summary()
     c = s["counters"]
-    assert s["versions"] == sim.agg.version == 3
+    assert s["versions"] == sim.coord.version == 3
     # Every flush merged buffer_k = 4 accepted updates; updates accepted after the last flush wait in the buffer.
     assert all(f["updates"] == 4 for f in r.flushes)
-    assert c["accepted"] == 12 + sim.agg.buffer.count
+    assert c["accepted"] == 12 + sim.coord.buffered
     assert c["accepted"] == sum(t["updates"] for t in s["per_tier"].values()) == len(r.staleness)
     for key in c:  # the per-class counters add up to the totals
         assert sum(row[key] for row in s["per_class"].values()) == pytest.approx(c[key], abs=0.01)
@@ -104,17 +105,25 @@ def test_a_stale_refusal_frees_the_task(fed):
     population = PopulationConfig(devices=16, mix={"phone-low": 1.0}, gpu_nodes={}, seed=0)
     sim = Simulation(SimConfig(population=population, max_versions=6, eval_every=6, eval_batches=1), fed, always_on())
     abandoned = []
-    abandon = sim.scheduler.abandon
-    sim.scheduler.abandon = lambda task_id: abandoned.append(abandon(task_id))
+    admit = sim.coord.admit
+
+    def recording(client_id, task, body):
+        try:
+            return admit(client_id, task, body)
+        except StaleUpdate:
+            abandoned.append(task)
+            raise
+
+    sim.coord.admit = recording
     c = sim.run().counters
     assert c.stale > 0, "16 devices in flight over K = 4 with tau_max = 2 refuse some updates"
     # Each refusal closed its task at once, as the server does on a 409 (not held until the
     # deadline): the refused devices asked again and got new tasks.
-    assert len(abandoned) == c.stale and all(t is not None for t in abandoned)
-    assert not any(t.task_id in sim.scheduler.in_flight for t in abandoned)
-    assert c.lapsed == 0
+    assert len(abandoned) == c.stale
+    assert not any(sim.coord.is_open(t.task_id) for t in abandoned)
+    assert c.lapsed == 0 and c.refused == 0
     refused = {t.client_id for t in abandoned}
-    assert all(any(t.client_id == cid for t in sim.scheduler.in_flight.values()) for cid in refused)
+    assert all(any(t.client_id == cid for t in sim.coord.open_tasks()) for cid in refused)
 
 
 def test_gpu_nodes_train_on_the_whole_split_devices_on_partitions(fed):

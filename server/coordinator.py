@@ -1,0 +1,264 @@
+"""The federation's cycle in one object: issue a task, admit an update, accept it, publish a
+version, serve weights. Pure logic with the clock passed in and no I/O, so the HTTP server
+(``service.py``: auth, ledger, store and HTTP around it) and the simulator (``engine.py``: a
+virtual clock around it) drive the very same rules, as Flower's Strategy owns the loop while
+its Grid only moves messages.
+
+It owns the scheduler (who trains what) and the aggregator (how updates merge), and nobody
+else touches their state: callers see tasks, verdicts and bytes.
+
+An update is admitted in three steps, each public so a server can run the costly one on a
+worker thread: ``open`` (ownership, duplicate, deadline; cheap, reads state), ``decode``
+(bounded decode against the task's plan manifest, token bound, loss; pure, no state), and
+``judge`` (staleness against the current version: a stale update closes its task, so the
+client's next poll gets fresh work). ``admit`` runs all three. Nothing changes until
+``accept``, which merges the update (through the caller's ``commit``, so a server can make it
+durable first), closes the task, and on a flush advances the global step counter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from stamen.compression.codecs import decode
+from stamen.compression.downlink import encode_delta, encode_weights
+from stamen.core.errors import UserError
+from stamen.core.model import GPTConfig
+from stamen.core.plan import Plan, full_plan
+from stamen.core.records import Capabilities, Task, Update
+from stamen.core.wire import Limits
+from stamen.server.aggregator import Aggregator, BadUpdate, FlushReport, StaleUpdate
+from stamen.server.config import FederationConfig
+from stamen.server.scheduler import Assignment, Scheduler
+
+# How the server hands an accepted update to the aggregator (a store journals it first) and
+# how it runs a time-driven flush; both default to the aggregator's own, undurable, methods.
+Commit = Callable[[Aggregator, Update, float], "FlushReport | None"]
+Flush = Callable[[Aggregator, float], "FlushReport | None"]
+
+
+class RequestError(UserError):
+    """A request the federation refuses, with its HTTP status and a reason."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class TaskClosed(RequestError):
+    """The task's deadline passed, or its update was refused as stale (HTTP 410)."""
+
+    status = 410
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} is closed (its deadline passed, or its update was refused "
+                         "as stale): ask for a new task")
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An update that passed every check and may be accepted now."""
+
+    update: Update
+    staleness: int
+    loss: float | None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What accepting an update did: the version now current, and the flush it triggered."""
+
+    version: int
+    report: FlushReport | None
+
+
+class Coordinator:
+    def __init__(self, cfg: GPTConfig, fed: FederationConfig, agg: Aggregator, seed: int = 0,
+                 global_step: int = 0, next_seq: int = 0, open_tasks: Iterable[Task] = ()) -> None:
+        self.cfg, self.fed = cfg, fed
+        self._agg = agg
+        self._scheduler = Scheduler(cfg, fed, seed, global_step=global_step, next_seq=next_seq)
+        for task in open_tasks:
+            self._scheduler.restore_task(task)
+        self._plans: dict[str, Plan] = {p.hash: p for p in self._scheduler.plans.values()}
+        self._plans.setdefault(full_plan(cfg).hash, full_plan(cfg))
+
+    # --- reads ------------------------------------------------------------------------------
+    @property
+    def aggregator(self) -> Aggregator:
+        """For the store only (journal replay and checkpoints); everyone else asks the coordinator."""
+        return self._agg
+
+    @property
+    def version(self) -> int:
+        return self._agg.version
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The current global weights (read-only)."""
+        return self._agg.weights
+
+    @property
+    def global_step(self) -> int:
+        return self._scheduler.global_step
+
+    @property
+    def buffered(self) -> int:
+        """Updates accepted since the last flush."""
+        return self._agg.buffer.count
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks issued and neither uploaded, lapsed nor abandoned."""
+        return len(self._scheduler.in_flight)
+
+    @property
+    def tier_plans(self) -> dict[str, Plan]:
+        """Tier name → its plan."""
+        return dict(self._scheduler.plans)
+
+    def clients(self) -> list[Assignment]:
+        return list(self._scheduler.clients.values())
+
+    def assignment(self, client_id: str) -> Assignment | None:
+        return self._scheduler.clients.get(client_id)
+
+    def open_tasks(self) -> list[Task]:
+        """The tasks in flight, in the order they were issued."""
+        return list(self._scheduler.in_flight.values())
+
+    def is_open(self, task_id: str) -> bool:
+        return task_id in self._scheduler.in_flight
+
+    def kept(self, version: int | None) -> bool:
+        """Whether ``version``'s weights are still held (a delta can be built from it)."""
+        return version is not None and version in self._agg.history
+
+    def weights_at(self, version: int) -> dict[str, torch.Tensor]:
+        try:
+            return self._agg.weights_at(version)
+        except BadUpdate as e:
+            raise RequestError(str(e), 410) from None
+
+    # --- clients and tasks ------------------------------------------------------------------
+    def tier_for(self, caps: Capabilities) -> str:
+        """The tier a client with these capabilities would get (raises if none fits)."""
+        return self._scheduler.tier_for(caps)
+
+    def register(self, client_id: str, caps: Capabilities) -> Assignment:
+        return self._scheduler.register(client_id, caps)
+
+    def next_task(self, client_id: str, now: float) -> Task | None:
+        """The client's task at the current version (see ``Scheduler.next_task``)."""
+        return self._scheduler.next_task(client_id, self._agg.version, now)
+
+    def expire(self, now: float) -> list[Task]:
+        """Close the tasks past their deadline and return them."""
+        return self._scheduler.expire(now)
+
+    # --- updates ----------------------------------------------------------------------------
+    def open(self, client_id: str, task: Task) -> bool:
+        """Whether ``client_id`` may upload for ``task`` now: False for a re-send of an accepted
+        update (answer it as a duplicate); raises when the task is another client's or closed."""
+        if task.client_id != client_id:
+            raise RequestError(f"task {task.task_id!r} belongs to another client", 403)
+        if task.task_id in self._agg.seen:
+            return False
+        if task.task_id not in self._scheduler.in_flight:
+            raise TaskClosed(task.task_id)
+        return True
+
+    def limits(self, task: Task) -> Limits:
+        """What the decoder accepts for ``task``: its plan's trainable tensors, each at most fp64
+        sized, in a body no larger than the server's cap."""
+        shapes = task.plan.shapes(self.cfg)
+        manifest = {n: shapes[n] for n in task.plan.trainable(self.cfg)}
+        return Limits(max_compressed_bytes=self.fed.server.max_body_mib << 20,
+                      max_decompressed_bytes=8 * sum(math.prod(s) for s in manifest.values()) + 4096,
+                      max_tensors=len(manifest), manifest=manifest)
+
+    def decode(self, task: Task, body: bytes) -> tuple[Update, float | None]:
+        """The update in ``body`` for ``task`` and its reported loss (None if absent or not
+        finite): a bounded decode against the plan (names, shapes, finite values), then the
+        token bound (at most the task's steps × batch × sequence length). Pure: safe on a
+        worker thread."""
+        payload = decode(body, self.limits(task))
+        if payload.kind != "update":
+            raise RequestError(f"expected an update payload, got {payload.kind!r}", 422)
+        most = task.steps * task.batch_size * task.seq_len
+        tokens = payload.meta.get("tokens")
+        if not (isinstance(tokens, int) and not isinstance(tokens, bool) and 0 < tokens <= most):
+            raise RequestError(f"tokens must be an integer in [1, {most}] for this task, got {tokens!r}", 422)
+        loss = payload.meta.get("loss")
+        loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+        update = Update(task.task_id, task.base_version, task.plan,
+                        {n: t.to(torch.float32) for n, t in payload.tensors.items()}, tokens,
+                        {} if loss is None else {"loss": loss})
+        return update, loss
+
+    def judge(self, update: Update, loss: float | None = None) -> Admitted:
+        """Staleness and structure against the current version. A stale update can never be
+        merged now: its task is closed (so the client's next poll gets fresh work) and
+        StaleUpdate raised; the caller records the task as lapsed."""
+        try:
+            adm = self._agg.check(update)
+        except StaleUpdate:
+            self._scheduler.abandon(update.task_id)
+            raise
+        return Admitted(update, adm.staleness, loss)
+
+    def admit(self, client_id: str, task: Task, body: bytes) -> Admitted | None:
+        """Every rule an upload must pass, in one place (``open``, ``decode``, ``judge``); None
+        for a duplicate. Raises RequestError/WireError/StaleUpdate/BadUpdate with the reason."""
+        if not self.open(client_id, task):
+            return None
+        return self.judge(*self.decode(task, body))
+
+    def accept(self, admitted: Admitted, now: float, commit: Commit | None = None) -> Accepted:
+        """Merge an admitted update (``commit``: the store's durable apply; by default the
+        aggregator's own), close its task, and on a flush advance the global step counter."""
+        update = admitted.update
+        report = (commit or _submit)(self._agg, update, now)
+        self._scheduler.complete(update.task_id)
+        if report is not None:
+            self._scheduler.published()
+        return Accepted(self._agg.version, report)
+
+    def poll(self, now: float, flush: Flush | None = None) -> FlushReport | None:
+        """The time-driven flush (the aggregator's max wait), if due (``flush``: the store's
+        journaled one; by default the aggregator's own)."""
+        report = (flush or _poll)(self._agg, now)
+        if report is not None:
+            self._scheduler.published()
+        return report
+
+    # --- weights ----------------------------------------------------------------------------
+    def plan(self, plan_hash: str) -> Plan:
+        plan = self._plans.get(plan_hash)
+        if plan is None:
+            raise RequestError(f"unknown plan {plan_hash!r}", 404)
+        return plan
+
+    def download(self, plan: Plan, version: int, have: int | None = None) -> bytes:
+        """The plan's slice of version ``version``, exact: as the change from version ``have``
+        when the client holds it (frozen and unchanged tensors then cost nearly nothing after
+        zstd), else whole; 410 when either version is no longer kept."""
+        target = plan.extract(self.weights_at(version), self.cfg)
+        if have is None or have == version:
+            return encode_weights(target, version)
+        return encode_delta(plan.extract(self.weights_at(have), self.cfg), target, have, version)
+
+
+def _submit(agg: Aggregator, update: Update, now: float) -> FlushReport | None:
+    return agg.submit(update, now)
+
+
+def _poll(agg: Aggregator, now: float) -> FlushReport | None:
+    return agg.poll(now)
