@@ -21,6 +21,7 @@ from stamen.server.outer import OuterConfig
 
 @dataclass(frozen=True)
 class AggregationSettings:
+    mode: str
     buffer_k: int
     tau_max: int
     token_exponent: float
@@ -47,6 +48,7 @@ class SchedulerSettings:
     task_deadline_s: float
     max_in_flight: int
     compute_share: float
+    overselect: float
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
 def _check(cfg: FederationConfig) -> None:
     a, s = cfg.aggregation, cfg.scheduler
     rules = [
+        (a.mode in ("async", "rounds"), f"[aggregation] mode {a.mode!r}: use async or rounds"),
+        (a.mode != "rounds" or a.tau_max == 0, "[aggregation] mode = \"rounds\" needs tau_max = 0: a round merges only its own updates"),
         (a.buffer_k >= 1, "[aggregation] buffer_k must be at least 1"),
         (a.tau_max >= 0, "[aggregation] tau_max must be at least 0"),
         (a.outer in ("nesterov", "fedavg", "fedadam"), f"[aggregation] outer {a.outer!r}: use nesterov, fedavg or fedadam"),
@@ -157,6 +161,7 @@ def _check(cfg: FederationConfig) -> None:
         (s.task_deadline_s > 0, "[scheduler] task_deadline_s must be positive"),
         (s.max_in_flight >= 1, "[scheduler] max_in_flight must be at least 1"),
         (0 < s.compute_share <= 1, "[scheduler] compute_share must be in (0, 1]"),
+        (s.overselect >= 1, "[scheduler] overselect must be at least 1"),
         (cfg.server.max_body_mib >= 1, "[server] max_body_mib must be at least 1"),
         (cfg.server.request_timeout_s > 0, "[server] request_timeout_s must be positive"),
         (cfg.server.long_poll_s >= 0, "[server] long_poll_s must be >= 0"),

@@ -134,6 +134,10 @@ class Coordinator:
         """The tasks in flight, in the order they were issued."""
         return list(self._scheduler.in_flight.values())
 
+    def round_deadline(self) -> float | None:
+        """When the first of the current version's tasks lapses (None if none is out)."""
+        return self._scheduler.round_deadline(self._agg.version)
+
     def is_open(self, task_id: str) -> bool:
         return task_id in self._scheduler.in_flight
 

@@ -8,10 +8,19 @@ holds, no larger than their hardware class's tier, for as many steps as fit thei
 the task's deadline. One global step counter, advanced by the most steps any merged update
 trained each time a version is published, places every task on the federation's single lr schedule (Photon's server step counter).
 Tasks not uploaded by their deadline lapse, and the work goes to the next client that asks.
+
+Two policies (``[aggregation] mode``). ``async`` (FedBuff): any client that asks gets a task at
+the current version, up to the cap on device tasks in flight. ``rounds`` (synchronous
+FedAvg/DiLoCo): a version's round holds every GPU node once and ``buffer_k`` minus the nodes
+device tasks, over-selected by ``overselect`` (Bonawitz et al., "Towards Federated Learning at
+Scale", 2019: 130 %); a client asking when its role's share of the round is out gets nothing
+until the next version (or until one of the round's tasks lapses, which frees its place). With
+``tau_max = 0`` the aggregator then merges exactly one round per version and refuses the late.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from stamen.core.errors import UserError
@@ -43,6 +52,7 @@ class Scheduler:
         self.clients: dict[str, Assignment] = {}
         self.in_flight: dict[str, Task] = {}  # task id → task
         self._steps_since_publish = 0
+        self._round_done: list[str] = []  # clients whose update was accepted since the last publish
 
     def _cost(self, tier: str):
         return self.plans[tier].cost(self.cfg, self.fed.tiers[tier].batch_size, self.fed.training.seq_len)
@@ -103,6 +113,8 @@ class Scheduler:
         for task in self.in_flight.values():
             if task.client_id == client_id:
                 return task
+        if self.fed.aggregation.mode == "rounds" and self._round_full(a, version):
+            return None
         devices = sum(self.clients[t.client_id].caps.role == "device" for t in self.in_flight.values())
         if a.caps.role == "device" and devices >= self.fed.scheduler.max_in_flight:
             return None
@@ -117,6 +129,24 @@ class Scheduler:
             deadline=now + self.fed.scheduler.task_deadline_s, seed=self.seed * 1_000_003 + seq)
         self.in_flight[task.task_id] = task
         return task
+
+    def _round_full(self, a: Assignment, version: int) -> bool:
+        """Whether this version's round has no place left for ``a``: a GPU node trains once a
+        round; devices fill ``ceil(overselect × (buffer_k − GPU nodes))`` places, counting the
+        round's tasks out and its updates already accepted."""
+        if a.caps.role != "device":
+            return a.client_id in self._round_done
+        out = sum(t.base_version == version and self.clients[t.client_id].caps.role == "device"
+                  for t in self.in_flight.values())
+        done = sum(self.clients[c].caps.role == "device" for c in self._round_done)
+        nodes = sum(c.caps.role != "device" for c in self.clients.values())
+        places = math.ceil(self.fed.scheduler.overselect * (self.fed.aggregation.buffer_k - nodes))
+        return out + done >= places
+
+    def round_deadline(self, version: int) -> float | None:
+        """When the earliest of this version's tasks lapses (a place in a full round may free
+        then); None when none is out."""
+        return min((t.deadline for t in self.in_flight.values() if t.base_version == version), default=None)
 
     def restore_task(self, task: Task) -> None:
         """Put back a task issued before a restart (from the durable ledger)."""
@@ -140,10 +170,12 @@ class Scheduler:
         """An accepted update closes its task; its steps count toward the next publish."""
         task = self.in_flight.pop(task_id)
         self._steps_since_publish = max(self._steps_since_publish, task.steps)
+        self._round_done.append(task.client_id)
         return task
 
     def published(self) -> int:
         """A version was published: advance the global step counter (Photon) and return it."""
         self.global_step += self._steps_since_publish
         self._steps_since_publish = 0
+        self._round_done.clear()
         return self.global_step

@@ -1,13 +1,14 @@
 """Synchronous rounds against asynchronous buffering on the same population (FedBuff's
 question): how many virtual hours each needs to reach the same validation loss.
 
-Synchronous FedAvg/DiLoCo is the same scheduler and aggregator with a round's tasks merged into
-one version: every GPU node once plus ``K`` devices (``buffer_k = K + nodes``), nothing stale
-accepted (``tau_max = 0``), and the engine issuing no more per version (``SimConfig.rounds``)
-than ``overselect`` x K device tasks (130 %, as production synchronous FL does). A round closes
-at its first ``buffer_k`` arrivals and drops the late ones; when dropouts leave it short, it
-closes with what it has once its first update has waited a task deadline (``max_wait_s``) —
-the straggler cost that asynchronous buffering avoids.
+Synchronous FedAvg/DiLoCo is the same coordinator under the scheduler's rounds policy
+(``[aggregation] mode = "rounds"``, which ``stamen server`` runs too): every GPU node once plus
+``K`` devices a round (``buffer_k = K + nodes``), nothing stale accepted (``tau_max = 0``), and
+no more than ``[scheduler] overselect`` x K device tasks issued per version (130 %, as
+production synchronous FL does). A round closes at its first ``buffer_k`` arrivals and refuses
+the late ones; when dropouts leave it short, it closes with what it has once its first update
+has waited a task deadline (``max_wait_s``) — the straggler cost that asynchronous buffering
+avoids.
 
 The target comes from the async run as configured (90% of the way from the initial loss to its
 final one: the last evaluations are the noisiest, and one of them should not decide the
@@ -37,7 +38,7 @@ SYNC_VERSIONS = 4  # the sync run's version cap, as a multiple of the async run'
 def synchronous(fed: FederationConfig, cohort: int, gpu_nodes: int = 0) -> FederationConfig:
     """``fed`` run as synchronous rounds of ``cohort`` devices plus every GPU node, each round
     closing at the task deadline with whatever arrived."""
-    a = replace(fed.aggregation, buffer_k=cohort + gpu_nodes, tau_max=0,
+    a = replace(fed.aggregation, mode="rounds", buffer_k=cohort + gpu_nodes, tau_max=0,
                 max_wait_s=fed.scheduler.task_deadline_s, min_quorum=1)
     return replace(fed, aggregation=a)
 
@@ -62,7 +63,7 @@ def compare_once(setup: SimSetup) -> dict:
     runs = {"async": asyn.run().summary()}
     target = target_loss(runs["async"]["evals"])
     sync = synchronous(setup.fed, setup.fed.aggregation.buffer_k, asyn.gpu_nodes)
-    sim = replace(setup.sim, eval_every=1, rounds=True, max_versions=SYNC_VERSIONS * max(1, runs["async"]["versions"]))
+    sim = replace(setup.sim, eval_every=1, max_versions=SYNC_VERSIONS * max(1, runs["async"]["versions"]))
     runs["sync"] = Simulation(sim, sync, setup.classes).run(target_loss=target).summary()
     hours = {name: hours_to_loss(r["evals"], target) for name, r in runs.items()}
     return {"seed": setup.sim.seed, "target_val_loss": target, "hours_to_target": hours,
@@ -81,7 +82,7 @@ def sync_vs_async(setup: SimSetup, out: Path, seeds: int = 3) -> dict:
         sim = replace(setup.sim, seed=seed, population=replace(setup.sim.population, seed=seed))
         per_seed.append(compare_once(replace(setup, sim=sim)))
     speedups = [r["async_speedup"] for r in per_seed if r["async_speedup"] is not None]
-    result = {"target_fraction": TARGET_FRACTION, "overselect": setup.sim.overselect,
+    result = {"target_fraction": TARGET_FRACTION, "overselect": setup.fed.scheduler.overselect,
               "median_async_speedup": statistics.median(speedups) if speedups else None,
               "async_speedups": [r["async_speedup"] for r in per_seed], "seeds": per_seed}
     (out / "sync_vs_async.json").write_text(json.dumps(result, indent=2))

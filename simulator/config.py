@@ -95,8 +95,6 @@ def load_simulation(path: str | Path | None = None) -> SimSetup:
     if sim.horizon_h <= 0 or sim.max_versions < 1 or sim.eval_every < 1 or sim.eval_batches < 1 or sim.max_group < 1:
         raise UserError("simulation config [simulation]: horizon_h, max_versions, eval_every, eval_batches "
                         "and max_group must be positive")
-    if sim.overselect < 1:
-        raise UserError(f"simulation config [simulation]: overselect must be at least 1, got {sim.overselect}")
     check_backend(sim.backend, sim.address)
     fed_file = _resolve(_typed("[federation] file", data["federation"]["file"], ""), base)
     if fed_file is None:

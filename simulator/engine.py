@@ -59,11 +59,6 @@ class SimConfig:
     eval_batches: int = 8
     max_group: int = 128  # devices trained together in one vmap (bounds memory)
     baseline: bool = True  # the report also trains centrally on as many tokens
-    rounds: bool = False  # synchronous rounds: one task per GPU node and buffer_k minus those per version (compare.py)
-    # Rounds only: device tasks issued per round, as a multiple of its device slots. The round
-    # closes at buffer_k arrivals and the late ones are discarded, as production synchronous FL
-    # does to cut stragglers (Bonawitz et al., "Towards Federated Learning at Scale", 2019: 130 %).
-    overselect: float = 1.3
     backend: str = "local"  # where devices train: "local" (this process) or "ray" (ray_backend.py)
     address: str = ""  # the Ray cluster's head, HOST:6379 ("" = start a local Ray)
 
@@ -166,9 +161,8 @@ class Simulation:
         self.generation: dict[tuple, int] = {}
         self._download_sizes: dict[tuple, int] = {}
         self._issued: set[str] = set()
-        self.waiting: set[int] = set()  # devices held back until the round's next version
+        self.waiting: set[int] = set()  # devices a full round held back until its next version
         self._sweep_at = math.inf
-        self.merged: list[str] = []  # clients merged into this version's round (rounds only)
         self.gpu_nodes = sum(d.id in self.tiers and d.capabilities.role != "device" for d in self.devices)
 
     # --- the event queue --------------------------------------------------------------------
@@ -217,9 +211,9 @@ class Simulation:
     def _on_online(self, d: VirtualDevice, t: float) -> None:
         if t >= self.session_end[d.id]:
             return self._offline(d, t)
-        if self.config.rounds and self._round_full(d, t):
-            return self.waiting.add(d.id)
         task = self.coord.next_task(_cid(d.id), t)
+        if task is None and self.fed.aggregation.mode == "rounds":
+            return self._hold(d)
         # None: the federation's cap on tasks in flight. A task it ran already: the device
         # dropped out of it without telling the server, which holds it until its deadline.
         if task is None or task.task_id in self._issued:
@@ -286,7 +280,6 @@ class Simulation:
             self.result.refusals[str(e)] = self.result.refusals.get(str(e), 0) + 1
         else:
             accepted = self.coord.accept(admitted, t)
-            self.merged.append(task.client_id)
             self._accepted(job, admitted.staleness, len(payload))
             if accepted.report is not None:
                 self._published(t, accepted.report)
@@ -353,26 +346,14 @@ class Simulation:
         row["tokens"] += job.tokens
         row["bytes_up"] += nbytes
 
-    def _round_full(self, d: VirtualDevice, t: float) -> bool:
-        """Whether this version's round has no place for ``d``. Each GPU node trains once a round
-        (DiLoCo's workers; the scheduler's max_in_flight does not count them either) and devices
-        fill the other buffer_k slots, over-selected by ``overselect``, so a round never lacks
-        the nodes that bring most tokens.
-        A full round is re-checked when a device task of it lapses (its deadline), to issue a
-        replacement."""
-        self.coord.expire(t)
-        role = d.capabilities.role
-        out = [task for task in self.coord.open_tasks() if task.base_version == self.coord.version
-               and self.coord.assignment(task.client_id).caps.role == role]
-        if role != "device":
-            return _cid(d.id) in self.merged or any(task.client_id == _cid(d.id) for task in out)
-        merged = sum(self.coord.assignment(c).caps.role == "device" for c in self.merged)
-        if len(out) + merged < math.ceil(self.config.overselect * (self.fed.aggregation.buffer_k - self.gpu_nodes)):
-            return False
-        if out and min(task.deadline for task in out) < self._sweep_at:
-            self._sweep_at = min(task.deadline for task in out)
-            self._push(self._sweep_at + 1e-3, "sweep", None)
-        return True
+    def _hold(self, d: VirtualDevice) -> None:
+        """The round has no place for ``d`` (the scheduler's rounds policy): it waits for the
+        next version, or for the first of the round's tasks to lapse, which may free a place."""
+        self.waiting.add(d.id)
+        lapse = self.coord.round_deadline()
+        if lapse is not None and lapse < self._sweep_at:
+            self._sweep_at = lapse
+            self._push(lapse + 1e-3, "sweep", None)
 
     def _on_sweep(self, _: None, t: float) -> None:
         self._sweep_at = math.inf
@@ -384,7 +365,6 @@ class Simulation:
         self.waiting.clear()
 
     def _published(self, t: float, report) -> None:
-        self.merged.clear()
         # Tasks are issued at the newest version, so older groups are complete: train them now
         # (a Ray backend computes them ahead while events run; results are applied in order).
         for group in [g for g in self.groups if g[1] < self.coord.version]:

@@ -8,7 +8,7 @@ def test_synchronous_rounds_hold_every_gpu_node_and_close_at_the_deadline():
     fed = load_config()
     sync = synchronous(fed, 10, gpu_nodes=2)
     a = sync.aggregation
-    assert (a.buffer_k, a.tau_max, a.max_wait_s, a.min_quorum) == (12, 0, fed.scheduler.task_deadline_s, 1)
+    assert (a.mode, a.buffer_k, a.tau_max, a.max_wait_s, a.min_quorum) == ("rounds", 12, 0, fed.scheduler.task_deadline_s, 1)
     assert sync.tiers == fed.tiers and sync.scheduler == fed.scheduler
 
 
