@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -325,3 +326,34 @@ def partition(shard: Shard, n_clients: int, how: str, seed: int) -> list[Shard]:
     if n_clients < 1:
         raise UserError(f"number of clients must be at least 1, got {n_clients}")
     return PARTITIONS[how](shard, n_clients, seed)
+
+
+def cached_corpus(source: str, folder: Path) -> Corpus:
+    """``load_corpus(source)``, kept in ``folder`` for processes that would otherwise read and
+    encode the same text again (a Flower SuperNode runs every task in a new process). The copy
+    is keyed by the source, every file's size and modification time (the standard library's:
+    the Python build) and this loader's code, so an edited, added or removed file, another
+    Python, or a new stamen reads the text anew."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if source == "stdlib" else Path(source)
+    if not root.exists():
+        return load_corpus(source)  # its error
+    key = hashlib.sha256(Path(__file__).read_bytes())
+    key.update(f"{root.resolve()}\0{sys.version}\n".encode())
+    files = [] if source == "stdlib" else sorted(root.rglob("*")) if root.is_dir() else [root]
+    for f in files:
+        st = f.stat()
+        key.update(f"{f.relative_to(root) if f != root else ''}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    path = Path(folder) / f"corpus-{key.hexdigest()[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return Corpus(z["data"], z["doc_bounds"], z["doc_groups"].tolist(), z["doc_names"].tolist())
+    corpus = load_corpus(source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob("corpus-*.npz"):
+        old.unlink()
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, data=corpus.data, doc_bounds=corpus.doc_bounds, doc_groups=np.array(corpus.doc_groups),
+                 doc_names=np.array(corpus.doc_names))
+    tmp.replace(path)
+    return corpus

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -46,6 +47,9 @@ from stamen.mobile_bridge.manifest import BundleError, read_bundle
 RUNTIMES = ("torch", "ort", "executorch")
 BUNDLE_RUNTIMES = {"ort": OrtRuntime, "executorch": ExecuTorchRuntime}
 LONG_POLL_S = 30
+RELEASE_TIMEOUT_S = 5.0  # how long a stopping client tries to give its open task back
+
+log = logging.getLogger(__name__)
 
 
 def declared_runtimes(runtime: str, role: str, cuda: bool) -> tuple[str, ...]:
@@ -139,10 +143,14 @@ class EdgeClient:
                     else:
                         folder, downloads = await self._bundle(session, task, spec.hash, bundles)
                         runtimes[key] = BUNDLE_RUNTIMES[task.runtime](folder, spec.hash, task.plan.hash)
-                sub = await self._weights(session, task, held)
-                held[task.plan.hash] = (task.base_version, sub)
-                self.log.append(await self._train_and_upload(session, task, runtimes[key], sub, shard, ef,
-                                                             me["tier"], downloads))
+                try:
+                    sub = await self._weights(session, task, held)
+                    held[task.plan.hash] = (task.base_version, sub)
+                    self.log.append(await self._train_and_upload(session, task, runtimes[key], sub, shard, ef,
+                                                                 me["tier"], downloads))
+                except BaseException:  # stopped (cancelled, Ctrl-C) or failed with the task open
+                    await self._release(session, task)
+                    raise
                 if ef_path:
                     ef.save(ef_path)
         finally:
@@ -249,9 +257,20 @@ class EdgeClient:
                   f"{log.first_loss:.3f}→{log.last_loss:.3f}, {len(body) / 1024:.1f} KiB up: {outcome}")
         return log
 
+    async def _release(self, session: Session, task: Task) -> None:
+        """Give an unfinished task back, so the server hands its work out now rather than at
+        its deadline. One short try: a client that stops must not hang on a dead server."""
+        try:
+            answer = await asyncio.wait_for(session.call("DELETE", f"/v1/tasks/{task.task_id}"), RELEASE_TIMEOUT_S)
+            self._say(f"{task.task_id}: given back to the server ({answer['status']})")
+        except (Exception, asyncio.CancelledError) as e:
+            self._say(f"{task.task_id}: could not give it back ({e or type(e).__name__}); it lapses at its deadline")
+
     def _say(self, line: str) -> None:
         if self.progress:
             tqdm.write(line)
+        else:
+            log.info(line)
 
 
 def run_client(server: str, token: str, data: str, runtime: str = "auto", role: str = "device",

@@ -3,33 +3,44 @@
 A Flower ServerApp acts as a gateway. For each Flower node it runs one ``EdgeClient`` (HTTP to
 the stamen server, role gpu, its own client identity) whose training step is delegated to the
 node: ``FlowerNodeRuntime.train`` sends the task and the plan's weights to the node as a Flower
-Message and waits for the trained weights and losses. The node's ClientApp trains the plan with
-``TorchRuntime`` on its own data (node_config ``data``, default ``stdlib``). Everything else
-(weights as deltas, error feedback, the codec, uploads, retries) is the edge client's, so a
-Flower node is scheduled and judged exactly like an HTTP gpu client; its data never leaves it.
+Message and waits for the trained weights and losses. The node's ClientApp
+(``stamen.edge_client.flower_node``) trains the plan on its own data. Everything else (weights as
+deltas, error feedback, the codec, uploads, retries) is the edge client's, so a Flower node is
+scheduled and judged exactly like an HTTP gpu client; its data never leaves it.
+
+The gateway's log goes to its stdout, which Flower forwards to ``flwr run --stream``. When the
+run stops (``flwr stop``, Ctrl-C, a failed node) every node's client gives its open task back
+to the stamen server at once (``DELETE /v1/tasks/{task}``) instead of leaving it to lapse.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
+import logging
+import threading
 import time
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import add_exit_handler
 
-from stamen.core.data import Shard, load_corpus
 from stamen.core.model import ModelSpec
-from stamen.core.plan import Plan
 from stamen.core.records import Task
-from stamen.core.train import TrainConfig, TrainResult, default_device
-from stamen.edge_client.client import EdgeClient, TaskLog
-from stamen.edge_client.runtime import Batches, OnStep, Runtime, TorchRuntime
+from stamen.core.train import TrainConfig, TrainResult
+from stamen.edge_client.client import RELEASE_TIMEOUT_S, EdgeClient, TaskLog
+from stamen.edge_client.flower_node import client_app, log_to_stdout
+from stamen.edge_client.runtime import Batches, OnStep, Runtime
+
+__all__ = ["client_app", "gateway_app", "server_app", "serve"]
+
+# How often the gateway asks the SuperLink for a node's reply. Flower's Grid.send_and_receive
+# sleeps 3 s between pulls, which added 1.5 s on average to every task.
+POLL_S = 0.2
+
+log = logging.getLogger(__name__)
 
 
 class FlowerNodeRuntime(Runtime):
@@ -38,8 +49,8 @@ class FlowerNodeRuntime(Runtime):
 
     name = "torch"
 
-    def __init__(self, grid: Grid, node_id: int, spec: ModelSpec, task: Task) -> None:
-        self.grid, self.node_id, self.spec, self.task = grid, node_id, spec, task
+    def __init__(self, grid: Grid, node_id: int, spec: ModelSpec, task: Task, stopped: threading.Event) -> None:
+        self.grid, self.node_id, self.spec, self.task, self.stopped = grid, node_id, spec, task, stopped
         self.weights: dict[str, torch.Tensor] = {}
         self.trained: dict[str, torch.Tensor] = {}
 
@@ -53,16 +64,23 @@ class FlowerNodeRuntime(Runtime):
                                           "config": ConfigRecord({"model": self.spec.name,
                                                                   "task": json.dumps(task)})}),
                       dst_node_id=self.node_id, message_type="train")
+        start = time.monotonic()
+        [msg_id] = self.grid.push_messages([msg])
         # Wait no longer than the server does: past the deadline the task is reissued anyway.
-        replies = list(self.grid.send_and_receive([msg], timeout=max(1.0, self.task.deadline - time.time())))
-        if not replies:
-            raise RuntimeError(f"Flower node {self.node_id} did not answer task {self.task.task_id} in time")
+        while not (replies := list(self.grid.pull_messages([msg_id]))):
+            if self.stopped.is_set():
+                raise RuntimeError(f"gateway stopped while node {self.node_id} trained task {self.task.task_id}")
+            if time.time() > self.task.deadline:
+                raise RuntimeError(f"Flower node {self.node_id} did not answer task {self.task.task_id} in time")
+            time.sleep(POLL_S)
         reply = replies[0]
         if reply.has_error():
             raise RuntimeError(f"Flower node {self.node_id} failed task {self.task.task_id}: {reply.error.reason}")
         self.trained = reply.content["weights"].to_torch_state_dict()
         result = reply.content["result"]
         losses = [float(x) for x in result["losses"]]
+        log.info("node %s: %s trained in %.1f s (%.1f s of it training on the node)", self.node_id,
+                 self.task.task_id, time.monotonic() - start, float(result["train_s"]))
         for i, loss in enumerate(losses):
             if on_step:
                 on_step(i, loss)
@@ -72,23 +90,78 @@ class FlowerNodeRuntime(Runtime):
         return self.trained
 
 
-async def _serve_nodes(grid: Grid, node_ids: list[int], server: str, join_token: str,
-                       max_tasks: int | None, ca_file: str | None) -> list[list[TaskLog]]:
-    def client(node_id: int) -> EdgeClient:
-        return EdgeClient(server, join_token, "stdlib", runtime="torch", role="gpu", max_tasks=max_tasks,
-                          progress=False, ca_file=ca_file,
-                          runtime_factory=lambda spec, task: FlowerNodeRuntime(grid, node_id, spec, task))
+class _Gateway:
+    """One edge client per node, on an event loop in a background thread, so the main thread
+    stays free to take a stop (a signal, or Flower's exit handlers) and ``stop`` can cancel the
+    clients and wait while each gives its open task back."""
 
-    return list(await asyncio.gather(*(client(n).run_async() for n in node_ids)))
+    def __init__(self, clients: list[EdgeClient], stopped: threading.Event) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.task = self.loop.create_task(self._run(clients))
+        self.stopped, self.finished = stopped, threading.Event()
+        self.result: list[list[TaskLog]] = []
+        self.error: BaseException | None = None
+        threading.Thread(target=self._thread, name="stamen-gateway", daemon=True).start()
+
+    @staticmethod
+    async def _run(clients: list[EdgeClient]) -> list[list[TaskLog]]:
+        async with asyncio.TaskGroup() as group:  # one client failing stops (and releases) all
+            runs = [group.create_task(c.run_async()) for c in clients]
+        return [r.result() for r in runs]
+
+    def _thread(self) -> None:
+        try:
+            self.result = self.loop.run_until_complete(self.task)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as is
+            self.error = e
+        finally:
+            self.stopped.set()  # ends the node runtimes' waits, so the executor can shut down
+            self.finished.set()
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
+
+    def stop(self) -> None:
+        """Cancel every client and wait (bounded) until they have given their tasks back."""
+        if not self.finished.is_set():
+            log.info("gateway: stopping; giving open tasks back to the stamen server")
+            self.loop.call_soon_threadsafe(self.task.cancel)
+            self.finished.wait(RELEASE_TIMEOUT_S + 1)
+
+    def wait(self) -> list[list[TaskLog]]:
+        try:
+            while not self.finished.wait(0.5):  # a timed wait lets signals in
+                pass
+        except BaseException:
+            self.stop()
+            raise
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def serve(grid: Grid, server: str, join_token: str, nodes: int = 1, max_tasks: int | None = None,
           ca_file: str | None = None) -> list[list[TaskLog]]:
     """Wait for ``nodes`` Flower nodes, then train for the stamen ``server`` through each of them
     (``max_tasks`` tasks each, or until stopped). Returns each node's task log."""
+    log.info("gateway: waiting for %d Flower node(s)", nodes)
     while len(node_ids := sorted(grid.get_node_ids())) < nodes:  # nodes register in the background
         time.sleep(0.1)
-    return asyncio.run(_serve_nodes(grid, node_ids, server, join_token, max_tasks, ca_file))
+    log.info("gateway: training for %s through node(s) %s", server, ", ".join(map(str, node_ids)))
+
+    stopped = threading.Event()
+
+    def client(node_id: int) -> EdgeClient:
+        return EdgeClient(server, join_token, "stdlib", runtime="torch", role="gpu", max_tasks=max_tasks,
+                          progress=False, ca_file=ca_file,
+                          runtime_factory=lambda spec, task: FlowerNodeRuntime(grid, node_id, spec, task, stopped))
+
+    gateway = _Gateway([client(n) for n in node_ids], stopped)
+    # `flwr stop`: the ServerApp's heartbeat learns of it and Flower exits the process through
+    # its exit handlers, a few seconds before it forces the exit; give the tasks back first.
+    add_exit_handler(gateway.stop, run_before_force_exit=True)
+    logs = gateway.wait()
+    log.info("gateway: done, %s", "; ".join(f"node {n}: {len(entries)} task(s)" for n, entries in zip(node_ids, logs)))
+    return logs
 
 
 def gateway_app(server: str, join_token: str, nodes: int = 1, max_tasks: int | None = None,
@@ -113,49 +186,7 @@ server_app = ServerApp()
 def _server_main(grid: Grid, context: Context) -> None:
     """For ``flwr run``: run_config ``stamen-server``, ``stamen-join-token``, ``stamen-nodes`` and
     ``stamen-max-tasks`` (tasks per node, after which the run ends; 0 trains until ``flwr stop``)."""
+    log_to_stdout()
     cfg = context.run_config
     serve(grid, str(cfg["stamen-server"]), str(cfg["stamen-join-token"]), int(cfg.get("stamen-nodes", 1)),
           int(cfg.get("stamen-max-tasks", 0)) or None)
-
-
-@functools.lru_cache(maxsize=2)
-def _shard(data: str) -> Shard:
-    corpus = load_corpus(data)
-    return Shard(corpus, corpus.doc_bounds)
-
-
-@functools.lru_cache(maxsize=4)
-def _runtime(model: str, plan_json: str) -> TorchRuntime:
-    """Kept for the ClientApp process's life, so a GPU node keeps its inner AdamW state across tasks
-    (DiLoCo). That is the node's life under the simulation engine; a SuperNode (``flwr run``)
-    starts one process per message, so there the state goes through node_config ``state``."""
-    return TorchRuntime(ModelSpec(model).gpt_config(), Plan.from_json(plan_json), default_device(),
-                        keep_optimizer=True)
-
-
-client_app = ClientApp()
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    task = Task.from_dict(json.loads(str(config["task"])))
-    rt = _runtime(str(config["model"]), task.plan.to_json())
-    rt.set_weights(msg.content["weights"].to_torch_state_dict())
-    shard = _shard(str(context.node_config.get("data", "stdlib")))
-    # A node folder (node_config "state") carries the AdamW moments from one ClientApp process
-    # to the next; one file per plan, as the in-process cache keeps one runtime per plan.
-    saved = Path(str(context.node_config["state"])) / f"optimizer-{task.plan.hash}.pt" \
-        if "state" in context.node_config else None
-    if saved is not None:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        if rt.optimizer is None:
-            rt.load_optimizer(saved, task.train)
-    result = rt.train(shard.batches(task.batch_size, task.seq_len, task.seed), task.steps, task.train,
-                      task.step_offset)
-    if saved is not None:
-        rt.save_optimizer(saved)
-    reply = RecordDict({"weights": ArrayRecord(torch_state_dict=rt.trained_weights()),
-                        "result": ConfigRecord({"steps": result.steps, "tokens": result.tokens,
-                                                "losses": result.losses})})
-    return Message(content=reply, reply_to=msg)

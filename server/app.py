@@ -134,6 +134,12 @@ async def update(request: web.Request) -> web.Response:
     return _msgpack(result, status=202)
 
 
+async def release(request: web.Request) -> web.Response:
+    fed: Federation = request.app[FEDERATION]
+    p = fed.principal(_bearer(request), time.time())
+    return _msgpack(fed.release(p, request.match_info["task"]))
+
+
 async def bundle(request: web.Request) -> web.StreamResponse:
     """A plan's artifact bundle for a runtime, published under ``<state>/bundles/<plan>/<runtime>/``
     on first need (``BundlePublisher``): without a file name, the listing (name → bytes); with
@@ -178,6 +184,7 @@ def make_app(federation: Federation, state_dir: Path) -> web.Application:
         web.get("/v1/task", task),
         web.get("/v1/weights/{version}", weights),
         web.post("/v1/updates/{task}", update),
+        web.delete("/v1/tasks/{task}", release),
         web.get("/v1/bundles/{plan}/{runtime}", bundle),
         web.get("/v1/bundles/{plan}/{runtime}/{file}", bundle),
         web.get("/v1/status", status),

@@ -167,6 +167,14 @@ class Coordinator:
         """Close the tasks past their deadline and return them."""
         return self._scheduler.expire(now)
 
+    def release(self, client_id: str, task: Task) -> bool:
+        """The client gives ``task`` back before uploading (it is stopping): close it now, so its
+        work goes to whoever asks next instead of waiting for the deadline. False when it was
+        closed already; raises when it is another client's."""
+        if task.client_id != client_id:
+            raise RequestError(f"task {task.task_id!r} belongs to another client", 403)
+        return self._scheduler.abandon(task.task_id) is not None
+
     # --- updates ----------------------------------------------------------------------------
     def open(self, client_id: str, task: Task) -> bool:
         """Whether ``client_id`` may upload for ``task`` now: False for a re-send of an accepted

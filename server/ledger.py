@@ -1,5 +1,5 @@
 """The task ledger, ``<state>/tasks.db`` (SQLite): every task issued, to whom, in which tier,
-and what became of it (open, done, lapsed), plus the scheduler's global step counter.
+and what became of it (open, done, lapsed, released), plus the scheduler's global step counter.
 
 It is what lets a restarted server recognise the uploads of tasks it issued before a crash,
 answer a re-sent upload idempotently, and report per-client and per-tier token counts. The
@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 class Entry:
     task: Task
     tier: str
-    status: str  # "open", "done" or "lapsed"
+    status: str  # "open", "done", "lapsed" or "released"
 
 
 class Ledger:
@@ -61,6 +61,11 @@ class Ledger:
     def lapsed(self, task_ids: list[str]) -> None:
         self.db.executemany("UPDATE tasks SET status = 'lapsed', closed = ? WHERE id = ? AND status = 'open'",
                             [(time.time(), t) for t in task_ids])
+
+    def released(self, task_id: str) -> None:
+        """The client gave the task back before uploading (it stopped)."""
+        self.db.execute("UPDATE tasks SET status = 'released', closed = ? WHERE id = ? AND status = 'open'",
+                        (time.time(), task_id))
 
     def open_tasks(self) -> list[tuple[Task, str]]:
         rows = self.db.execute("SELECT body, tier FROM tasks WHERE status = 'open' ORDER BY id").fetchall()

@@ -161,9 +161,10 @@ class Scheduler:
         return lapsed
 
     def abandon(self, task_id: str) -> Task | None:
-        """Close a task whose update can never be merged (refused as stale), so the client's
-        next poll gets fresh work from the current version instead of the same task back
-        until its deadline. Its steps do not count toward the global step counter."""
+        """Close a task whose update can never be merged (refused as stale) or that its client
+        gave back (it stopped), so the client's next poll gets fresh work from the current
+        version instead of the same task back until its deadline. Its steps do not count
+        toward the global step counter."""
         return self.in_flight.pop(task_id, None)
 
     def complete(self, task_id: str) -> Task:

@@ -136,6 +136,19 @@ class Federation:
             self._published()
         return {"status": "accepted", "version": accepted.version}
 
+    def release(self, p: Principal, task_id: str) -> dict:
+        """The client gives its task back (it is stopping: Ctrl-C, ``flwr stop``): the task
+        closes now instead of at its deadline, so it no longer counts as in flight and its
+        work goes to whoever asks next. Releasing a task that is already closed (uploaded,
+        lapsed, released) changes nothing, so a re-sent release is harmless."""
+        entry = self.ledger.get(task_id)
+        if entry is None:
+            raise RequestError(f"unknown task {task_id!r}", 404)
+        if not self.coord.release(p.client_id, entry.task):
+            return {"status": entry.status}
+        self.ledger.released(task_id)
+        return {"status": "released"}
+
     def _published(self) -> None:
         self.ledger.set_meta("global_step", self.coord.global_step)
 

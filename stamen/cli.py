@@ -171,6 +171,28 @@ def _hours(h: float | None) -> str:
     return "never" if h is None else f"{h:.3g} h"
 
 
+def cmd_flower_config(args: argparse.Namespace) -> None:
+    """Add or update one SuperLink connection in Flower's config file (``$FLWR_HOME/config.toml``,
+    default ``~/.flwr``) with Flower's own reader and writer: running it again rewrites the same
+    entry, where appending text to the file would break it."""
+    import click
+    from flwr.cli.flower_config import write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.supercore.utils import get_flwr_home
+
+    if args.root_certificates is not None:
+        args.root_certificates = str(Path(args.root_certificates).resolve())
+        if not Path(args.root_certificates).is_file():
+            raise UserError(f"root certificates file not found: {args.root_certificates}")
+    try:
+        write_superlink_connection(SuperLinkConnection(args.name, args.superlink, args.root_certificates,
+                                                       True if args.insecure else None))
+    except (ValueError, click.ClickException) as e:
+        raise UserError(e.message if isinstance(e, click.ClickException) else str(e)) from None
+    print(f"SuperLink connection '{args.name}': {args.superlink}{' (insecure)' if args.insecure else ''} "
+          f"in {get_flwr_home() / 'config.toml'}")
+
+
 def cmd_simulate(args: argparse.Namespace) -> None:
     import json
     from dataclasses import replace
@@ -305,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tasks", type=positive_int, help="stop after this many tasks")
     s.add_argument("--memory-mb", type=positive_int, default=8, help="memory the device declares")
     s.set_defaults(func=cmd_device_emulator)
+
+    s = sub.add_parser("flower-config", help="add or update a SuperLink connection for `flwr run` (safe to repeat)")
+    s.add_argument("--name", default="stamen", help="the connection's name, as `flwr run APP NAME` uses it")
+    s.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's HOST:PORT")
+    tls = s.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperLink (it runs with --insecure)")
+    tls.add_argument("--root-certificates", help="PEM CA certificate(s) to verify the SuperLink's TLS certificate")
+    s.set_defaults(func=cmd_flower_config)
 
     s = sub.add_parser("baseline", help="centralized training: the reference for federated runs")
     s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")

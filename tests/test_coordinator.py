@@ -106,6 +106,21 @@ def test_the_cycle_issue_admit_accept_publish(fed):
         coord.admit("a", t, honest(t))
 
 
+def test_a_released_task_closes_and_its_steps_do_not_count(fed):
+    coord = coordinator(fed)
+    for c in "ab":
+        coord.register(c, LAPTOP)
+    t = coord.next_task("a", 0.0)
+    with pytest.raises(RequestError, match="another client"):
+        coord.release("b", t)
+    assert coord.release("a", t) and not coord.is_open(t.task_id) and coord.in_flight == 0
+    assert not coord.release("a", t)  # already closed: nothing changes
+    with pytest.raises(TaskClosed):
+        coord.admit("a", t, honest(t))
+    fresh = coord.next_task("a", 1.0)
+    assert fresh.task_id != t.task_id and fresh.step_offset == t.step_offset == coord.global_step == 0
+
+
 def test_downloads_are_exact_weights_or_deltas(fed):
     from stamen.compression.downlink import decode_download
 

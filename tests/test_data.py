@@ -89,3 +89,26 @@ def bad_source_shard(tmp_path) -> Shard:
     (tmp_path / "ok").mkdir()
     (tmp_path / "ok" / "t.txt").write_text("text " * 100)
     return folder_corpus(tmp_path / "ok").split()[0]
+
+
+def test_cached_corpus_equals_the_loaded_one_and_rereads_an_edited_folder(tmp_path, monkeypatch):
+    import stamen.core.data as data
+
+    texts = tmp_path / "texts"
+    (texts / "a").mkdir(parents=True)
+    (texts / "a" / "one.txt").write_text("first document, long enough to train on\n" * 3)
+    (texts / "two.txt").write_text("second document\n")
+    cache = tmp_path / "cache"
+
+    def same(x, y):
+        return (np.array_equal(x.data, y.data) and np.array_equal(x.doc_bounds, y.doc_bounds)
+                and x.doc_groups == y.doc_groups and x.doc_names == y.doc_names)
+
+    assert same(data.cached_corpus(str(texts), cache), load_corpus(str(texts)))
+    real = data.load_corpus
+    with monkeypatch.context() as m:  # the second process reads the cached copy, not the text
+        m.setattr(data, "load_corpus", lambda source: pytest.fail("read the text again"))
+        assert same(data.cached_corpus(str(texts), cache), real(str(texts)))
+    (texts / "two.txt").write_text("second document, edited\n")
+    assert same(data.cached_corpus(str(texts), cache), load_corpus(str(texts)))
+    assert len(list(cache.glob("corpus-*.npz"))) == 1  # the stale copy is gone

@@ -2,17 +2,21 @@
 simulation engine: the bridge's ClientApp on simulated SuperNodes and the gateway ServerApp that
 joins the server as a gpu client on each node's behalf; one task trained on a node moves the model.
 Then as an operator runs it: ``flower-superlink``, two ``flower-supernode``s and ``flwr run`` of the
-shipped app folder (``edge_client/flower_app``), each a real process."""
+shipped app folder (``edge_client/flower_app``), each a real process, by the README's commands as
+written; then ``flwr stop``."""
 
 import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -73,20 +77,32 @@ def test_two_flower_nodes_train_side_by_side(tmp_path):
 
 
 
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def readme_flower_commands() -> list[str]:
+    """The shell command lines of the README's Flower section."""
+    text = README.read_text()
+    section = text[text.index("## GPU nodes through Flower"):]
+    block = section[section.index("```bash\n") + 8:]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    return [line for line in block.splitlines() if line.strip()]
+
+
 def flower_env(home: Path) -> dict[str, str]:
     """Each Flower process its own FLWR_HOME, so nothing is read from or written to ~/.flwr; BIN on
-    PATH, where they find flower-superexec, flwr-serverapp and flwr-clientapp to start."""
+    PATH, where they find flower-superexec, flwr-serverapp and flwr-clientapp to start (what
+    the README's ``. .venv/bin/activate`` does)."""
     home.mkdir(parents=True, exist_ok=True)
     return {**ENV, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{ENV.get('PATH', '')}"}
 
 
-def start(args: list[str], home: Path) -> subprocess.Popen:
-    """A Flower process in its own process group: stopping the group also stops the SuperExec
-    and app processes it spawned."""
-    env = flower_env(home)
-    with (home / "log").open("w") as log:
-        return subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A long-running process, from the checkout's root as the README's commands are, in its own
+    process group: stopping the group also stops the SuperExec and app processes it spawned."""
+    with log.open("w") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -101,57 +117,129 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def flwr(args: list[str], home: Path, timeout: float) -> str:
-    out = subprocess.run([str(BIN / "flwr"), *args], env=flower_env(home), capture_output=True, text=True,
-                         timeout=timeout)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+def wait_for(what: str, check, timeout: float):
+    deadline = time.time() + timeout
+    while not (value := check()):
+        if time.time() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+    return value
 
 
 def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    def listening() -> bool:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(f"nothing listens on 127.0.0.1:{port}", listening, timeout)
 
 
-@pytest.mark.timeout(90)
-def test_flwr_run_on_a_superlink_with_two_supernodes_trains_for_the_stamen_server(tmp_path):
-    """Stock Flower deployment processes; the run ends by itself after ``stamen-max-tasks``."""
+def run_readme_commands(tmp_path: Path, url: str, state: Path) -> tuple[str, dict, dict]:
+    """Run the README's Flower commands in order, with free ports for 8000, 9094 and 9095,
+    ``tmp_path`` for ``$PWD``, the server's state folder for ``fed-state``, its URL for port 8080
+    and the join token the token command printed. Before ``flwr stop`` it waits until each node
+    has had two updates accepted. Returns what ``flwr run --stream`` printed and the server's
+    status right after the stop and once nothing runs any more."""
+    link, env = free_port(), flower_env(tmp_path / "flwr")
+    values = {"127.0.0.1:8000": f"127.0.0.1:{link}", "9094": str(free_port()), "9095": str(free_port()),
+              "--state fed-state": f"--state {state}", "http://127.0.0.1:8080": url, "$PWD": str(tmp_path)}
+    procs: list[subprocess.Popen] = []
+    stream = tmp_path / "stream.log"
+
+    def fill(arg: str) -> str:
+        for placeholder, value in values.items():
+            arg = arg.replace(placeholder, value)
+        return arg
+
+    try:
+        for i, line in enumerate(readme_flower_commands()):
+            if line.startswith(". "):  # `. .venv/bin/activate`: flower_env puts the venv's bin first on PATH
+                continue
+            argv = shlex.split(fill(line), comments=True)
+            if argv[0] == "flower-superlink":
+                procs.append(start([*argv, "--port", str(link)], env, tmp_path / "superlink.log"))
+                wait_for_port(link, 60)
+            elif argv[0] == "flower-supernode":
+                procs.append(start(argv, env, tmp_path / f"supernode{i}.log"))
+            elif argv[:2] == ["flwr", "run"]:
+                procs.append(start(argv, env, stream))
+                values["RUN_ID"] = wait_for("flwr run starts the run", lambda: re.search(
+                    r"Successfully started run (\d+)", stream.read_text()), 60).group(1)
+            elif argv[:2] == ["flwr", "stop"]:
+                wait_for("two accepted updates per node", lambda: sorted(
+                    c["updates"] for c in fetch_status(url)["clients"]) >= [2, 2], 240)
+                out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0, out.stdout + out.stderr
+                stopped = time.time()
+                after_stop = wait_for("no open task on the server", lambda: (
+                    s if (s := fetch_status(url))["in_flight"] == 0 else None), 30)
+                released_s = time.time() - stopped
+                procs[-1].wait(timeout=60)  # --stream returns once the run has ended
+            else:  # the stamen commands
+                assert argv[0] == "stamen", argv
+                for _ in range(2 if argv[1] == "flower-config" else 1):  # the config step is safe to repeat
+                    out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                    assert out.returncode == 0, out.stderr
+                if argv[1:3] == ["token", "create"]:
+                    values["stj_gpu_..."] = out.stdout.strip()
+        [run] = json.loads(subprocess.run(["flwr", "ls", "stamen", "--run-id", values["RUN_ID"], "--format", "json"],
+                                          env=env, capture_output=True, text=True, timeout=60).stdout)["runs"]
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    print(f"flwr stop: no open task {released_s:.1f} s later")
+    return stream.read_text(), after_stop, {**fetch_status(url), "run": run}
+
+
+@pytest.mark.timeout(420)
+def test_the_readme_flower_commands_train_for_the_server_and_flwr_stop_leaves_no_open_task(tmp_path):
+    """Stock Flower deployment processes, started by the README's commands as written."""
     with running_server(tmp_path, FED.replace("buffer_k = 1", "buffer_k = 2")) as (url, state):
-        link_port, tasks = free_port(), 2
-        cli = tmp_path / "cli"
-        cli.mkdir()
-        (cli / "config.toml").write_text(f'[superlink]\ndefault = "stamen"\n\n[superlink.stamen]\n'
-                                         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-        procs = [start(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                        "--port", str(link_port)], tmp_path / "superlink")]
-        try:
-            procs += [start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                             "--port", str(free_port()), "--node-config",
-                             f'data="stdlib" state="{tmp_path / f"node{i}" / "state"}"'], tmp_path / f"node{i}")
-                      for i in range(2)]
-            wait_for_port(link_port, 30)
-            # --stream prints the ServerApp's log and returns when the run has ended.
-            streamed = flwr(["run", str(APP), "stamen", "--stream", "-c", f'stamen-server="{url}"',
-                             "-c", f'stamen-join-token="{create_token(state, "gpu")}"',
-                             "-c", "stamen-nodes=2", "-c", f"stamen-max-tasks={tasks}"], cli, timeout=70)
-            run_id = re.search(r"Successfully started run (\d+)", streamed).group(1)
-            [run] = json.loads(flwr(["ls", "stamen", "--run-id", run_id, "--format", "json"], cli, timeout=30))["runs"]
-            status = fetch_status(url)
-        finally:
-            for proc in procs:
-                stop(proc)
+        streamed, after_stop, final = run_readme_commands(tmp_path, url, state)
+        times = task_times(state)
 
-    assert run["status"] == "finished:completed"
-    assert status["version"] == 2  # four updates, two per version
-    assert sorted((c["role"], c["updates"]) for c in status["clients"]) == [("gpu", tasks), ("gpu", tasks)]
-    assert status["tiers"]["gpu"] == {"updates": 2 * tasks, "tokens": 2 * tasks * STEPS * BATCH * SEQ}
+    assert final["run"]["status"] == "finished:stopped"
+    assert after_stop["in_flight"] == 0 and "open" not in after_stop["tasks"]
+    assert after_stop["tasks"].get("released", 0) >= 1  # the nodes' open tasks were given back
+    assert final["tasks"] == after_stop["tasks"]
+    updates = sorted(c["updates"] for c in final["clients"])
+    assert [c["role"] for c in final["clients"]] == ["gpu", "gpu"] and updates[0] >= 2
+    assert final["tiers"]["gpu"] == {"updates": sum(updates), "tokens": sum(updates) * STEPS * BATCH * SEQ}
+    # The gateway's log reached `flwr run --stream`: the nodes, each task, each upload.
+    assert "gateway: training for" in streamed
+    assert len(re.findall(r"node \d+: t\d+ trained in", streamed)) >= sum(updates)
+    assert len(re.findall(r": v\d+ gpu 3 steps, .*: accepted", streamed)) == sum(updates)
     # Each task ran in a new ClientApp process; the node folder carried AdamW across them.
-    for i in range(2):
-        [saved] = (tmp_path / f"node{i}" / "state").glob("optimizer-*.pt")
-        moments = torch.load(saved, weights_only=True)["state"]["state"]
-        assert {int(m["step"]) for m in moments.values()} == {tasks * STEPS}
+    for node in ("node1", "node2"):
+        [saved] = (tmp_path / node).glob("optimizer-*.pt")
+        steps = {int(m["step"]) for m in torch.load(saved, weights_only=True)["state"]["state"].values()}
+        assert len(steps) == 1 and steps.pop() in range(2 * STEPS, 20 * STEPS, STEPS)
+    print("time per node task (issue to accepted update):", {c: [round(t, 1) for t in ts] for c, ts in times.items()})
+
+
+def task_times(state: Path) -> dict[str, list[float]]:
+    """Seconds from issue to accepted update of each done task, per client (the server's ledger)."""
+    db = sqlite3.connect(f"file:{state / 'tasks.db'}?mode=ro", uri=True)
+    rows = db.execute("SELECT client_id, closed - issued FROM tasks WHERE status = 'done' ORDER BY id").fetchall()
+    db.close()
+    out: dict[str, list[float]] = {}
+    for client, seconds in rows:
+        out.setdefault(client, []).append(seconds)
+    return out
+
+
+def test_stamen_flower_config_is_safe_to_repeat(tmp_path):
+    env = flower_env(tmp_path / "flwr")
+    for address in ("127.0.0.1:8000", "127.0.0.1:8000", "10.0.0.2:9000"):
+        out = subprocess.run([sys.executable, "-m", "stamen", "flower-config", "--insecure", "--superlink", address],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        config = tomllib.loads((tmp_path / "flwr" / "config.toml").read_text())
+        assert config["superlink"]["stamen"] == {"address": address, "insecure": True}
+    listed = subprocess.run([str(BIN / "flwr"), "config", "ls"], env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "stamen" in listed.stdout
+    (tmp_path / "flwr" / "config.toml").write_text("[superlink\n")  # a broken file: one line, exit 2, untouched
+    out = subprocess.run([sys.executable, "-m", "stamen", "flower-config", "--insecure"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert (out.returncode, len(out.stderr.strip().splitlines())) == (2, 1) and "valid TOML" in out.stderr
+    assert (tmp_path / "flwr" / "config.toml").read_text() == "[superlink\n"

@@ -103,3 +103,24 @@ def test_lapsed_task_is_refused(server):
     time.sleep(task.deadline - time.time() + 1.5)  # past the deadline and a maintenance tick
     status, reason = call(url + f"/v1/updates/{task.task_id}", "POST", update_for(task), c)
     assert status == 410 and "deadline" in reason
+
+
+def test_a_released_task_closes_at_once_and_its_work_goes_to_the_next_poll(server):
+    url, state = server
+    dev = create_token(state, "device")
+    a, b = join(url, dev), join(url, dev)
+    before = json.loads(call(url + "/v1/status")[1])
+    task = Task.from_dict(call(url + "/v1/task?wait=1", token=a)[1]["task"])
+    assert call(url + f"/v1/tasks/{task.task_id}", "DELETE", token=a) == (200, {"status": "released"})
+    assert call(url + f"/v1/tasks/{task.task_id}", "DELETE", token=b)[0] == 403  # not b's to give back
+    assert call(url + "/v1/tasks/t999999999", "DELETE", token=a)[0] == 404
+    after = json.loads(call(url + "/v1/status")[1])
+    assert after["in_flight"] == before["in_flight"]
+    assert after["tasks"]["released"] == before["tasks"].get("released", 0) + 1
+    # A re-sent release changes nothing; the upload of a released task is refused; the next
+    # poll gets a new task.
+    assert call(url + f"/v1/tasks/{task.task_id}", "DELETE", token=a) == (200, {"status": "released"})
+    status, reason = call(url + f"/v1/updates/{task.task_id}", "POST", update_for(task), a)
+    assert status == 410 and "closed" in reason
+    again = Task.from_dict(call(url + "/v1/task?wait=1", token=a)[1]["task"])
+    assert again.task_id != task.task_id
