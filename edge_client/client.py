@@ -34,7 +34,7 @@ from stamen.compression.feedback import ErrorFeedback
 from stamen.core.data import Shard, load_corpus
 from stamen.core.errors import UserError
 from stamen.core.model import ModelSpec
-from stamen.core.records import Task
+from stamen.core.records import Capabilities, Task
 from stamen.core.train import default_device
 from stamen.edge_client.bundle_runtime import available_runtimes
 from stamen.edge_client.executorch_runtime import ExecuTorchRuntime
@@ -102,6 +102,9 @@ class EdgeClient:
     # A fresh runtime per task, made by the caller: the Flower gateway's runtime hands the task
     # to a Flower node, which needs the task's own settings (batch, seed), not just its plan.
     runtime_factory: Callable[[ModelSpec, Task], Runtime] | None = None
+    # What to declare at join instead of probing this machine: the Flower gateway declares
+    # its node's hardware, where the training runs.
+    capabilities: Capabilities | None = None
     log: list[TaskLog] = field(default_factory=list)
 
     def run(self) -> list[TaskLog]:
@@ -167,9 +170,8 @@ class EdgeClient:
             me = json.loads(saved.read_text())
             if me.get("server") == self.server and tuple(me.get("runtimes", ())) == runtimes:
                 return me
-        hw = probe()
-        flops = measure_flops(default_device())
-        caps = capabilities(hw, self.role, runtimes, flops, self.max_memory)
+        caps = self.capabilities or capabilities(probe(), self.role, runtimes, measure_flops(default_device()),
+                                                 self.max_memory)
         try:
             me = await session.call("POST", "/v1/join", {"join_token": self.token, "capabilities": caps.to_dict()})
         except ServerRefused as e:

@@ -1,8 +1,8 @@
 """The Flower bridge: GPU nodes running stock Flower SuperNodes join a stamen federation.
 
 A Flower ServerApp acts as a gateway. For each Flower node it runs one ``EdgeClient`` (HTTP to
-the stamen server, role gpu, its own client identity) whose training step is delegated to the
-node: ``FlowerNodeRuntime.train`` sends the task and the plan's weights to the node as a Flower
+the stamen server, role gpu, its own client identity, declaring the hardware the node reported)
+whose training step is delegated to the node: ``FlowerNodeRuntime.train`` sends the task and the plan's weights to the node as a Flower
 Message and waits for the trained weights and losses. The node's ClientApp
 (``stamen.edge_client.flower_node``) trains the plan on its own data. Everything else (weights as
 deltas, error feedback, the codec, uploads, retries) is the edge client's, so a Flower node is
@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
 
 from stamen.core.model import ModelSpec
-from stamen.core.records import Task
+from stamen.core.records import Capabilities, Task
 from stamen.core.train import TrainConfig, TrainResult
 from stamen.edge_client.client import RELEASE_TIMEOUT_S, EdgeClient, TaskLog
 from stamen.edge_client.flower_node import client_app, log_to_stdout
@@ -139,6 +139,25 @@ class _Gateway:
         return self.result
 
 
+def node_capabilities(grid: Grid, node_ids: list[int], timeout: float = 300.0) -> dict[int, Capabilities]:
+    """Each node's own declaration (hardware probe, measured FLOP/s), asked with a Flower query
+    message: the server sizes a task by the compute of the machine that trains it."""
+    asked = {mid: n for n, mid in zip(node_ids, grid.push_messages(
+        [Message(content=RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]))}
+    caps: dict[int, Capabilities] = {}
+    deadline = time.time() + timeout
+    while asked:
+        for reply in grid.pull_messages(list(asked)):
+            node = asked.pop(reply.metadata.reply_to_message_id)
+            if reply.has_error():
+                raise RuntimeError(f"Flower node {node} did not declare its hardware: {reply.error.reason}")
+            caps[node] = Capabilities.from_dict(json.loads(str(reply.content["capabilities"]["json"])))
+        if asked and time.time() > deadline:
+            raise RuntimeError(f"Flower node(s) {', '.join(map(str, asked.values()))} did not answer in {timeout:.0f} s")
+        time.sleep(POLL_S if asked else 0)
+    return caps
+
+
 def serve(grid: Grid, server: str, join_token: str, nodes: int = 1, max_tasks: int | None = None,
           ca_file: str | None = None) -> list[list[TaskLog]]:
     """Wait for ``nodes`` Flower nodes, then train for the stamen ``server`` through each of them
@@ -147,12 +166,12 @@ def serve(grid: Grid, server: str, join_token: str, nodes: int = 1, max_tasks: i
     while len(node_ids := sorted(grid.get_node_ids())) < nodes:  # nodes register in the background
         time.sleep(0.1)
     log.info("gateway: training for %s through node(s) %s", server, ", ".join(map(str, node_ids)))
-
+    caps = node_capabilities(grid, node_ids)
     stopped = threading.Event()
 
     def client(node_id: int) -> EdgeClient:
         return EdgeClient(server, join_token, "stdlib", runtime="torch", role="gpu", max_tasks=max_tasks,
-                          progress=False, ca_file=ca_file,
+                          progress=False, ca_file=ca_file, capabilities=caps[node_id],
                           runtime_factory=lambda spec, task: FlowerNodeRuntime(grid, node_id, spec, task, stopped))
 
     gateway = _Gateway([client(n) for n in node_ids], stopped)

@@ -1,4 +1,5 @@
-"""The Flower node's side of the bridge: the ClientApp that trains a stamen task on a SuperNode.
+"""The Flower node's side of the bridge: the ClientApp that declares the node's hardware (a query
+message, once) and trains stamen tasks on a SuperNode (a train message per task).
 
 Under ``flwr run`` a SuperNode starts a new ClientApp process for every message, so this module
 imports only what training needs (not the HTTP client), and whatever must outlive one task
@@ -26,6 +27,7 @@ from stamen.core.model import ModelSpec
 from stamen.core.plan import Plan
 from stamen.core.records import Task
 from stamen.core.train import default_device
+from stamen.edge_client.probe import capabilities, measure_flops, probe
 from stamen.edge_client.runtime import TorchRuntime
 
 log = logging.getLogger(__name__)
@@ -58,16 +60,33 @@ def _runtime(model: str, plan_json: str) -> TorchRuntime:
                         keep_optimizer=True)
 
 
+def _setup(context: Context) -> None:
+    log_to_stdout()
+    if "threads" in context.node_config:
+        torch.set_num_threads(int(context.node_config["threads"]))
+
+
 client_app = ClientApp()
+
+
+@client_app.query()
+def _capabilities(msg: Message, context: Context) -> Message:
+    """What the node declares when the gateway joins the server on its behalf: its own memory,
+    measured FLOP/s and accelerator, not the gateway's (the server cuts a task's steps to what
+    the declared compute does within the deadline)."""
+    _setup(context)
+    caps = capabilities(probe(), "gpu", ("torch",), measure_flops(default_device()))
+    log.info("capabilities: %.1f GFLOP/s, %.0f MiB, %s", caps.flops / 1e9, caps.memory_bytes / 2**20,
+             caps.accelerator or "cpu")
+    return Message(content=RecordDict({"capabilities": ConfigRecord({"json": json.dumps(caps.to_dict())})}),
+                   reply_to=msg)
 
 
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
     start = time.monotonic()
-    log_to_stdout()
+    _setup(context)
     node = context.node_config
-    if "threads" in node:
-        torch.set_num_threads(int(node["threads"]))
     config = msg.content["config"]
     task = Task.from_dict(json.loads(str(config["task"])))
     rt = _runtime(str(config["model"]), task.plan.to_json())

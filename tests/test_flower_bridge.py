@@ -5,6 +5,7 @@ Then as an operator runs it: ``flower-superlink``, two ``flower-supernode``s and
 shipped app folder (``edge_client/flower_app``), each a real process, by the README's commands as
 written; then ``flwr stop``."""
 
+import dataclasses
 import json
 import math
 import os
@@ -23,8 +24,14 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
 from federation_procs import ENV, free_port, running_server
+from stamen.core.records import Capabilities
+from stamen.edge_client.client import EdgeClient
 from stamen.edge_client.flower import client_app, gateway_app
+from stamen.edge_client.probe import capabilities, probe
 from stamen.server.app import fetch_status
 from stamen.server.auth import create_token
 
@@ -88,6 +95,25 @@ def readme_flower_commands() -> list[str]:
     block = section[section.index("```bash\n") + 8:]
     block = block[:block.index("```")].replace("\\\n", " ")
     return [line for line in block.splitlines() if line.strip()]
+
+
+def test_a_node_declares_its_own_hardware_and_the_gateway_joins_with_it(tmp_path, monkeypatch):
+    """The node's ClientApp answers the gateway's query with its probe; an edge client given
+    capabilities declares them instead of probing its own machine (here: a compute so slow that
+    the server cuts the gpu tier's steps to one)."""
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):  # what a Flower runtime sets
+        monkeypatch.setattr(TaskIdentity, name, value)
+    query = Message(content=RecordDict(), dst_node_id=7, message_type="query")
+    context = Context(run_id=1, node_id=7, node_config={"threads": 1}, state=RecordDict(), run_config={})
+    reply = client_app(message=query, context=context)
+    declared = Capabilities.from_dict(json.loads(str(reply.content["capabilities"]["json"])))
+    expected = capabilities(probe(), "gpu", ("torch",), declared.flops)
+    assert declared.flops > 0 and declared == dataclasses.replace(expected, memory_bytes=declared.memory_bytes)
+    slow = dataclasses.replace(declared, flops=1e3)
+    with running_server(tmp_path, FED) as (url, state):
+        [entry] = EdgeClient(url, create_token(state, "gpu"), "stdlib", runtime="torch", role="gpu", max_tasks=1,
+                             progress=False, capabilities=slow).run()
+    assert (entry.outcome, entry.steps) == ("accepted", 1)
 
 
 def flower_env(home: Path) -> dict[str, str]:
