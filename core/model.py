@@ -124,14 +124,19 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits for every position; with targets, also the mean cross-entropy (nats/token)."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm's output, what ``lm_head`` turns into logits (the batched
+        simulator fuses that matmul with the loss)."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks.values():
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits for every position; with targets, also the mean cross-entropy (nats/token)."""
+        logits = self.lm_head(self.hidden(idx))
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

@@ -13,15 +13,16 @@ shared, not stacked: memory grows with the devices in a group, never with the po
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import functools
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -81,6 +82,55 @@ def _clip_per_device(grads: list[torch.Tensor], max_norm: float) -> None:
         g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
 
 
+class _Hidden(nn.Module):
+    """``GPT.hidden`` as a module's forward, so ``functional_call`` can run the model up to the
+    head (the head's matmul is fused with the loss in ``_head_loss``)."""
+
+    def __init__(self, gpt: nn.Module) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gpt.hidden(x)
+
+
+CHUNK_BYTES = 1 << 19  # logits per chunk of _head_loss: half a MiB, held in a core's L2 cache
+
+
+@torch.no_grad()
+def _head_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each device's mean cross-entropy of ``h @ w.T`` against ``y``, with its gradients, in one
+    pass over cache-sized chunks of devices.
+
+    ``h`` [D, N, d] is the final hidden state, ``w`` the head ([V, d], shared, or [D, V, d],
+    each device's own) and ``y`` [D, N] the targets. The loss is the mean over a device's N
+    tokens of logsumexp(z) − z[y], so its gradient in the logits is (softmax(z) − onehot(y)) / N,
+    and the chain rule gives the gradients in ``h`` (that @ w) and in ``w`` (its transpose @ h).
+    Computing them here means the logits of a whole group ([D·N, V]: 26 MiB for 100 phones) are
+    never written to memory and read back three times (forward, log-softmax backward, nll
+    backward), which was half a step. Returns the losses [D], the gradient in ``h`` and the
+    gradient in ``w`` (None when ``w`` is shared, i.e. frozen)."""
+    D, N, _ = h.shape
+    V = w.shape[-2]
+    own = w.dim() == 3
+    k = max(1, CHUNK_BYTES // (4 * N * V))
+    losses = torch.empty(D, dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.empty_like(w) if own else None
+    for i in range(0, D, k):
+        hc, yc = h[i:i + k], y[i:i + k].unsqueeze(-1)
+        wc = w[i:i + k] if own else w
+        z = hc @ wc.transpose(-1, -2)  # [k, N, V]
+        lse = z.logsumexp(-1, keepdim=True)
+        losses[i:i + k] = (lse - z.gather(-1, yc)).mean((1, 2))
+        p = z.sub_(lse).exp_()
+        p.scatter_add_(-1, yc, torch.full_like(yc, -1, dtype=p.dtype)).div_(N)
+        torch.matmul(p, wc, out=grad_h[i:i + k])
+        if own:
+            torch.matmul(p.transpose(-1, -2), hc, out=grad_w[i:i + k])
+    return losses, grad_h, grad_w
+
+
 def train_batched(
     model: nn.Module,
     batches: Sequence[Iterator[tuple[torch.Tensor, torch.Tensor]]],
@@ -90,11 +140,41 @@ def train_batched(
 ) -> BatchedResult:
     """Train ``len(batches)`` devices for ``steps`` steps, each from ``model``'s current weights
     on its own batch stream, as ``core.train.train_steps`` would train each one alone with a
-    fresh optimizer. ``model`` (e.g. ``plan.build(cfg)`` loaded with the base weights) is not
-    changed; tensors with ``requires_grad=False`` stay frozen and shared."""
+    fresh optimizer. ``model`` (a ``GPT``, e.g. ``plan.build(cfg)`` loaded with the base
+    weights) is not changed; tensors with ``requires_grad=False`` stay frozen and shared.
+
+    With ``torch.get_num_threads()`` = T > 1 the devices are split into T parts, each trained
+    single-threaded in its own thread on its own copy of ``model``: devices are independent, so
+    this changes no result, and it keeps both cores busy where intra-op threads would wait at a
+    barrier after every one of a step's ~100 small ops."""
     n = len(batches)
     if n == 0 or steps < 1:
         raise UserError(f"batched training needs at least one device and one step, got {n} devices, {steps} steps")
+    threads = torch.get_num_threads()
+    if threads == 1 or n == 1:
+        return _train(model, batches, steps, cfg, step_offset)
+    parts = [list(batches[i * n // threads:(i + 1) * n // threads]) for i in range(min(threads, n))]
+    torch.set_num_threads(1)
+    try:
+        # The attention backend is process-wide state: set once here, not entered and left by
+        # each thread in turn.
+        with ThreadPoolExecutor(len(parts)) as pool, sdpa_kernel(SDPBackend.MATH):
+            done = list(pool.map(lambda part: _train(copy.deepcopy(model), part, steps, cfg, step_offset), parts))
+    finally:
+        torch.set_num_threads(threads)
+    return BatchedResult({k: torch.cat([r.weights[k] for r in done]) for k in done[0].weights},
+                         torch.cat([r.losses for r in done]), done[0].tokens)
+
+
+def _train(
+    model: nn.Module,
+    batches: Sequence[Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    steps: int,
+    cfg: TrainConfig,
+    step_offset: int,
+) -> BatchedResult:
+    """``train_batched`` on the calling thread."""
+    n = len(batches)
     _keep_freed_memory()
     device = next(model.parameters()).device
     params = dict(model.named_parameters())
@@ -104,11 +184,14 @@ def train_batched(
                for k in trainable}
     leaves = list(stacked.values())
     opt = _optimizer(leaves, cfg)
+    head = next(k for k, p in params.items() if p is model.lm_head.weight)  # "wte.weight" when tied
+    body = _Hidden(model)
 
-    def one_logits(own: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, (own, frozen), (x,))
+    def one_hidden(own: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(body, ({f"gpt.{k}": v for k, v in own.items()},
+                                      {f"gpt.{k}": v for k, v in frozen.items()}), (x,))
 
-    per_device_logits = vmap(one_logits, in_dims=(0, 0))
+    per_device_hidden = vmap(one_hidden, in_dims=(0, 0))
     losses = torch.empty(n, steps)
     tokens = 0
     model.train()
@@ -120,16 +203,16 @@ def train_batched(
         # The math kernel: the fused CPU attention kernels have no vmap rule and would fall
         # back to a slow loop over devices.
         with autocast(device), sdpa_kernel(SDPBackend.MATH):
-            logits = per_device_logits(stacked, x)  # [devices, batch, seq, vocab]
-            # The cross-entropy runs outside vmap, as one over every device's tokens (its
-            # batching rule made log-softmax and its backward 40 % of a step); each device's
-            # loss is the mean over its own tokens, as the model's forward computes it.
-            loss = F.cross_entropy(logits.flatten(0, 2), y.flatten(), reduction="none").view(n, -1).mean(1)
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            h = per_device_hidden(stacked, x)  # [devices, batch, seq, embd]
+        w = stacked[head] if head in stacked else frozen[head]
+        loss, grad_h, grad_w = _head_loss(h.detach().flatten(1, 2), w.detach(), y.flatten(1))
+        opt.zero_grad(set_to_none=True)
+        if grad_w is not None:  # the head trains: its own gradient, plus the embedding's if tied
+            w.grad = grad_w
+        h.backward(grad_h.view_as(h))
         if cfg.grad_clip > 0:
             _clip_per_device([p.grad for p in leaves], cfg.grad_clip)
         opt.step()
-        losses[:, i] = loss.detach().float().cpu()
+        losses[:, i] = loss.float().cpu()
         tokens += y[0].numel()
     return BatchedResult({k: v.detach() for k, v in stacked.items()}, losses, tokens)

@@ -64,6 +64,22 @@ def test_batched_equals_each_device_alone(shards, train):
             assert not torch.equal(own[name], base[name]), f"{name} did not train"
 
 
+def test_threads_split_devices_without_changing_results(shards):
+    """Two threads train the group in two parts, each as one thread trains it."""
+    train = TrainConfig(lr=3e-3, warmup_steps=2, total_steps=6)
+    one = train_batched(submodel(), [s.batches(BATCH, SEQ, seed=d) for d, s in enumerate(shards)], STEPS, train)
+    torch.set_num_threads(2)
+    try:
+        two = train_batched(submodel(), [s.batches(BATCH, SEQ, seed=d) for d, s in enumerate(shards)], STEPS, train)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    assert torch.equal(two.losses, one.losses)
+    assert two.weights.keys() == one.weights.keys()
+    for name in one.weights:
+        assert torch.equal(two.weights[name], one.weights[name]), name
+
+
 def test_devices_really_differ(shards):
     """Guards the equality test above: different data must give different updates."""
     train = TrainConfig(warmup_steps=1, total_steps=4)
