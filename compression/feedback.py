@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from stamen.compression.codecs import compress, reconstruct, to_numpy
 from stamen.compression.spec import CodecSpec, parse
@@ -58,14 +58,21 @@ class ErrorFeedback:
         return data
 
     def save(self, path: str | Path) -> None:
-        flat = {f"{plan}{SEP}{name}": t.contiguous()
-                for plan, ts in self.residuals.items() for name, t in ts.items()}
-        save_file(flat, str(path))
+        Path(path).write_bytes(self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path, decay: float = 1.0) -> "ErrorFeedback":
+        return cls.from_bytes(Path(path).read_bytes(), decay)
+
+    def to_bytes(self) -> bytes:
+        """The residuals as one safetensors blob (float32, exact)."""
+        return save({f"{plan}{SEP}{name}": t.contiguous()
+                     for plan, ts in self.residuals.items() for name, t in ts.items()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, decay: float = 1.0) -> "ErrorFeedback":
         ef = cls(decay)
-        for key, t in load_file(str(path)).items():
+        for key, t in load(data).items():
             plan, _, name = key.partition(SEP)
             ef.residuals.setdefault(plan, {})[name] = t
         return ef

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stamen.compression.feedback import ErrorFeedback
 from stamen.core.data import Shard, load_corpus, partition
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, ModelSpec, load_weights, weights
@@ -39,6 +38,7 @@ from stamen.server.config import FederationConfig
 from stamen.server.coordinator import Coordinator, TaskClosed
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, VirtualDevice, sample_population
 from stamen.simulator.ray_backend import GroupWork, make_backend
+from stamen.simulator.residuals import ResidualStore
 
 
 EVAL_BATCH = 32  # sequences per validation batch, as core.baseline's default batch size
@@ -154,7 +154,7 @@ class Simulation:
         self.seq = 0
         self.session_end: dict[int, float] = {}
         self.held: dict[int, int] = {}  # device → version of the weights it holds
-        self.feedback: dict[int, ErrorFeedback] = {}
+        self.feedback = ResidualStore()  # on disk between a device's tasks: memory follows the tasks in flight
         self.gpu_runtimes: dict[int, TorchRuntime] = {}
         self.groups: dict[tuple, list[_Job]] = {}  # open groups, not yet trained
         self.submitted: dict[tuple, tuple[list[_Job], object]] = {}  # closed groups, training on the backend
@@ -192,6 +192,7 @@ class Simulation:
             if on_version is not None and self.coord.version != version:
                 on_version(self.coord.version)
         self.backend.close()
+        self.feedback.close()
         self.result.end_time_h = t / 3600
         if not self.result.evals or self.result.evals[-1]["version"] != self.coord.version:
             self._evaluate(t)
@@ -254,8 +255,9 @@ class Simulation:
         d, task = job.device, job.task
         self._count(d, busy_s=t - job.started)  # counted when done, so never past the run's end
         job.started = t
-        ef = self.feedback.setdefault(d.id, ErrorFeedback())
+        ef = self.feedback.get(d.id)
         payload = ef.encode(task.plan.hash, job.delta, task.codec, meta={"tokens": job.tokens, "loss": job.loss})
+        self.feedback.put(d.id, ef)
         job.delta, job.base = None, {}
         arrive = t + len(payload) / d.capabilities.up_bytes_s
         if arrive > self.session_end[d.id]:
