@@ -217,11 +217,6 @@ class ModelSpec:
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def param_count(module: nn.Module) -> int:
-    """Distinct parameters (tied weights count once)."""
-    return sum(p.numel() for p in module.parameters())
-
-
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The canonical weight dict: parameter names as ``named_parameters`` gives them (a tied
     head appears once, as ``wte.weight``). Every manifest, update and checkpoint uses it."""

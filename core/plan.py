@@ -248,30 +248,6 @@ def tier_plans(cfg: Model) -> dict[str, Plan]:
     }
 
 
-def pick_plan(cfg: Model, memory_bytes: int, batch_size: int, seq_len: int,
-              max_flops_per_token: float | None = None) -> Plan:
-    """The largest plan (most trainable parameters, then most parameters) whose training
-    memory fits ``memory_bytes`` and, if given, whose FLOPs per token fit the time budget.
-    Candidates: the tier plans, then every (first n blocks, width, body-or-all) combination."""
-    candidates = list(tier_plans(cfg).values())
-    if isinstance(cfg, GPTConfig):
-        candidates += [Plan(f"b{n}-w{w:g}" + ("" if train == ("*",) else "-body"), tuple(range(n)), w, train)
-                       for n in range(1, cfg.n_layer + 1) for w in WIDTHS for train in (BODY, ("*",))]
-    best, best_key = None, None
-    for plan in candidates:
-        c = plan.cost(cfg, batch_size, seq_len)
-        if c.memory_bytes > memory_bytes or (max_flops_per_token is not None and c.flops_per_token > max_flops_per_token):
-            continue
-        key = (c.trainable_params, c.params)
-        if best_key is None or key > best_key:
-            best, best_key = plan, key
-    if best is None:
-        smallest = min(p.cost(cfg, batch_size, seq_len).memory_bytes for p in candidates)
-        raise UserError(f"no plan fits {memory_bytes / 2**20:.1f} MiB at batch {batch_size} x seq {seq_len} "
-                        f"(the smallest needs {smallest / 2**20:.1f} MiB)")
-    return best
-
-
 def plans_table(spec: ModelSpec, batch_size: int, seq_len: int) -> list[dict[str, Any]]:
     """Rows for ``stamen plans --model M``: each tier's plan and its cost."""
     cfg = spec.gpt_config()

@@ -42,6 +42,11 @@ PART_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16),
 }
 HEADER_KEYS = {"format", "kind", "codec", "meta", "tensors", "zstd", "body_bytes"}
+# Protocol names every role shares (server, edge client, reference device, CLI), here because
+# this module is the protocol's lowest layer and imports no torch (the CLI stays quick to start).
+RUNTIMES = ("torch", "ort", "executorch")  # what a task may name: eager torch, or an exported bundle
+BUNDLE_RUNTIMES = ("ort", "executorch")  # the runtimes that train an exported bundle
+LONG_POLL_S = 30  # the longest GET /v1/task wait a client asks for (the server caps it at [server] long_poll_s)
 # The federation's one weights codec: float32 values, zstd level 1, lossless. Weights go down in
 # it (``compression.downlink``) because clients compute Δ against them; it is named here, in
 # the frame's own module, so a runtime-only device that reads frames without the codecs

@@ -36,6 +36,7 @@ from stamen.core.errors import UserError
 from stamen.core.model import ModelSpec
 from stamen.core.records import Capabilities, Task
 from stamen.core.train import default_device
+from stamen.core.wire import LONG_POLL_S, RUNTIMES
 from stamen.edge_client.bundle_runtime import available_runtimes
 from stamen.edge_client.executorch_runtime import ExecuTorchRuntime
 from stamen.edge_client.ort_runtime import OrtRuntime
@@ -44,9 +45,7 @@ from stamen.edge_client.runtime import Runtime, TorchRuntime
 from stamen.edge_client.session import ServerRefused, Session
 from stamen.mobile_bridge.manifest import BundleError, read_bundle
 
-RUNTIMES = ("torch", "ort", "executorch")
-BUNDLE_RUNTIMES = {"ort": OrtRuntime, "executorch": ExecuTorchRuntime}
-LONG_POLL_S = 30
+BUNDLE_TRAINERS = {"ort": OrtRuntime, "executorch": ExecuTorchRuntime}
 RELEASE_TIMEOUT_S = 5.0  # how long a stopping client tries to give its open task back
 
 log = logging.getLogger(__name__)
@@ -145,7 +144,7 @@ class EdgeClient:
                         runtimes[key] = TorchRuntime(cfg, task.plan, default_device(), keep_optimizer=self.role == "gpu")
                     else:
                         folder, downloads = await self._bundle(session, task, spec.hash, bundles)
-                        runtimes[key] = BUNDLE_RUNTIMES[task.runtime](folder, spec.hash, task.plan.hash)
+                        runtimes[key] = BUNDLE_TRAINERS[task.runtime](folder, spec.hash, task.plan.hash)
                 try:
                     sub = await self._weights(session, task, held)
                     held[task.plan.hash] = (task.base_version, sub)

@@ -15,9 +15,9 @@ import torch
 from stamen.core.errors import UserError
 from stamen.core.model import ModelSpec
 from stamen.core.plan import Plan
+from stamen.core.wire import BUNDLE_RUNTIMES
 from stamen.mobile_bridge.manifest import Manifest, file_entries, read_bundle, write_manifest
 
-RUNTIMES = ("ort", "executorch")
 DEFAULT_CACHE = Path(os.environ.get("STAMEN_CACHE", Path.home() / ".cache" / "stamen")) / "exports"
 
 
@@ -40,8 +40,8 @@ def export_bundle(spec: ModelSpec, plan: Plan, runtime: str, out_dir: str | Path
     files replaced) and return it. Backs ``stamen export``. The exported program comes from
     the cache when it holds a verified copy. ``xnnpack`` (ExecuTorch only) delegates the
     matrix products to XNNPACK: 4-6x faster than the portable kernels (bench/runtimes.py)."""
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime not in BUNDLE_RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}: use one of {', '.join(BUNDLE_RUNTIMES)}")
     cfg = spec.gpt_config()
     if cfg is None:
         raise UserError(f"model {spec.name!r} is not a stamen GPT: only GPT plans can be exported")

@@ -27,12 +27,11 @@ import torch
 from stamen.core.data import Shard, load_corpus
 from stamen.core.errors import UserError
 from stamen.core.train import TrainConfig
-from stamen.core.wire import WEIGHTS_CODEC, Frame, Limits, TensorRecord, decode_frame, encode_frame
+from stamen.core.wire import BUNDLE_RUNTIMES, LONG_POLL_S, WEIGHTS_CODEC, Frame, Limits, TensorRecord, decode_frame, encode_frame
 from stamen.mobile_bridge.loop import train_loop
 from stamen.mobile_bridge.manifest import BundleError, Manifest, read_bundle
 
 UPLOAD_CODEC, UPLOAD_ZSTD = WEIGHTS_CODEC, 1  # the device writes the lossless frame it reads
-LONG_POLL_S = 30
 RETRIES = 8  # a phone app backs off through a server restart or a first bundle export (~20 s)
 RETRY_STATUS = (502, 503, 504)
 
@@ -208,6 +207,6 @@ def _trainer(runtime: str, folder: Path, manifest: Manifest):
 def run_device(server: str, token: str, runtime: str, data: str, cache_dir: str | Path,
                max_tasks: int | None = None, memory_bytes: int = 8 << 20) -> list[DeviceLog]:
     """``stamen device-emulator``: train for the server with a native runtime until stopped."""
-    if runtime not in ("ort", "executorch"):
-        raise UserError(f"unknown device runtime {runtime!r}: use ort or executorch")
+    if runtime not in BUNDLE_RUNTIMES:
+        raise UserError(f"unknown device runtime {runtime!r}: use one of {', '.join(BUNDLE_RUNTIMES)}")
     return ReferenceDevice(server, token, runtime, data, cache_dir, memory_bytes, max_tasks).run()

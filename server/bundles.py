@@ -21,7 +21,7 @@ from pathlib import Path
 
 from stamen.core.model import ModelSpec
 from stamen.core.plan import Plan
-from stamen.mobile_bridge.bundle import RUNTIMES as EXPORTABLE
+from stamen.core.wire import BUNDLE_RUNTIMES
 from stamen.mobile_bridge.bundle import publish_bundle
 from stamen.mobile_bridge.manifest import BundleError, read_bundle
 from stamen.server.coordinator import RequestError
@@ -47,8 +47,8 @@ class BundlePublisher:
     def _job(self, plan_hash: str, runtime: str) -> asyncio.Task[Path]:
         """The job that publishes this bundle, started now unless one exists. Refuses an
         unknown plan or runtime and a bundle that cannot be built, with a reason."""
-        if runtime not in EXPORTABLE:
-            raise RequestError(f"no bundles for runtime {runtime!r}: use one of {', '.join(EXPORTABLE)}", 404)
+        if runtime not in BUNDLE_RUNTIMES:
+            raise RequestError(f"no bundles for runtime {runtime!r}: use one of {', '.join(BUNDLE_RUNTIMES)}", 404)
         if plan_hash not in self.shapes:
             raise RequestError(f"unknown plan {plan_hash!r}", 404)
         if runtime == "executorch" and self.shapes[plan_hash][1] is None:

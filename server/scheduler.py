@@ -27,9 +27,8 @@ from stamen.core.errors import UserError
 from stamen.core.model import GPTConfig
 from stamen.core.plan import Plan
 from stamen.core.records import Capabilities, Task
+from stamen.core.wire import RUNTIMES
 from stamen.server.config import FederationConfig
-
-RUNTIMES = ("torch", "ort", "executorch")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from stamen.core.errors import UserError
+from stamen.core.wire import BUNDLE_RUNTIMES, RUNTIMES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server", required=True, help="server URL")
     s.add_argument("--token", required=True, help="join token from the operator")
     s.add_argument("--data", required=True, help="'stdlib', a folder of text files, or a .jsonl file")
-    s.add_argument("--runtime", default="auto", choices=["auto", "torch", "ort", "executorch"])
+    s.add_argument("--runtime", default="auto", choices=["auto", *RUNTIMES])
     s.add_argument("--role", default="device", choices=["device", "gpu"])
     s.add_argument("--max-memory", help="memory training may use, e.g. 2G (default: what the probe finds)")
     s.add_argument("--budget-minutes", type=float, help="stop after this long (default: run until stopped)")
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="export a plan's training program as an on-device bundle")
     s.add_argument("--model", default="gpt-tiny", help="preset or 'pkg.module:function'")
     s.add_argument("--plan", required=True, help="a tier (phone-low, ..., gpu) or a plan .json file")
-    s.add_argument("--runtime", required=True, choices=["executorch", "ort"])
+    s.add_argument("--runtime", required=True, choices=BUNDLE_RUNTIMES)
     s.add_argument("--out", required=True, help="bundle folder (manifest.json, program, weights)")
     s.add_argument("--batch-size", type=positive_int, default=8, help="ExecuTorch programs have a static batch")
     s.add_argument("--seq-len", type=positive_int, default=64)
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("device-emulator", help="a runtime-only reference device, as a phone app would be")
     s.add_argument("--server", required=True, help="server URL")
     s.add_argument("--token", required=True, help="device join token")
-    s.add_argument("--runtime", required=True, choices=["executorch", "ort"])
+    s.add_argument("--runtime", required=True, choices=BUNDLE_RUNTIMES)
     s.add_argument("--data", required=True, help="'stdlib', a folder of text files, or a .jsonl file")
     s.add_argument("--cache", default=str(Path.home() / ".stamen" / "device"), help="bundle cache folder")
     s.add_argument("--max-tasks", type=positive_int, help="stop after this many tasks")
