@@ -66,6 +66,7 @@ class FlowerNodeRuntime(Runtime):
                       dst_node_id=self.node_id, message_type="train")
         start = time.monotonic()
         [msg_id] = self.grid.push_messages([msg])
+        log.info("node %s: %s sent (%d steps from v%d)", self.node_id, self.task.task_id, steps, self.task.base_version)
         # Wait no longer than the server does: past the deadline the task is reissued anyway.
         while not (replies := list(self.grid.pull_messages([msg_id]))):
             if self.stopped.is_set():

@@ -233,6 +233,7 @@ def test_the_readme_flower_commands_train_for_the_server_and_flwr_stop_leaves_no
     assert final["tiers"]["gpu"] == {"updates": sum(updates), "tokens": sum(updates) * STEPS * BATCH * SEQ}
     # The gateway's log reached `flwr run --stream`: the nodes, each task, each upload.
     assert "gateway: training for" in streamed
+    assert len(re.findall(r"node \d+: t\d+ sent \(3 steps from v\d+\)", streamed)) >= sum(updates)
     assert len(re.findall(r"node \d+: t\d+ trained in", streamed)) >= sum(updates)
     assert len(re.findall(r": v\d+ gpu 3 steps, .*: accepted", streamed)) == sum(updates)
     # Each task ran in a new ClientApp process; the node folder carried AdamW across them.
