@@ -1,16 +1,18 @@
-"""Federation settings: the packaged ``federation.toml`` holds every default (with comments that
-say what each does), and an operator's file overrides only the keys it names. Settings are read
-into frozen dataclasses once, at start-up, so a typo stops the server with one line instead of
-surfacing as a wrong number hours later."""
+"""Federation settings: one frozen dataclass per section, each field with its default (the same
+as the packaged ``federation.toml``, which a test holds them to), a docstring, and the
+section's own checks; ``core.config.from_table`` reads a file onto them, so a typo stops the
+server with one line naming the key instead of surfacing as a wrong number hours later. An
+operator's file overrides only the keys it names. The aggregation section's rules are the
+aggregator's own (``AggregatorConfig``, ``OuterConfig``): it builds them to check itself."""
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
+from stamen.core.config import from_table, read_toml
 from stamen.core.errors import UserError
 from stamen.core.model import GPTConfig
 from stamen.core.plan import Plan, tier_plans
@@ -19,65 +21,151 @@ from stamen.server.aggregator import AggregatorConfig
 from stamen.server.outer import OuterConfig
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
 @dataclass(frozen=True)
 class AggregationSettings:
-    mode: str
-    buffer_k: int
-    tau_max: int
-    token_exponent: float
-    staleness_exponent: float
-    max_wait_s: float
-    min_quorum: int
-    outer: str
-    outer_lr: float
-    momentum: float
+    """``[aggregation]``: how updates merge into versions."""
+
+    mode: str = "async"
+    """``async`` (FedBuff: merge whoever is done) or ``rounds`` (synchronous FedAvg/DiLoCo: one
+    round of tasks per version, see ``Scheduler``; needs ``tau_max = 0``)."""
+    buffer_k: int = 4
+    """Updates merged into each new version (FedBuff's K; in rounds, the round size)."""
+    tau_max: int = 8
+    """Updates more than this many versions stale are refused (HTTP 409)."""
+    token_exponent: float = 1.0
+    """Update weight = tokens^token_exponent · (1 + staleness)^−staleness_exponent."""
+    staleness_exponent: float = 0.5
+    """See ``token_exponent`` (½: FedBuff's 1/√(1+τ))."""
+    max_tokens: int = 0
+    """Also publish once the buffer holds this many tokens (0: never)."""
+    max_wait_s: float = 0.0
+    """Also publish when the oldest buffered update is this old (0: never); in rounds, the round
+    deadline that closes a round dropouts leave short."""
+    min_quorum: int = 1
+    """... provided at least this many updates are buffered."""
+    outer: str = "nesterov"
+    """Outer optimizer: nesterov (DiLoCo), fedavg or fedadam."""
+    outer_lr: float = 0.7
+    """The outer optimizer's learning rate (1 with fedavg: the plain weighted mean)."""
+    momentum: float = 0.9
+    """Nesterov momentum μ, in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("async", "rounds"), f"mode {self.mode!r}: use async or rounds")
+        _require(self.mode != "rounds" or self.tau_max == 0,
+                 'mode = "rounds" needs tau_max = 0: a round merges only its own updates')
+        _require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
+        _require(self.max_tokens >= 0 and self.max_wait_s >= 0, "max_tokens and max_wait_s must be >= 0")
+        self.aggregator_config()  # the aggregator's and the outer optimizer's own checks
+
+    def aggregator_config(self) -> AggregatorConfig:
+        return AggregatorConfig(buffer_k=self.buffer_k, tau_max=self.tau_max, token_exponent=self.token_exponent,
+                                staleness_exponent=self.staleness_exponent, max_tokens=self.max_tokens or None,
+                                max_wait_s=self.max_wait_s or None, min_quorum=self.min_quorum,
+                                outer=OuterConfig(self.outer, self.outer_lr, self.momentum))
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    seq_len: int
-    warmup_steps: int
-    total_steps: int
-    min_lr_ratio: float
-    weight_decay: float
-    grad_clip: float
+    """``[training]``: the inner training every tier shares."""
+
+    seq_len: int = 64
+    """Tokens per training sequence, every tier."""
+    warmup_steps: int = 50
+    """The inner lr schedule runs on one global step counter (Photon): its warm-up ..."""
+    total_steps: int = 20000
+    """... and its length, in global steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule's floor, as a fraction of each tier's lr."""
+    weight_decay: float = 0.1
+    """AdamW's decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip per inner step."""
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 1, "seq_len must be at least 1")
 
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    task_deadline_s: float
-    max_in_flight: int
-    compute_share: float
-    overselect: float
+    """``[scheduler]``: who gets which task, and when it lapses."""
+
+    task_deadline_s: float = 600.0
+    """A task not uploaded by then is reissued to another client."""
+    max_in_flight: int = 16
+    """Device tasks out at once (GPU nodes not counted): staleness runs about max_in_flight /
+    buffer_k versions, so keep it a few K and under tau_max · K."""
+    compute_share: float = 0.5
+    """A task's estimated compute may fill this share of its deadline."""
+    overselect: float = 1.3
+    """Rounds only: device tasks per round over its device places (buffer_k minus the GPU
+    nodes); the first arrivals close the round, the late are refused."""
+
+    def __post_init__(self) -> None:
+        _require(self.task_deadline_s > 0, "task_deadline_s must be positive")
+        _require(self.max_in_flight >= 1, "max_in_flight must be at least 1")
+        _require(0 < self.compute_share <= 1, "compute_share must be in (0, 1]")
+        _require(self.overselect >= 1, "overselect must be at least 1")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    max_body_mib: int
-    request_timeout_s: float
-    long_poll_s: float
-    checkpoint_every: int
+    """``[server]``: the HTTP server's limits and durability cadence."""
+
+    max_body_mib: int = 64
+    """Largest request body accepted."""
+    request_timeout_s: float = 120.0
+    """Per request, including reading the body."""
+    long_poll_s: float = 30.0
+    """Longest a GET /v1/task may wait for work."""
+    checkpoint_every: int = 10
+    """Versions between model checkpoints (the journal covers the rest)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_body_mib >= 1, "max_body_mib must be at least 1")
+        _require(self.request_timeout_s > 0, "request_timeout_s must be positive")
+        _require(self.long_poll_s >= 0, "long_poll_s must be >= 0")
+        _require(self.checkpoint_every >= 1, "checkpoint_every must be at least 1")
 
 
 @dataclass(frozen=True)
 class TierSettings:
+    """``[tiers.NAME]``: one tier's local work and, optionally, its plan. A tier the packaged
+    table lacks starts from ``NEW_TIER_BASE``'s settings and plan."""
+
     steps: int
+    """Inner steps per task (cut for a slow client to fit its deadline)."""
     batch_size: int
+    """Sequences per inner step."""
     optimizer: str
+    """Inner optimizer: adamw or sgd."""
     lr: float
+    """Inner peak learning rate."""
     codec: str
-    blocks: tuple[int, ...] | None = None  # plan overrides; None keeps the tier's default plan
+    """Upload codec spec, e.g. ``int8(block=256)+zstd(3)``."""
+    blocks: tuple[int, ...] | None = None
+    """Plan override: the blocks kept (None keeps the tier's default plan)."""
     width: float | None = None
+    """Plan override: the width fraction kept."""
     train: tuple[str, ...] | None = None
+    """Plan override: the name patterns that train."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be at least 1")
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    aggregation: AggregationSettings
-    training: TrainingSettings
-    scheduler: SchedulerSettings
-    server: ServerSettings
-    tiers: dict[str, TierSettings]
+    aggregation: AggregationSettings = field(default_factory=AggregationSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    tiers: dict[str, TierSettings] = field(default_factory=dict)
 
     def train_config(self, tier: str) -> TrainConfig:
         """The inner optimizer of a tier, on the federation's one global lr schedule."""
@@ -87,17 +175,14 @@ class FederationConfig:
                            weight_decay=s.weight_decay, grad_clip=s.grad_clip)
 
     def aggregator_config(self) -> AggregatorConfig:
-        a = self.aggregation
-        return AggregatorConfig(buffer_k=a.buffer_k, tau_max=a.tau_max, token_exponent=a.token_exponent,
-                                staleness_exponent=a.staleness_exponent, max_wait_s=a.max_wait_s or None,
-                                min_quorum=a.min_quorum, outer=OuterConfig(a.outer, a.outer_lr, a.momentum))
+        return self.aggregation.aggregator_config()
 
     def plans(self, cfg: GPTConfig) -> dict[str, Plan]:
         """Each tier's plan: the default tier table with this file's overrides."""
         defaults = tier_plans(cfg)
         out = {}
         for name, t in self.tiers.items():
-            base = defaults.get(name, defaults["gpu"])
+            base = defaults.get(name) or defaults.get(NEW_TIER_BASE, defaults["gpu"])
             out[name] = Plan(name, t.blocks if t.blocks is not None else base.blocks,
                              t.width if t.width is not None else base.width,
                              t.train if t.train is not None else base.train)
@@ -108,107 +193,35 @@ def _default_text() -> str:
     return resources.files("stamen.server").joinpath("federation.toml").read_text()
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# Field type (as written in the dataclasses above) → (check, conversion). Ints are accepted
-# where floats are expected, as TOML users write ``lr = 1`` too.
-_KINDS = {
-    "int": (_is_int, int),
-    "float": (_is_number, float),
-    "str": (lambda v: isinstance(v, str), str),
-    "tuple[int, ...]": (lambda v: isinstance(v, list) and all(map(_is_int, v)), tuple),
-    "tuple[str, ...]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), tuple),
-}
-
-
-def _typed(where: str, value: Any, kind: str) -> Any:
-    ok, convert = _KINDS[kind.removesuffix(" | None")]
-    if not ok(value):
-        raise UserError(f"federation config {where}: {value!r} has the wrong type (expected {kind.removesuffix(' | None')})")
-    return convert(value)
-
-
-def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    for key in values:
-        if key not in known:
-            raise UserError(f"federation config [{name}]: unknown key {key!r} (known: {', '.join(known)})")
-    missing = [k for k, f in known.items() if k not in values and f.default is not None]
-    if missing:
-        raise UserError(f"federation config [{name}]: missing {', '.join(missing)}")
-    return cls(**{k: _typed(f"[{name}] {k}", v, known[k].type) for k, v in values.items()})
-
-
-def _check(cfg: FederationConfig) -> None:
-    a, s = cfg.aggregation, cfg.scheduler
-    rules = [
-        (a.mode in ("async", "rounds"), f"[aggregation] mode {a.mode!r}: use async or rounds"),
-        (a.mode != "rounds" or a.tau_max == 0, "[aggregation] mode = \"rounds\" needs tau_max = 0: a round merges only its own updates"),
-        (a.buffer_k >= 1, "[aggregation] buffer_k must be at least 1"),
-        (a.tau_max >= 0, "[aggregation] tau_max must be at least 0"),
-        (a.outer in ("nesterov", "fedavg", "fedadam"), f"[aggregation] outer {a.outer!r}: use nesterov, fedavg or fedadam"),
-        (a.outer_lr > 0, "[aggregation] outer_lr must be positive"),
-        (0 <= a.momentum < 1, "[aggregation] momentum must be in [0, 1)"),
-        (a.min_quorum >= 1, "[aggregation] min_quorum must be at least 1"),
-        (a.max_wait_s >= 0, "[aggregation] max_wait_s must be >= 0"),
-        (cfg.training.seq_len >= 1, "[training] seq_len must be at least 1"),
-        (s.task_deadline_s > 0, "[scheduler] task_deadline_s must be positive"),
-        (s.max_in_flight >= 1, "[scheduler] max_in_flight must be at least 1"),
-        (0 < s.compute_share <= 1, "[scheduler] compute_share must be in (0, 1]"),
-        (s.overselect >= 1, "[scheduler] overselect must be at least 1"),
-        (cfg.server.max_body_mib >= 1, "[server] max_body_mib must be at least 1"),
-        (cfg.server.request_timeout_s > 0, "[server] request_timeout_s must be positive"),
-        (cfg.server.long_poll_s >= 0, "[server] long_poll_s must be >= 0"),
-        (cfg.server.checkpoint_every >= 1, "[server] checkpoint_every must be at least 1"),
-        ("gpu" in cfg.tiers, "[tiers.gpu] is required: gpu-role clients train it"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(f"federation config {message}")
-    for name, t in cfg.tiers.items():
-        if t.steps < 1 or t.batch_size < 1:
-            raise UserError(f"federation config [tiers.{name}]: steps and batch_size must be at least 1")
-        cfg.train_config(name)  # TrainConfig checks optimizer and lr
+NEW_TIER_BASE = "laptop"  # what a tier the packaged table lacks starts from, settings and plan alike
+SECTIONS = {"aggregation": AggregationSettings, "training": TrainingSettings, "scheduler": SchedulerSettings,
+            "server": ServerSettings}
 
 
 def load_config(path: str | Path | None = None) -> FederationConfig:
-    """The defaults, overridden key by key by the file at ``path`` (if any)."""
+    """The packaged settings, overridden key by key by the file at ``path`` (if any)."""
     data = tomllib.loads(_default_text())
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"federation config not found: {p}")
+    user = read_toml(Path(path), "federation config") if path is not None else {}
+    for section, values in user.items():
+        if section not in data:
+            raise UserError(f"federation config: unknown section [{section}] (known: {', '.join(data)})")
+        if not isinstance(values, dict):
+            raise UserError(f"federation config: [{section}] must be a table")
+        if section == "tiers":
+            for tier, tv in values.items():
+                if not isinstance(tv, dict):
+                    raise UserError(f"federation config: [tiers.{tier}] must be a table")
+                data["tiers"][tier] = {**data["tiers"].get(tier, data["tiers"][NEW_TIER_BASE]), **tv}
+        else:
+            data[section].update(values)
+    sections = {name: from_table(cls, data[name], f"federation config [{name}]") for name, cls in SECTIONS.items()}
+    tiers = {name: from_table(TierSettings, v, f"federation config [tiers.{name}]") for name, v in data["tiers"].items()}
+    if "gpu" not in tiers:
+        raise UserError("federation config [tiers.gpu] is required: gpu-role clients train it")
+    cfg = FederationConfig(**sections, tiers=tiers)
+    for name in tiers:
         try:
-            user = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"federation config {p}: {e}") from None
-        for section, values in user.items():
-            if section not in data:
-                raise UserError(f"federation config: unknown section [{section}] (known: {', '.join(data)})")
-            if not isinstance(values, dict):
-                raise UserError(f"federation config: [{section}] must be a table")
-            if section == "tiers":
-                for tier, tv in values.items():
-                    if not isinstance(tv, dict):
-                        raise UserError(f"federation config: [tiers.{tier}] must be a table")
-                    merged = dict(data["tiers"].get(tier, data["tiers"]["laptop"]))
-                    merged.update(tv)
-                    data["tiers"][tier] = merged
-            else:
-                data[section].update(values)
-    cfg = FederationConfig(
-        aggregation=_section(AggregationSettings, "aggregation", data["aggregation"]),
-        training=_section(TrainingSettings, "training", data["training"]),
-        scheduler=_section(SchedulerSettings, "scheduler", data["scheduler"]),
-        server=_section(ServerSettings, "server", data["server"]),
-        tiers={name: _section(TierSettings, f"tiers.{name}", v) for name, v in data["tiers"].items()},
-    )
-    _check(cfg)
+            cfg.train_config(name)  # TrainConfig checks optimizer and lr
+        except UserError as e:
+            raise UserError(f"federation config [tiers.{name}]: {e}") from None
     return cfg
-

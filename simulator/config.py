@@ -5,19 +5,17 @@ dataclasses, so a typo stops ``stamen simulate`` with one line before any work i
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from stamen.core.config import from_table, read_toml
 from stamen.core.errors import UserError
 from stamen.server.config import FederationConfig, load_config
 from stamen.simulator.engine import SimConfig
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, load_classes
 from stamen.simulator.ray_backend import check_backend
-
-_POPULATION_KEYS = ("devices", "jitter", "timezone_spread_h")
-
 
 @dataclass(frozen=True)
 class SimSetup:
@@ -28,15 +26,6 @@ class SimSetup:
     classes: dict[str, HardwareClass]
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"simulation config not found: {path}")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"simulation config {path}: {e}") from None
-
-
 def _merge(data: dict[str, Any], user: dict[str, Any]) -> None:
     for section, values in user.items():
         if section not in data or not isinstance(values, dict):
@@ -45,26 +34,6 @@ def _merge(data: dict[str, Any], user: dict[str, Any]) -> None:
             if key not in data[section]:
                 raise UserError(f"simulation config [{section}]: unknown key {key!r} (known: {', '.join(data[section])})")
             data[section][key] = value
-
-
-def _typed(where: str, value: Any, default: Any) -> Any:
-    """``value`` if it has the default's type (an int is fine where a float is expected)."""
-    kind = type(default)
-    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not ok:
-        raise UserError(f"simulation config {where}: {value!r} should be of type {kind.__name__}")
-    return value
-
-
-def _table(where: str, table: Any, kind: type) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise UserError(f"simulation config {where} must be a table")
-    out = {}
-    for k, v in table.items():
-        out[k] = _typed(f"{where} {k}", v, kind(0))
-    return out
 
 
 def _resolve(name: str, base: Path | None) -> Path | None:
@@ -81,27 +50,28 @@ def load_simulation(path: str | Path | None = None) -> SimSetup:
     base = None
     if path is not None:
         p = Path(path)
-        _merge(data, _read(p))
+        _merge(data, read_toml(p, "simulation config"))
         base = p.parent
-    s, pop = data["simulation"], data["population"]
-    defaults = SimConfig()
-    known = {f.name for f in fields(SimConfig)} - {"population"}
-    sim = SimConfig(**{k: _typed(f"[simulation] {k}", s[k], getattr(defaults, k)) for k in known})
-    population = PopulationConfig(
-        **{k: _typed(f"[population] {k}", pop[k], getattr(PopulationConfig(), k)) for k in _POPULATION_KEYS},
-        mix=_table("[population.mix]", pop["mix"], float), gpu_nodes=_table("[population.gpu_nodes]", pop["gpu_nodes"], int),
-        seed=sim.seed)
+    s, pop = data["simulation"], dict(data["population"])
+    profiles = pop.pop("profiles")
+    sim = from_table(SimConfig, s, "simulation config [simulation]", skip=("population",))
+    population = replace(from_table(PopulationConfig, pop, "simulation config [population]", skip=("seed",)),
+                         seed=sim.seed)
     sim = replace(sim, population=population)
     if sim.horizon_h <= 0 or sim.max_versions < 1 or sim.eval_every < 1 or sim.eval_batches < 1 or sim.max_group < 1:
         raise UserError("simulation config [simulation]: horizon_h, max_versions, eval_every, eval_batches "
                         "and max_group must be positive")
     check_backend(sim.backend, sim.address)
-    fed_file = _resolve(_typed("[federation] file", data["federation"]["file"], ""), base)
+    if not isinstance(data["federation"]["file"], str):
+        raise UserError(f"simulation config [federation] file: {data['federation']['file']!r} should be a path (a string)")
+    fed_file = _resolve(data["federation"]["file"], base)
     if fed_file is None:
         with resources.as_file(resources.files("stamen.simulator").joinpath("federation.toml")) as f:
             fed = load_config(f)
     else:
         fed = load_config(fed_file)
-    classes = load_classes(_resolve(_typed("[population] profiles", pop["profiles"], ""), base))
+    if not isinstance(profiles, str):
+        raise UserError(f"simulation config [population] profiles: {profiles!r} should be a path (a string)")
+    classes = load_classes(_resolve(profiles, base))
     population.check(classes)
     return SimSetup(sim, fed, classes)

@@ -54,8 +54,8 @@ class SimConfig:
     population: PopulationConfig = field(default_factory=PopulationConfig)
     seed: int = 0
     horizon_h: float = 24.0  # stop after this much virtual time...
-    max_versions: int = 100  # ...or once this many versions are published
-    eval_every: int = 5  # versions between validation evaluations
+    max_versions: int = 40  # ...or once this many versions are published
+    eval_every: int = 4  # versions between validation evaluations
     eval_batches: int = 8
     max_group: int = 128  # devices trained together in one vmap (bounds memory)
     baseline: bool = True  # the report also trains centrally on as many tokens

@@ -161,8 +161,10 @@ def test_the_server_and_the_simulator_refuse_alike(fed, tmp_path):
     population = PopulationConfig(devices=8, mix={"laptop": 1.0}, gpu_nodes={}, seed=0)
     sim = Simulation(SimConfig(population=population, max_versions=2, eval_every=2, eval_batches=1, baseline=False),
                      fed, classes)
-    for d, how in zip(sim.devices, MALFORMED):
-        sim.feedback[d.id] = Saboteur(how, sim)
+    saboteurs = {d.id: Saboteur(how, sim) for d, how in zip(sim.devices, MALFORMED)}
+    store, get, put = sim.feedback, sim.feedback.get, sim.feedback.put  # the devices' encoders
+    store.get = lambda device: saboteurs.get(device) or get(device)
+    store.put = lambda device, ef: None if device in saboteurs else put(device, ef)
     r = sim.run()
     assert r.counters.accepted >= 4 and r.counters.refused >= len(MALFORMED)
     # The server: a laptop joins, takes a task and sends the same four uploads over HTTP.

@@ -23,14 +23,26 @@ def test_defaults_and_overrides(tmp_path):
     plans = cfg.plans(PRESETS["gpt-tiny"])
     assert plans["laptop"].width == 1.0 and plans["edge"].blocks == (0,)
     assert cfg.train_config("gpu").lr == base.tiers["gpu"].lr
+    # A tier the packaged table lacks starts from the laptop tier as configured, settings and plan alike.
+    assert cfg.tiers["edge"].batch_size == cfg.tiers["laptop"].batch_size and cfg.tiers["edge"].steps == 2
+    assert (plans["edge"].width, plans["edge"].train) == (plans["laptop"].width, plans["laptop"].train)
+
+
+def test_max_tokens_reaches_the_aggregator(tmp_path):
+    assert load_config().aggregator_config().max_tokens is None
+    cfg = load_config(write(tmp_path, "[aggregation]\nmax_tokens = 4096\n"))
+    assert cfg.aggregator_config().max_tokens == 4096
 
 
 @pytest.mark.parametrize("text, message", [
     ("[aggregation]\nbufer_k = 2\n", "unknown key 'bufer_k'"),
     ("[aggregaton]\n", "unknown section"),
     ("[aggregation]\nbuffer_k = 'four'\n", "wrong type"),
-    ("[aggregation]\nbuffer_k = 0\n", "buffer_k must be at least 1"),
-    ("[aggregation]\nouter = 'sgd'\n", "outer 'sgd'"),
+    ("[aggregation]\nbuffer_k = 0\n", r"\[aggregation\]: buffer_k and min_quorum must be >= 1"),
+    ("[aggregation]\nouter = 'sgd'\n", "outer optimizer 'sgd'"),
+    ("[aggregation]\nmode = 'rounds'\n", "needs tau_max = 0"),
+    ("[aggregation]\nmax_tokens = -1\n", "max_tokens"),
+    ("[tiers.edge]\nsteps = 'x'\n", r"\[tiers.edge\] steps: 'x' has the wrong type"),
     ("[tiers.gpu]\noptimizer = 'lion'\n", "unknown optimizer"),
     ("[tiers.gpu]\nsteps = 0\n", "steps and batch_size"),
     ("[server\n", "federation config"),

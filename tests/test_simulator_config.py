@@ -32,7 +32,7 @@ def test_overrides_key_by_key(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[simulaton]\nseed = 1\n", "unknown section"),
     ("[simulation]\nsed = 1\n", "unknown key 'sed'"),
-    ('[simulation]\nseed = "one"\n', "should be of type int"),
+    ('[simulation]\nseed = "one"\n', r"\[simulation\] seed: 'one' has the wrong type \(expected int\)"),
     ("[simulation]\nmax_versions = 0\n", "must be positive"),
     ("[population.mix]\ntoaster = 1\n", "unknown hardware classes"),
     ('[federation]\nfile = "nowhere.toml"\n', "not found"),
