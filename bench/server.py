@@ -1,10 +1,16 @@
-"""How many device updates per second one stamen server takes over HTTP.
+"""How many device updates per second one stamen server takes over HTTP, against the I/O floor.
 
 Starts a real server process on loopback (gpt-tiny), then N concurrent device clients in this
 process, each doing join once and then task → update cycles with real phone-low updates (the
-plan's trainable slices, encoded with the tier's codec). Prints one JSON line per N:
-``{"clients", "updates_per_s", "p50_ms", "p99_ms", "errors"}`` — latencies are per request
-(task or update), errors count every non-2xx answer or failed connection.
+plan's trainable slices, encoded with the tier's codec). In the same run the same clients drive
+the floor: a bare aiohttp process (same event loop) whose task route answers at once and whose
+update route reads the same bodies and appends them to a file, one fsync per batch (the bodies
+that arrived during one fsync are made durable by the next). No durable server can take updates
+faster than that, so ``ratio`` = stamen / floor says how much of the I/O the server leaves on the
+table. Prints one JSON line per N:
+``{"clients", "updates_per_s", "floor_updates_per_s", "ratio", "p50_ms", "p99_ms", "errors"}``
+— latencies are stamen's, per request (task or update); errors count every non-2xx answer or
+failed connection to stamen.
 
     python bench/server.py            # N = 100 and N = 1000
     python bench/server.py --clients 50 --cycles 2
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +33,7 @@ import aiohttp
 import msgpack
 import numpy as np
 import torch
+from aiohttp import web
 
 from stamen.compression.codecs import encode
 from stamen.core.model import PRESETS
@@ -44,15 +52,68 @@ max_in_flight = 100000
 SERVER = "import sys; from stamen.server.app import run_server; run_server('gpt-tiny', sys.argv[1], sys.argv[2], '127.0.0.1', 0)"
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    (root / "fed.toml").write_text(FED)
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(root / "state"), str(root / "fed.toml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """A server process and its URL, read from its "serving on" line."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         m = re.search(r"serving on (http://\S+)", line)
         if m:
             return proc, m.group(1)
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"server did not start: {' '.join(args)}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.communicate(timeout=60)
+
+
+def floor_app(path: Path) -> web.Application:
+    """The floor: read the body, append it to one file, answer once an fsync covers it. Bodies
+    that arrive while an fsync runs wait for the next one (group commit), as stamen's do."""
+    pending: list[tuple[bytes, asyncio.Future]] = []
+    out = open(path, "ab")
+    writer: list[asyncio.Task] = []
+
+    def write(bodies: list[bytes]) -> None:
+        for b in bodies:
+            out.write(b)
+        out.flush()
+        os.fsync(out.fileno())
+
+    async def commit() -> None:
+        while pending:
+            batch = pending[:]
+            del pending[:]
+            await asyncio.to_thread(write, [b for b, _ in batch])
+            for _, done in batch:
+                done.set_result(None)
+
+    async def task(request: web.Request) -> web.Response:
+        return web.Response(body=msgpack.packb({"task": {"task_id": "t0"}}), content_type="application/msgpack")
+
+    async def update(request: web.Request) -> web.Response:
+        done = asyncio.get_running_loop().create_future()
+        pending.append((await request.read(), done))
+        if not writer or writer[0].done():
+            writer[:] = [asyncio.create_task(commit())]
+        await done
+        return web.Response(body=msgpack.packb({"status": "accepted"}), status=202, content_type="application/msgpack")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.add_routes([web.get("/v1/task", task), web.post("/v1/updates/{task}", update)])
+    return app
+
+
+def serve_floor(path: Path) -> None:
+    async def main() -> None:
+        runner = web.AppRunner(floor_app(path))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        print(f"floor: serving on http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 class Stats:
@@ -106,17 +167,26 @@ async def device(http: aiohttp.ClientSession, url: str, token: str, cycles: int,
         stats.updates += status == 202
 
 
-async def run(url: str, join_token: str, n: int, cycles: int, config: Path) -> dict:
+async def drive(url: str, tokens: list[str], cycles: int, payload: bytes) -> tuple[float, Stats]:
+    """N clients through ``cycles`` task → update cycles each: (updates per second, stats)."""
     stats = Stats()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=300)) as http:
-        joined = await asyncio.gather(*(join(http, url, join_token) for _ in range(n)))
-        payload = payload_for(joined[0], config)  # every client declares the same memory: one plan
         t0 = time.perf_counter()
-        await asyncio.gather(*(device(http, url, me["token"], cycles, payload, stats) for me in joined))
+        await asyncio.gather(*(device(http, url, token, cycles, payload, stats) for token in tokens))
         wall = time.perf_counter() - t0
+    return stats.updates / wall, stats
+
+
+async def run(url: str, floor: str, join_token: str, n: int, cycles: int, config: Path) -> dict:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        joined = await asyncio.gather(*(join(http, url, join_token) for _ in range(n)))
+    payload = payload_for(joined[0], config)  # every client declares the same memory: one plan
+    rate, stats = await drive(url, [me["token"] for me in joined], cycles, payload)
+    floor_rate, _ = await drive(floor, ["floor"] * n, cycles, payload)
     lat = np.array(stats.latencies) * 1000
-    return {"clients": n, "updates_per_s": round(stats.updates / wall, 1),
+    return {"clients": n, "updates_per_s": round(rate, 1), "floor_updates_per_s": round(floor_rate, 1),
+            "ratio": round(rate / floor_rate, 3),
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None, "errors": stats.errors}
 
@@ -125,17 +195,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, nargs="*", default=[100, 1000])
     ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--serve-floor", type=Path, help=argparse.SUPPRESS)  # the floor's own process
     args = ap.parse_args()
+    if args.serve_floor:
+        return serve_floor(args.serve_floor)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        proc, url = start_server(root)
+        (root / "fed.toml").write_text(FED)
+        procs = []
         try:
+            proc, url = start(["-c", SERVER, str(root / "state"), str(root / "fed.toml")])
+            procs.append(proc)
+            proc, floor = start([__file__, "--serve-floor", str(root / "floor.bin")])
+            procs.append(proc)
             token = create_token(root / "state", "device")
             for n in args.clients:
-                print(json.dumps(asyncio.run(run(url, token, n, args.cycles, root / "fed.toml"))), flush=True)
+                print(json.dumps(asyncio.run(run(url, floor, token, n, args.cycles, root / "fed.toml"))), flush=True)
         finally:
-            proc.terminate()
-            proc.communicate(timeout=60)
+            for proc in procs:
+                stop(proc)
 
 
 if __name__ == "__main__":
