@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import signal
+import sqlite3
 import ssl
 import time
 import urllib.error
@@ -130,7 +131,7 @@ async def weights(request: web.Request) -> web.Response:
 async def update(request: web.Request) -> web.Response:
     fed: Federation = request.app[FEDERATION]
     p = fed.principal(_bearer(request), time.time())
-    result = fed.submit(p, request.match_info["task"], await request.read(), time.time())
+    result = await fed.submit(p, request.match_info["task"], await request.read(), time.time())
     return _msgpack(result, status=202)
 
 
@@ -171,7 +172,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def _maintenance(app: web.Application) -> None:
     while True:
         await asyncio.sleep(MAINTENANCE_S)
-        app[FEDERATION].poll(time.time())
+        await app[FEDERATION].poll(time.time())
 
 
 def make_app(federation: Federation, state_dir: Path) -> web.Application:
@@ -233,6 +234,7 @@ async def serve(federation: Federation, state_dir: Path, host: str, port: int,
         await stop.wait()
     finally:
         await runner.cleanup()
+        await federation.drain()
         federation.close()
         print(f"stamen server: stopped at version {federation.coord.version}, checkpoint written", flush=True)
 
@@ -244,7 +246,10 @@ def run_server(model: str, state_dir: str | Path, config_path: str | Path | None
     fed_cfg: FederationConfig = load_config(config_path)
     tls = _tls(tls_cert, tls_key)
     state = Path(state_dir)
-    federation = Federation(model, state, fed_cfg)
+    try:
+        federation = Federation(model, state, fed_cfg)
+    except (OSError, sqlite3.Error) as e:  # e.g. a read-only or missing folder: the operator's to fix
+        raise UserError(f"cannot start on state folder {state}: {e}") from None
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -237,11 +237,19 @@ class Coordinator:
         """Merge an admitted update (``commit``: the store's durable apply; by default the
         aggregator's own), close its task, and on a flush advance the global step counter."""
         update = admitted.update
-        report = (commit or _submit)(self._agg, update, now)
+        try:
+            report = (commit or _submit)(self._agg, update, now)
+        except StaleUpdate:  # a group-committed batch: a flush ahead of it in the journal made it stale
+            self._scheduler.abandon(update.task_id)
+            raise
         self._scheduler.complete(update.task_id)
         if report is not None:
             self._scheduler.published()
         return Accepted(self._agg.version, report)
+
+    def flush_due(self, now: float) -> bool:
+        """Whether the time-driven flush is due (a server journals it before ``poll``)."""
+        return self._agg.due(now)
 
     def poll(self, now: float, flush: Flush | None = None) -> FlushReport | None:
         """The time-driven flush (the aggregator's max wait), if due (``flush``: the store's

@@ -5,10 +5,16 @@ methods that take bytes and return bytes/dicts, so every rule is testable withou
 An update is checked completely (token, ownership, task state, bounded decode against the
 task's plan manifest, staleness, values) before anything changes; then it is journaled by the
 store, and only then applied and acknowledged. A request that fails any check changes nothing.
+The decode runs on worker threads and the journal is group-committed (``committer.py``), so
+the event loop never waits for either.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,10 +26,14 @@ from stamen.core.records import Capabilities, Task
 from stamen.core.wire import FrameTooLarge, WireError
 from stamen.server.aggregator import BadUpdate, StaleUpdate
 from stamen.server.auth import Auth, Principal, Unauthorized
+from stamen.server.committer import Committer
 from stamen.server.config import FederationConfig
-from stamen.server.coordinator import Coordinator, RequestError
+from stamen.server.coordinator import Admitted, Coordinator, RequestError
 from stamen.server.ledger import Ledger
-from stamen.server.store import Store
+from stamen.server.store import Row, Store, lock_state
+
+log = logging.getLogger(__name__)
+DECODERS = 2  # worker threads that decode uploads
 
 
 def http_status(e: UserError) -> int:
@@ -53,6 +63,7 @@ class Federation:
         self.spec, self.cfg, self.fed = spec, cfg, fed
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_state(state)  # before anything in the folder is opened
         self.auth, self.ledger = Auth(state), Ledger(state)
         self.store = Store(state, checkpoint_every=fed.server.checkpoint_every)
         torch.manual_seed(seed)  # the initial model of a new federation; a resumed one ignores it
@@ -63,6 +74,9 @@ class Federation:
         for p in self.auth.clients():
             self.coord.register(p.client_id, Capabilities.from_dict(p.caps))
         self.last_seen: dict[str, float] = {}
+        self.committer = Committer(self.store, agg)
+        self._decoders = ThreadPoolExecutor(DECODERS, thread_name_prefix="stamen-decode")
+        self._committing: dict[str, asyncio.Future] = {}  # task id → its upload's commit, until applied
 
     # --- join and tasks -----------------------------------------------------------------
     def join(self, join_token: str, caps: dict) -> dict:
@@ -112,8 +126,10 @@ class Federation:
         return self.coord.download(self.plan_for(p, plan_hash), version, have)
 
     # --- updates ------------------------------------------------------------------------
-    def submit(self, p: Principal, task_id: str, body: bytes, now: float) -> dict:
-        """Admit (every rule is the coordinator's), journal durably, then apply and acknowledge."""
+    async def submit(self, p: Principal, task_id: str, body: bytes, now: float) -> dict:
+        """Admit (every rule is the coordinator's; the decode on a worker thread), journal with
+        the next group commit, then apply and acknowledge. The task is looked at again after
+        the decode: it may have lapsed, or a re-send of it may have been committed meanwhile."""
         entry = self.ledger.get(task_id)
         if entry is None:
             raise RequestError(f"unknown task {task_id!r}", 404)
@@ -123,14 +139,37 @@ class Federation:
             return {"status": "duplicate", "version": self.coord.version}
         self._expire(now)
         try:
-            admitted = self.coord.admit(p.client_id, entry.task, body)
+            if not self.coord.open(p.client_id, entry.task):
+                return {"status": "duplicate", "version": self.coord.version}
+            update, loss = await asyncio.get_running_loop().run_in_executor(
+                self._decoders, self.coord.decode, entry.task, body)
+            if task_id in self._committing:  # a re-send raced the first upload: answer as it is answered
+                await asyncio.shield(self._committing[task_id])
+                return {"status": "duplicate", "version": self.coord.version}
+            if not self.coord.open(p.client_id, entry.task):
+                return {"status": "duplicate", "version": self.coord.version}
+            admitted = self.coord.judge(update, loss)
         except StaleUpdate:
             self.ledger.lapsed([task_id])  # the coordinator closed it: never mergeable now
             raise
-        if admitted is None:
-            return {"status": "duplicate", "version": self.coord.version}
-        self.ledger.claim(task_id, admitted.update.tokens, admitted.loss)
-        accepted = self.coord.accept(admitted, now, self.store.accept)  # journaled durably, then applied
+        self.ledger.claim(task_id, update.tokens, loss)
+        row = self.store.row(update, now, body)  # journaled as uploaded: replay decodes it again
+        committed = asyncio.ensure_future(self.committer.commit(row, lambda: self._accept(admitted, row)))
+        self._committing[task_id] = committed  # until it is applied, even if this request is cancelled
+        committed.add_done_callback(lambda _: self._committing.pop(task_id, None))
+        try:
+            return await asyncio.shield(committed)
+        except (OSError, sqlite3.Error) as e:
+            raise RequestError(f"the server could not store the update ({e}); send it again later", 503) from None
+
+    def _accept(self, admitted: Admitted, row: Row) -> dict:
+        """Apply a durable update row (the committer calls this in journal order)."""
+        task_id = admitted.update.task_id
+        try:
+            accepted = self.coord.accept(admitted, row.at, lambda agg, update, now: self.store.apply(agg, row))
+        except StaleUpdate:  # a flush ahead of it in the journal made it too stale; the task is closed
+            self.ledger.lapsed([task_id])
+            raise
         self.ledger.done(task_id)
         if accepted.report is not None:
             self._published()
@@ -152,10 +191,15 @@ class Federation:
     def _published(self) -> None:
         self.ledger.set_meta("global_step", self.coord.global_step)
 
-    def poll(self, now: float) -> None:
-        """Periodic work: lapse overdue tasks, publish after the max wait."""
+    async def poll(self, now: float) -> None:
+        """Periodic work: lapse overdue tasks, publish after the max wait (journaled first)."""
         self._expire(now)
-        if self.coord.poll(now, self.store.poll) is not None:
+        if self.coord.flush_due(now):
+            row = self.store.row(None, now)
+            await self.committer.commit(row, lambda: self._flushed(row))
+
+    def _flushed(self, row: Row) -> None:
+        if self.coord.poll(row.at, lambda agg, now: self.store.apply(agg, row)) is not None:
             self._published()
 
     # --- reporting ----------------------------------------------------------------------
@@ -179,9 +223,20 @@ class Federation:
                         "uncovered": [n for n in names if n not in covered]},
         }
 
+    async def drain(self) -> None:
+        """Wait for the journal's queued rows and any checkpoint being written."""
+        await self.committer.drain()
+
     def close(self) -> None:
-        """Checkpoint and close: a restart then resumes without replaying the journal."""
-        self.store.checkpoint(self.coord.aggregator)
+        """Checkpoint and close (after ``drain``): a restart then resumes without replaying the
+        journal. A checkpoint that fails here loses nothing: the restart replays the journal."""
+        try:
+            self.store.checkpoint(self.coord.aggregator)
+        except OSError as e:
+            log.warning("final checkpoint failed (%s); the next start replays the journal", e)
+        self.committer.close()
+        self._decoders.shutdown()
         self.store.close()
         self.auth.close()
         self.ledger.close()
+        self._lock.close()

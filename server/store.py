@@ -1,36 +1,55 @@
-"""Durable server state: a SQLite ledger (WAL mode) plus safetensors checkpoints.
+"""Durable server state: a SQLite journal (WAL mode) plus safetensors checkpoints.
 
 The journal is the truth. An update is acknowledged only after its row (payload included) is
-committed with ``synchronous=FULL``, and only then applied to the aggregator; a time-driven
-flush (``poll``) is journaled as a marker row before it happens. Everything else the
-aggregator does is a deterministic function of that sequence, so ``restore()`` = load the
-newest complete checkpoint + replay the journal rows after it = the exact state, bit for bit,
-whatever instant the process died at. Checkpoints hold the model, the outer optimizer state,
-the buffer (S, W and its counters) and the kept versions; they are written to a temp file,
-fsynced and renamed into place, so a half-written one is never read. Payloads a checkpoint
-covers are dropped from the journal (its task ids stay: they make re-sends idempotent).
+committed with ``synchronous=FULL``, and only then applied to the aggregator, in journal order;
+a time-driven flush (``poll``) is journaled as a marker row before it happens. Everything else
+the aggregator does is a deterministic function of that sequence, so ``restore()`` = load the
+newest readable checkpoint + replay the journal rows after it = the exact state, bit for bit,
+whatever instant the process died at. Rows are written in batches (``write``): the server's
+committer (``server/committer.py``) puts every row that arrived during one commit into the
+next, so one fsync makes many updates durable; each is still applied and acknowledged only
+after its own batch is durable.
 
-Deltas are journaled as safetensors bytes (lossless: the codec has already been undone).
+An update's staleness is judged when it is applied, not when it was journaled: an update that
+a flush ahead of it in the journal made too stale is refused (HTTP 409) although its row is
+kept, and replay refuses it the same way, so live and restored states agree.
+
+Checkpoints hold the model, the outer optimizer state, the buffer (S, W and its counters) and
+the kept versions as of one applied journal row; they are written to a temp file, fsynced and
+renamed into place, so a half-written one is never read. The newest two are kept, and the
+journal keeps the payloads after the older one: if the newest cannot be read (truncated,
+corrupt), ``restore`` sets it aside and falls back to the previous one plus a longer replay.
+A checkpoint that fails to write (disk full) loses nothing: the journal still holds every row
+after the last good one, and the next checkpoint tries again.
+
+An update is journaled as the bytes its client uploaded (a wire frame the server has already
+checked), so a batch costs the disk no more than the uploads themselves; replay decodes them
+again, which is deterministic. An update without an upload (``Store.accept``'s callers) is
+journaled as a lossless fp32 frame.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import sqlite3
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from stamen.compression.codecs import decode, encode
 from stamen.core.errors import UserError
 from stamen.core.plan import Model, Plan
 from stamen.core.records import Task, Update
-from stamen.server.aggregator import Aggregator, AggregatorConfig, FlushReport
+from stamen.server.aggregator import Aggregator, AggregatorConfig, FlushReport, StaleUpdate
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -38,72 +57,142 @@ CREATE TABLE IF NOT EXISTS journal (
     kind TEXT NOT NULL,               -- 'update' or 'flush' (a max-wait flush)
     task_id TEXT UNIQUE,
     base_version INTEGER, plan TEXT, tokens INTEGER, metrics TEXT,
-    payload BLOB,                     -- safetensors bytes of the delta; NULL once checkpointed
+    payload BLOB,                     -- the update's wire frame; NULL once two checkpoints cover it
     at REAL NOT NULL                  -- the aggregator clock the row was applied at
 );
-CREATE TABLE IF NOT EXISTS versions (version INTEGER PRIMARY KEY, report TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, task TEXT NOT NULL);
 """
+JOURNAL_CODEC = "fp32"  # how an update that arrived without its upload's bytes is journaled (lossless)
+KEEP = 2  # checkpoints kept: the newest, and one to fall back to
+BUSY_MS = 30_000  # how long a write waits for another connection's write to finish
+
+
+@dataclass(frozen=True)
+class Row:
+    """One journal row: an update (with ``body``, the upload it was decoded from, if any), or
+    (``update`` None) a max-wait flush marker."""
+
+    seq: int
+    at: float
+    update: Update | None = None
+    body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An aggregator's state as of journal row ``seq``, detached from the live aggregator."""
+
+    seq: int
+    version: int
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def lock_state(root: str | Path) -> IO:
+    """Hold ``root`` for this process (an exclusive ``flock`` on ``root/lock``, released when the
+    process ends): a second server on the same folder would overwrite the first's checkpoints.
+    Raises UserError, having changed nothing, when another process holds it."""
+    path = Path(root) / "lock"
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"state folder {root} is in use by another stamen server") from None
+    return handle
 
 
 class Store:
     """One server's durable state in directory ``root`` (``state.db``, ``checkpoints/``).
-    ``checkpoint_every``: versions between automatic checkpoints (each costs a model write)."""
+    ``checkpoint_every``: versions between automatic checkpoints (each costs a model write).
+
+    Thread use: ``write`` and ``write_checkpoint`` may run on worker threads (one of each at a
+    time); everything else runs on the caller's (the event loop's) thread."""
 
     def __init__(self, root: str | Path, checkpoint_every: int = 10) -> None:
         self.root = Path(root)
         self.ckpt_dir = self.root / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "state.db", isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = self._connect("FULL")
         self.db.executescript(SCHEMA)
         self.checkpoint_every = checkpoint_every
         self.last_seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0]
-        self._ckpt_version = -1
+        self.applied_seq = self.last_seq  # the last row applied to the aggregator
+        self._ckpt_version = -1  # the version of the last checkpoint written or being written
+
+    def _connect(self, synchronous: str) -> sqlite3.Connection:
+        db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        return db
 
     def close(self) -> None:
         self.db.close()
 
-    # --- the ledger -------------------------------------------------------------------------
+    # --- the journal ------------------------------------------------------------------------
+    def row(self, update: Update | None, now: float, body: bytes | None = None) -> Row:
+        """The next journal row (an update and the upload it came from, or a flush marker for
+        None); ``write`` makes it durable."""
+        self.last_seq += 1
+        return Row(self.last_seq, now, update, body)
+
+    def write(self, rows: list[Row]) -> None:
+        """Commit ``rows`` in one transaction: one fsync (``synchronous=FULL``) for all of them.
+        Pure apart from the database, so it may run on a worker thread."""
+        values = []
+        for r in rows:
+            u = r.update
+            if u is None:
+                values.append((r.seq, "flush", None, None, None, None, None, None, r.at))
+            else:
+                payload = r.body if r.body is not None else encode(u.delta, JOURNAL_CODEC, meta={"tokens": u.tokens})
+                values.append((r.seq, "update", u.task_id, u.base_version, u.plan.to_json(), u.tokens,
+                               json.dumps(u.metrics), payload, r.at))
+        # An explicit transaction: in autocommit mode (isolation_level=None) ``with db`` opens
+        # none, and every INSERT would be its own commit and fsync.
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("INSERT INTO journal (seq, kind, task_id, base_version, plan, tokens, metrics, payload, at)"
+                                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+            self.db.execute("COMMIT")  # one fsync (synchronous=FULL) for the whole batch
+        except BaseException:
+            if self.db.in_transaction:  # a failed COMMIT may have rolled back already
+                self.db.execute("ROLLBACK")
+            raise
+
+    def apply(self, agg: Aggregator, row: Row) -> FlushReport | None:
+        """Apply a durable row: the update (StaleUpdate if a flush ahead of it in the journal made
+        it too stale: replay refuses it the same way), or the max-wait flush if still due."""
+        self.applied_seq = row.seq
+        if row.update is None:
+            return agg.poll(row.at)
+        return agg.submit(row.update, row.at)
+
     def accept(self, agg: Aggregator, update: Update, now: float) -> FlushReport | None:
-        """Judge, journal durably, then apply. Raises StaleUpdate/BadUpdate with nothing
+        """Judge, journal durably, apply and checkpoint when due, one update at a time (the
+        server batches through its committer instead). Raises StaleUpdate/BadUpdate with nothing
         written; a known task id is a no-op (the client re-sent after a lost answer)."""
         if update.task_id in agg.seen:
             return None
         agg.check(update)
-        payload = save_tensors({n: t.contiguous() for n, t in update.delta.items()})
-        self._journal("update", update.task_id, update.base_version, update.plan.to_json(), update.tokens,
-                      json.dumps(update.metrics), payload, now)
-        return self._after(agg, agg.submit(update, now))
+        return self._commit(agg, self.row(update, now))
 
     def poll(self, agg: Aggregator, now: float) -> FlushReport | None:
         """The aggregator's max-wait flush, journaled before it happens."""
         if not agg.due(now):
             return None
-        self._journal("flush", None, None, None, None, None, None, now)
-        return self._after(agg, agg.flush("wait"))
+        return self._commit(agg, self.row(None, now))
 
-    def _journal(self, *row) -> None:
-        seq = self.last_seq + 1
-        with self.db:  # one transaction, committed (and fsynced: synchronous=FULL) on exit
-            self.db.execute("INSERT INTO journal (seq, kind, task_id, base_version, plan, tokens, metrics, payload, at)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (seq, *row))
-        self.last_seq = seq
-
-    def _after(self, agg: Aggregator, report: FlushReport | None) -> FlushReport | None:
-        if report is not None:
-            self._record_version(report)
-            if report.version - max(self._ckpt_version, 0) >= self.checkpoint_every:
+    def _commit(self, agg: Aggregator, row: Row) -> FlushReport | None:
+        self.write([row])
+        report = self.apply(agg, row)
+        if self.checkpoint_due(agg):
+            try:
                 self.checkpoint(agg)
+            except OSError as e:
+                log.warning("checkpoint failed (%s); the journal keeps every update since the last one", e)
         return report
-
-    def _record_version(self, report: FlushReport) -> None:
-        self.db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?)", (report.version, json.dumps(asdict(report))))
-
-    def reports(self) -> list[FlushReport]:
-        rows = self.db.execute("SELECT report FROM versions ORDER BY version").fetchall()
-        return [FlushReport(**json.loads(r)) for (r,) in rows]
 
     def record_task(self, task: Task) -> None:
         with self.db:
@@ -118,63 +207,130 @@ class Store:
         return [r for (r,) in self.db.execute("SELECT task_id FROM journal WHERE kind = 'update' ORDER BY seq")]
 
     # --- checkpoints ------------------------------------------------------------------------
-    def checkpoint(self, agg: Aggregator) -> Path:
-        """Write the aggregator's state as of journal row ``last_seq``; atomic and fsynced."""
+    def checkpoint_due(self, agg: Aggregator) -> bool:
+        return agg.version - max(self._ckpt_version, 0) >= self.checkpoint_every
+
+    def snapshot(self, agg: Aggregator) -> Snapshot:
+        """The aggregator's state as of the last applied row, safe to write from another thread
+        while the aggregator moves on: the tensors it updates in place (optimizer state, S, W)
+        are copied; weights and kept versions are copy-on-write (a flush makes new tensors), so
+        they are shared."""
         tensors, meta = agg.state()
-        name = f"ckpt-{self.last_seq:012d}.safetensors"
+        tensors = {k: t.clone() if k.split("/", 1)[0] in ("opt", "S", "W") else t.contiguous()
+                   for k, t in tensors.items()}
+        self._ckpt_version = agg.version
+        return Snapshot(self.applied_seq, agg.version, tensors,
+                        {"meta": json.dumps(meta), "seq": str(self.applied_seq), "config": _config_json(agg.config)})
+
+    def write_checkpoint(self, snap: Snapshot) -> Path:
+        """Write ``snap`` atomically (temp file, fsync, rename, fsync the folder), keep the newest
+        ``KEEP`` checkpoints, and drop the journal payloads older than the oldest kept one: every
+        kept checkpoint can still be replayed forward. May run on a worker thread."""
+        name = f"ckpt-{snap.seq:012d}.safetensors"
         tmp = self.ckpt_dir / (name + ".tmp")
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp,
-                  metadata={"meta": json.dumps(meta), "seq": str(self.last_seq), "config": _config_json(agg.config)})
-        _fsync(tmp)
+        try:
+            save_file(snap.tensors, tmp, metadata=snap.metadata)
+            _fsync(tmp)
+        except (OSError, SafetensorError) as e:
+            tmp.unlink(missing_ok=True)  # a full disk: free what the attempt took
+            raise OSError(f"cannot write checkpoint {tmp}: {e}") from e
         os.replace(tmp, self.ckpt_dir / name)
         _fsync(self.ckpt_dir)
-        with self.db:
-            self.db.execute("UPDATE journal SET payload = NULL WHERE seq <= ? AND payload IS NOT NULL", (self.last_seq,))
-        for old in self.ckpt_dir.iterdir():
-            if old.name != name:
-                old.unlink()
-        self._ckpt_version = agg.version
+        kept = self._checkpoints()[:KEEP]
+        for old in [*self.ckpt_dir.glob("ckpt-*.safetensors"), *self.ckpt_dir.glob("ckpt-*.tmp")]:
+            if old not in kept:
+                old.unlink()  # older checkpoints, and temp files a crash left behind
+        covered = _seq_of(kept[-1])
+        db = self._connect("NORMAL")  # its own connection: the journal's may be mid-commit on another thread
+        try:
+            with db:
+                db.execute("UPDATE journal SET payload = NULL WHERE seq <= ? AND payload IS NOT NULL", (covered,))
+        finally:
+            db.close()
         return self.ckpt_dir / name
+
+    def checkpoint(self, agg: Aggregator) -> Path:
+        """Checkpoint the aggregator's state as of the last applied row, here and now."""
+        return self.write_checkpoint(self.snapshot(agg))
+
+    def _checkpoints(self) -> list[Path]:
+        """Completed checkpoints, newest first."""
+        return sorted(self.ckpt_dir.glob("ckpt-*.safetensors"), reverse=True)
 
     def start(self, cfg: Model, weights: dict[str, torch.Tensor], config: AggregatorConfig) -> Aggregator:
         """A new federation's aggregator at version 0, checkpointed; or, if this store already
         holds one, the restored aggregator."""
-        if self._latest() is not None:
+        if self._checkpoints():
             return self.restore(cfg, config)
         agg = Aggregator(cfg, weights, config)
         self.checkpoint(agg)
         return agg
 
-    def _latest(self) -> Path | None:
-        done = sorted(p for p in self.ckpt_dir.glob("ckpt-*.safetensors"))
-        return done[-1] if done else None
-
     def restore(self, cfg: Model, config: AggregatorConfig) -> Aggregator:
-        """The exact aggregator state: the newest checkpoint, then the journal replayed."""
-        path = self._latest()
-        if path is None:
+        """The exact aggregator state: the newest readable checkpoint, then the journal replayed.
+        A checkpoint that cannot be read is renamed ``*.unreadable`` (kept for inspection, never
+        read again) and the previous one is used."""
+        paths = self._checkpoints()
+        if not paths:
             raise UserError(f"no checkpoint in {self.ckpt_dir}: nothing to resume")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if meta["config"] != _config_json(config):
-            raise UserError(f"the aggregator settings differ from the checkpoint's: {meta['config']}")
-        seq = int(meta["seq"])
-        seen = {r for (r,) in self.db.execute(
-            "SELECT task_id FROM journal WHERE kind = 'update' AND seq <= ?", (seq,))}
+        problems = []
+        for path in paths:
+            try:
+                tensors, meta = _read(path)
+            except (SafetensorError, OSError, ValueError, KeyError) as e:
+                problems.append(f"{path.name}: {e}")
+                log.warning("checkpoint %s cannot be read (%s): falling back to the previous one", path.name, e)
+                path.rename(path.with_name(path.name + ".unreadable"))
+                continue
+            if meta["config"] != _config_json(config):
+                raise UserError(f"the aggregator settings differ from the checkpoint's: {meta['config']}")
+            seq = int(meta["seq"])
+            lost = self.db.execute("SELECT COUNT(*) FROM journal WHERE seq > ? AND kind = 'update' AND payload IS NULL",
+                                   (seq,)).fetchone()[0]
+            if lost:
+                problems.append(f"{path.name}: the journal no longer holds the {lost} updates after it")
+                break
+            return self._replay(cfg, config, tensors, meta, seq)
+        raise UserError(f"cannot resume from {self.ckpt_dir}: " + "; ".join(problems))
+
+    def _replay(self, cfg: Model, config: AggregatorConfig, tensors: dict[str, torch.Tensor],
+                meta: dict[str, str], seq: int) -> Aggregator:
+        seen = {r for (r,) in self.db.execute("SELECT task_id FROM journal WHERE kind = 'update' AND seq <= ?", (seq,))}
         agg = Aggregator.from_state(cfg, config, tensors, json.loads(meta["meta"]), seen)
         self._ckpt_version = agg.version
-        rows = self.db.execute("SELECT kind, task_id, base_version, plan, tokens, metrics, payload, at "
+        self.applied_seq = seq
+        rows = self.db.execute("SELECT seq, kind, task_id, base_version, plan, tokens, metrics, payload, at "
                                "FROM journal WHERE seq > ? ORDER BY seq", (seq,))
-        for kind, task_id, base, plan, tokens, metrics, payload, at in rows:
-            if kind == "flush":
-                report = agg.flush("wait")
-            else:
-                update = Update(task_id, base, Plan.from_json(plan), load_tensors(payload), tokens, json.loads(metrics))
-                report = agg.submit(update, at)
-            if report is not None:
-                self._record_version(report)
+        for seq, kind, task_id, base, plan, tokens, metrics, payload, at in rows:
+            update = None if kind == "flush" else Update(task_id, base, Plan.from_json(plan), _delta(payload),
+                                                         tokens, json.loads(metrics))
+            try:
+                self.apply(agg, Row(seq, at, update))
+            except StaleUpdate:
+                pass  # refused when it was applied live, too (see the module docstring)
         return agg
+
+
+def _delta(payload: bytes) -> dict[str, torch.Tensor]:
+    """A journaled update's delta, as the server applied it (float32, like ``service``'s decode)."""
+    return {n: t.to(torch.float32) for n, t in decode(payload).tensors.items()}
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint's tensors and metadata; raises (SafetensorError, OSError, ValueError,
+    KeyError) when the file is cut short, overwritten or not one of ours."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not meta or not {"meta", "seq", "config"} <= meta.keys():
+        raise ValueError("no stamen metadata")
+    json.loads(meta["meta"])
+    int(meta["seq"])
+    return tensors, meta
+
+
+def _seq_of(path: Path) -> int:
+    return int(path.name.split("-")[1].split(".")[0])
 
 
 def _config_json(config: AggregatorConfig) -> str:

@@ -1,12 +1,20 @@
 """The crash test's victim: feeds a fixed, seeded stream of updates through a Store, printing
-``ack <task id>`` once each ``accept`` returns. Run as a script it resumes whatever state the
+``ack <task id>`` once each is acknowledged. Run as a script it resumes whatever state the
 store holds; ``STAMEN_CRASH=<point>:<n>`` makes it SIGKILL itself at the n-th pass through a
 point (``submit``: journaled but not applied; ``flush``: a max-wait flush journaled but not
 applied; ``fsync``: checkpoint temp file written, not renamed; ``replace``: renamed, journal
-payloads not yet dropped). The test also kills it from outside at random instants."""
+payloads not yet dropped; ``write``: a journal batch about to be committed; ``written``: a
+batch committed, none of it applied). The test also kills it from outside at random instants.
+
+Two ways to feed: one update at a time through ``Store.accept`` (``feed``), or as the server
+does, through the group-committing ``Committer`` (``feed_batched``, ``STAMEN_BATCHED=1``): waves
+of ``WAVE`` concurrent uploads, each wave one journal batch, a max-wait poll after each wave,
+checkpoints on the committer's thread while the next batches commit. Its bases are a fixed
+function of the position in the stream, so the stream does not depend on timing."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -18,12 +26,15 @@ from stamen.core.plan import Plan, full_plan
 from stamen.core.records import Update
 from stamen.server import aggregator, store
 from stamen.server.aggregator import Aggregator, AggregatorConfig
+from stamen.server.committer import Committer
 from stamen.server.store import Store
 
 CFG = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
 PLANS = [full_plan(CFG), Plan("half", (0, 1), 0.5, ("blocks.*",)), Plan("top", (1,), 1.0, ("blocks.1.*", "ln_f.*"))]
 CONFIG = AggregatorConfig(buffer_k=3, tau_max=2, max_wait_s=2.5)  # delayed Nesterov 0.7 / 0.9
 N = 24
+BATCHED = AggregatorConfig(buffer_k=3, tau_max=N, max_wait_s=2.5)  # τ_max ≥ N: nothing is refused
+WAVE = 4
 
 
 def clock(i: int) -> float:
@@ -60,6 +71,43 @@ def feed(root: str) -> tuple[Aggregator, Store]:
     return agg, st
 
 
+async def _feed_batched(root: str, serial: bool) -> tuple[Aggregator, Store]:
+    st = Store(root, checkpoint_every=2)
+    agg = st.start(CFG, initial_weights(), BATCHED)
+    committer = Committer(st, agg)
+
+    async def commit(i: int | None, now: float) -> None:
+        row = st.row(None if i is None else update_for(i, i // 3), now)
+        await committer.commit(row, lambda: st.apply(agg, row))
+        if i is not None:
+            print(f"ack t{i}", flush=True)
+
+    def poll_after(i: int) -> float:  # the maintenance poll once the wave ending at i has waited
+        return clock(i) + BATCHED.max_wait_s
+
+    done = len(st.journaled_task_ids())
+    if done and done % WAVE == 0 and agg.due(poll_after(done - 1)):
+        await commit(None, poll_after(done - 1))  # the poll after the last whole wave
+    for start in [done, *range((done // WAVE + 1) * WAVE, N, WAVE)] if done < N else []:
+        wave = range(start, min(N, (start // WAVE + 1) * WAVE))  # the rest of start's wave
+        if serial:
+            for i in wave:
+                await commit(i, clock(i))
+        else:
+            await asyncio.gather(*(commit(i, clock(i)) for i in wave))  # queued in order: one batch
+        if agg.due(poll_after(wave[-1])):
+            await commit(None, poll_after(wave[-1]))
+    await committer.drain()
+    committer.close()
+    return agg, st
+
+
+def feed_batched(root: str, serial: bool = False) -> tuple[Aggregator, Store]:
+    """Run (or resume) the stream to its end through the committer; ``serial``: one row per
+    batch (the reference the batches must equal)."""
+    return asyncio.run(_feed_batched(root, serial))
+
+
 def _kill_at(owner: object, attr: str, n: int, before: bool) -> None:
     original, calls = getattr(owner, attr), [0]
 
@@ -80,6 +128,17 @@ if __name__ == "__main__":
     if os.environ.get("STAMEN_CRASH"):
         point, n = os.environ["STAMEN_CRASH"].split(":")
         target = {"submit": (aggregator.Aggregator, "submit", True), "flush": (aggregator.Aggregator, "flush", True),
-                  "fsync": (store, "_fsync", False), "replace": (store.os, "replace", False)}[point]
+                  "fsync": (store, "_fsync", False), "replace": (store.os, "replace", False),
+                  "write": (store.Store, "write", True), "written": (store.Store, "write", False)}[point]
         _kill_at(*target[:2], int(n), target[2])
-    feed(sys.argv[1])
+    if os.environ.get("STAMEN_BATCHED"):
+        write = store.Store.write
+
+        def counted(self, rows):
+            write(self, rows)
+            print(f"batch {len(rows)}", flush=True)
+
+        store.Store.write = counted
+        feed_batched(sys.argv[1])
+    else:
+        feed(sys.argv[1])

@@ -136,8 +136,6 @@ def test_server_killed_and_restarted_clients_carry_on(tmp_path):
     store = Store(state)
     journaled = store.journaled_task_ids()
     assert sorted(journaled) == sorted(acked)  # every acknowledged update journaled once
-    versions = [r.version for r in store.reports()]
-    assert versions == list(range(1, len(versions) + 1))  # monotonic, none lost or repeated
     assert status["version"] * 2 + status["buffered"] == len(journaled)  # each applied exactly once
     assert status["tasks"]["done"] == 8
     store.close()

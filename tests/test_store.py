@@ -27,6 +27,14 @@ def reference(tmp_path_factory):
     return agg
 
 
+@pytest.fixture(scope="module")
+def batched_reference(tmp_path_factory):
+    """The uninterrupted run through the group committer, one row per batch."""
+    agg, st = cf.feed_batched(str(tmp_path_factory.mktemp("ref")), serial=True)
+    st.close()
+    return agg
+
+
 def assert_same_state(agg, ref) -> None:
     assert agg.version == ref.version
     for group in ("weights", "opt_state", "S", "W"):
@@ -41,19 +49,27 @@ def assert_same_state(agg, ref) -> None:
 
 
 def run_feeder(root: Path, crash: str | None = None, kill_after_acks: int | None = None,
-               delay: float = 0.0) -> tuple[int, set[str]]:
-    """One feeder process, killed at a point (``crash``) or from outside after some acks."""
-    env = dict(os.environ, STAMEN_CRASH=crash or "")
+               delay: float = 0.0, batched: bool = False) -> tuple[int, set[str], list[int]]:
+    """One feeder process, killed at a point (``crash``) or from outside after some acks:
+    (exit code, task ids acknowledged, sizes of the journal batches it committed)."""
+    env = dict(os.environ, STAMEN_CRASH=crash or "", STAMEN_BATCHED="1" if batched else "")
     proc = subprocess.Popen([sys.executable, str(FEEDER), str(root)], stdout=subprocess.PIPE, text=True, env=env)
-    acked = set()
+    acked, batches = set(), []
     for line in proc.stdout:
-        acked.add(line.split()[1])
+        what, value = line.split()
+        if what == "batch":
+            batches.append(int(value))
+            continue
+        acked.add(value)
         if kill_after_acks is not None and len(acked) >= kill_after_acks:
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             break
-    acked |= {line.split()[1] for line in proc.stdout}
-    return proc.wait(timeout=60), acked
+    for line in proc.stdout:
+        what, value = line.split()
+        if what == "ack":
+            acked.add(value)
+    return proc.wait(timeout=60), acked, batches
 
 
 # Each scenario is a list of crashes, one feeder process each; the test then resumes in-process.
@@ -67,12 +83,25 @@ SCENARIOS = {
 }
 
 
+# The same through the group committer (waves of 4 uploads, each wave one batch): kills before a
+# batch is committed, after it is committed but before any of it is applied, in the middle of
+# applying one, and while a checkpoint is written on its thread as the next batches commit.
+BATCHED_SCENARIOS = {
+    "before-a-batch-commit": ["write:3"],
+    "batch-committed-none-applied": ["written:2", "written:3"],
+    "mid-batch-apply": ["submit:6", "submit:3"],
+    "max-wait-flush-journaled-not-applied": ["flush:2"],
+    "checkpoint-temp-written-while-journal-commits": ["fsync:3"],
+    "checkpoint-renamed-payloads-kept": ["replace:3"],
+}
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_crash_at_a_point_then_restore_equals_uninterrupted(tmp_path, reference, name):
     acked: set[str] = set()
     for crash in SCENARIOS[name]:
-        rc, got = run_feeder(tmp_path, crash=crash)
+        rc, got, _ = run_feeder(tmp_path, crash=crash)
         assert rc == -signal.SIGKILL, f"{crash} never fired"
         acked |= got
     check_resumed(tmp_path, reference, acked)
@@ -84,21 +113,53 @@ def test_crash_at_random_instants_then_restore_equals_uninterrupted(tmp_path, re
     rnd = random.Random(seed)
     acked: set[str] = set()
     for _ in range(2):
-        rc, got = run_feeder(tmp_path, kill_after_acks=rnd.randint(1, cf.N // 2), delay=rnd.uniform(0, 0.01))
+        rc, got, _ = run_feeder(tmp_path, kill_after_acks=rnd.randint(1, cf.N // 2), delay=rnd.uniform(0, 0.01))
         acked |= got
     check_resumed(tmp_path, reference, acked)
 
 
-def check_resumed(root: Path, reference, acked: set[str]) -> None:
-    agg, st = cf.feed(str(root))  # resume to the end of the stream
+@pytest.mark.timeout(180)
+def test_group_commit_equals_one_row_per_commit(tmp_path, batched_reference):
+    rc, acked, batches = run_feeder(tmp_path, batched=True)
+    assert rc == 0 and len(acked) == cf.N
+    assert max(batches) == cf.WAVE  # each wave of uploads was made durable by one commit
+    check_resumed(tmp_path, batched_reference, acked, batched=True)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", list(BATCHED_SCENARIOS))
+def test_group_commit_crash_at_a_point_then_restore_equals_uninterrupted(tmp_path, batched_reference, name):
+    acked: set[str] = set()
+    for crash in BATCHED_SCENARIOS[name]:
+        rc, got, _ = run_feeder(tmp_path, crash=crash, batched=True)
+        assert rc == -signal.SIGKILL, f"{crash} never fired"
+        acked |= got
+    check_resumed(tmp_path, batched_reference, acked, batched=True)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("seed", range(2))
+def test_group_commit_crash_at_random_instants_then_restore_equals_uninterrupted(tmp_path, batched_reference, seed):
+    rnd = random.Random(seed)
+    acked: set[str] = set()
+    for _ in range(2):
+        rc, got, _ = run_feeder(tmp_path, kill_after_acks=rnd.randint(1, cf.N // 2), delay=rnd.uniform(0, 0.01),
+                                batched=True)
+        acked |= got
+    check_resumed(tmp_path, batched_reference, acked, batched=True)
+
+
+def check_resumed(root: Path, reference, acked: set[str], batched: bool = False) -> None:
+    """Resume to the end of the stream: the state equals the uninterrupted run's exactly (an
+    update lost or applied twice would change the weights), each update is journaled once and
+    in order, and every acknowledged one is among them."""
+    agg, st = cf.feed_batched(str(root)) if batched else cf.feed(str(root))
     assert_same_state(agg, reference)
     ids = st.journaled_task_ids()
-    assert ids == [f"t{i}" for i in range(cf.N)]  # each update journaled once, in order
-    assert acked <= set(ids)  # nothing acknowledged was lost
-    applied = sum(r.updates for r in st.reports()) + agg.buffer.count
-    assert applied == cf.N  # ...or applied twice
+    assert ids == [f"t{i}" for i in range(cf.N)]
+    assert acked <= set(ids)
     st.close()
-    fresh = Store(root).restore(cf.CFG, cf.CONFIG)  # and a cold restore lands in the same place
+    fresh = Store(root).restore(cf.CFG, cf.BATCHED if batched else cf.CONFIG)  # a cold restore lands there too
     assert_same_state(fresh, reference)
 
 
@@ -109,11 +170,15 @@ def test_accept_rejects_before_journaling_and_ignores_resends(tmp_path):
     assert st.accept(agg, cf.update_for(0, 0), 1.0) is None  # a re-send: no new row
     with pytest.raises(StaleUpdate):
         st.accept(agg, cf.update_for(3, 0), 2.0)  # base 0 is one version behind; τ_max 0
-    assert st.journaled_task_ids() == ["t0"]
-    assert [r.version for r in st.reports()] == [1]
-    # the checkpoint after version 1 covers the journal: its payloads are dropped, its ids kept
-    assert st.db.execute("SELECT COUNT(*) FROM journal WHERE payload IS NOT NULL").fetchone()[0] == 0
-    assert len(list((tmp_path / "checkpoints").iterdir())) == 1
+    assert st.journaled_task_ids() == ["t0"] and agg.version == 1
+    # two checkpoints are kept (versions 0 and 1): the journal keeps what the older one lacks
+    payloads = "SELECT task_id FROM journal WHERE payload IS NOT NULL"
+    assert [r for (r,) in st.db.execute(payloads)] == ["t0"]
+    st.accept(agg, cf.update_for(3, 1), 3.0)
+    # ...and drops it once both kept checkpoints (versions 1 and 2) cover it; its id stays
+    assert [r for (r,) in st.db.execute(payloads)] == ["t3"] and st.journaled_task_ids() == ["t0", "t3"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "ckpt-000000000001.safetensors", "ckpt-000000000002.safetensors"]
     with pytest.raises(UserError, match="settings differ"):
         Store(tmp_path).restore(cf.CFG, AggregatorConfig(buffer_k=2, tau_max=0))
     with pytest.raises(UserError, match="no checkpoint"):
