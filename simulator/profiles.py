@@ -20,18 +20,63 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from stamen.core.config import from_table, read_toml
 from stamen.core.errors import UserError
 from stamen.core.records import Capabilities
 
 HOUR = 3600.0
 DAY = 24 * HOUR
 _MBPS = 1e6 / 8  # bytes per second in one megabit per second
-_NUMBER_KEYS = ("flops", "memory_mb", "up_mbps", "down_mbps", "cores", "session_min", "gap_min", "dropout",
-                "overhead_s")
+
+
+@dataclass(frozen=True)
+class ClassSettings:
+    """One ``[NAME]`` table of ``profiles.toml``, in the file's units (the file's header says
+    where each figure comes from); every key is required."""
+
+    role: str
+    """``device`` or ``gpu``."""
+    flops: float
+    """Sustained training throughput, FLOP/s."""
+    memory_mb: float
+    """Memory an app or job may give to training."""
+    up_mbps: float
+    """Upload bandwidth, megabits per second."""
+    down_mbps: float
+    """Download bandwidth, megabits per second."""
+    runtimes: tuple[str, ...]
+    """Runtimes the class declares, preferred first."""
+    accelerator: str
+    """E.g. ``cuda:NVIDIA H100``; "" for none."""
+    cores: int
+    """CPU cores."""
+    window: tuple[float, float]
+    """Local hours [start, end) the device volunteers (end < start wraps midnight; [0, 24]: always)."""
+    session_min: float
+    """Mean online session inside the window (exponential), minutes."""
+    gap_min: float
+    """Mean time offline between sessions (exponential), minutes."""
+    dropout: float
+    """Probability a task is abandoned before its upload."""
+    overhead_s: float
+    """Fixed time per task besides transfer and compute."""
+
+    def __post_init__(self) -> None:
+        numbers = ("flops", "memory_mb", "up_mbps", "down_mbps", "cores", "session_min", "gap_min", "dropout",
+                   "overhead_s")
+        bad = [k for k in numbers if getattr(self, k) < 0]
+        if bad:
+            raise UserError(f"{', '.join(bad)} must be non-negative")
+        start, end = self.window
+        if not (0 <= start <= 24 and 0 <= end <= 24 and start != end):
+            raise UserError(f"window must be [start_hour, end_hour] within 0..24, got {list(self.window)} (use [0, 24] for always)")
+        if self.role not in ("device", "gpu"):
+            raise UserError(f"role must be 'device' or 'gpu', got {self.role!r}")
+        if not self.dropout < 1 or not self.flops > 0 or not self.session_min > 0:
+            raise UserError("needs flops > 0, session_min > 0 and dropout < 1")
 
 
 @dataclass(frozen=True)
@@ -54,43 +99,20 @@ class HardwareClass:
     overhead_s: float  # per task, besides transfer and compute
 
     @classmethod
-    def from_toml(cls, name: str, d: dict[str, Any]) -> "HardwareClass":
-        where = f"hardware class [{name}]"
-        known = {"role", "runtimes", "accelerator", "window", *_NUMBER_KEYS}
-        missing, extra = known - set(d), set(d) - known
-        if missing or extra:
-            raise UserError(f"{where}: missing {sorted(missing)}, unknown {sorted(extra)}")
-        bad = [k for k in _NUMBER_KEYS if isinstance(d[k], bool) or not isinstance(d[k], (int, float)) or d[k] < 0]
-        if bad:
-            raise UserError(f"{where}: {', '.join(bad)} must be non-negative numbers")
-        window = d["window"]
-        if not (isinstance(window, list) and len(window) == 2 and all(0 <= h <= 24 for h in window)
-                and window[0] != window[1]):
-            raise UserError(f"{where}: window must be [start_hour, end_hour] within 0..24, got {window!r} (use [0, 24] for always)")
-        if d["role"] not in ("device", "gpu"):
-            raise UserError(f"{where}: role must be 'device' or 'gpu', got {d['role']!r}")
-        if not d["dropout"] < 1 or not d["flops"] > 0 or not d["session_min"] > 0:
-            raise UserError(f"{where}: needs flops > 0, session_min > 0 and dropout < 1")
-        return cls(name, d["role"], float(d["flops"]), int(d["memory_mb"] * 2**20), d["up_mbps"] * _MBPS,
-                   d["down_mbps"] * _MBPS, tuple(d["runtimes"]), str(d["accelerator"]), int(d["cores"]),
-                   (float(window[0]), float(window[1])), d["session_min"] * 60.0, d["gap_min"] * 60.0,
-                   float(d["dropout"]), float(d["overhead_s"]))
+    def from_settings(cls, name: str, d: ClassSettings) -> "HardwareClass":
+        return cls(name, d.role, d.flops, int(d.memory_mb * 2**20), d.up_mbps * _MBPS, d.down_mbps * _MBPS,
+                   d.runtimes, d.accelerator, d.cores, d.window, d.session_min * 60.0, d.gap_min * 60.0,
+                   d.dropout, d.overhead_s)
 
 
 def load_classes(path: str | Path | None = None) -> dict[str, HardwareClass]:
     """The packaged hardware classes, or those of a user's TOML file of the same form."""
     if path is None:
-        text = resources.files("stamen.simulator").joinpath("profiles.toml").read_text()
+        data = tomllib.loads(resources.files("stamen.simulator").joinpath("profiles.toml").read_text())
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"hardware profiles not found: {p}")
-        text = p.read_text()
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"hardware profiles {path or 'profiles.toml'}: {e}") from None
-    return {name: HardwareClass.from_toml(name, d) for name, d in data.items()}
+        data = read_toml(Path(path), "hardware profiles")
+    return {name: HardwareClass.from_settings(name, from_table(ClassSettings, d, f"hardware class [{name}]"))
+            for name, d in data.items()}
 
 
 @dataclass(frozen=True)

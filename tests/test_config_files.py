@@ -11,7 +11,7 @@ from stamen.core.config import defaults, from_table
 from stamen.core.errors import UserError
 from stamen.server.config import SECTIONS, TierSettings
 from stamen.simulator.engine import SimConfig
-from stamen.simulator.profiles import PopulationConfig
+from stamen.simulator.profiles import ClassSettings, PopulationConfig
 
 
 def packaged(package: str, name: str) -> dict:
@@ -42,6 +42,11 @@ def test_simulation_toml_matches_the_dataclasses():
     assert data["simulation"] == {k: v for k, v in defaults(SimConfig).items() if k != "population"}
     population = {k: v for k, v in data["population"].items() if k != "profiles"}
     assert population == {k: v for k, v in defaults(PopulationConfig).items() if k != "seed"}
+
+
+def test_profiles_toml_names_every_class_setting():
+    for name, table in packaged("stamen.simulator", "profiles.toml").items():
+        assert set(table) == set(ClassSettings.__dataclass_fields__), name
 
 
 @pytest.mark.parametrize("table, message", [
