@@ -30,8 +30,11 @@ class BaselineConfig:
     seed: int = 0
 
 
-def run_baseline(cfg: BaselineConfig, out: Path, progress: bool = True) -> dict:
-    """Train, validate periodically, and write ``summary.json`` and ``loss.png`` into ``out``."""
+def run_baseline(cfg: BaselineConfig, out: Path, progress: bool = True,
+                 domains: dict[str, list] | None = None) -> dict:
+    """Train, validate periodically, and write ``summary.json`` and ``loss.png`` into ``out``.
+    ``domains``: more fixed validation batches by name (a simulation's public and private
+    held-out text), whose final losses the summary gives as ``final_by_domain``."""
     if cfg.tokens <= 0:
         raise UserError(f"--tokens must be positive, got {cfg.tokens}")
     spec = ModelSpec(cfg.model)
@@ -73,6 +76,8 @@ def run_baseline(cfg: BaselineConfig, out: Path, progress: bool = True) -> dict:
         "wall_s": time.perf_counter() - t0,
         "seed": cfg.seed,
     }
+    if domains:
+        summary["final_by_domain"] = {name: evaluate(model, batches) for name, batches in domains.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_loss(summary, out / "loss.png")
     return summary

@@ -90,6 +90,13 @@ class Shard:
     def n_bytes(self) -> int:
         return int((self.ranges[:, 1] - self.ranges[:, 0]).sum()) if len(self.ranges) else 0
 
+    def select(self, groups: set[str]) -> "Shard":
+        """The ranges that start in a document of one of ``groups``."""
+        starts = self.corpus.doc_bounds[:, 0]
+        doc = np.searchsorted(starts, self.ranges[:, 0], side="right") - 1
+        keep = np.array([self.corpus.doc_groups[d] in groups for d in doc], dtype=bool)
+        return Shard(self.corpus, self.ranges[keep] if len(keep) else self.ranges)
+
     def histogram(self) -> np.ndarray:
         """Byte frequencies (a unigram model of the shard)."""
         counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
@@ -200,6 +207,29 @@ def load_corpus(source: str) -> Corpus:
     if not Path(source).exists():
         raise UserError(f"data source not found: {source}")
     return folder_corpus(source)
+
+
+def public_groups(corpus: Corpus, share: float, seed: int) -> set[str]:
+    """Groups (top-level packages) holding about ``share`` of the corpus's bytes, drawn in a
+    seeded order: the *public* text a simulation's GPU nodes read, the rest being the devices'
+    private text. Whole groups, so public and private text never share a package (a GPU node
+    has not seen a line of the code a phone holds), and validation splits the same way."""
+    if not 0.0 < share < 1.0:
+        raise UserError(f"public share must be in (0, 1), got {share}")
+    sizes: dict[str, int] = {}
+    for (s, e), g in zip(corpus.doc_bounds, corpus.doc_groups):
+        sizes[g] = sizes.get(g, 0) + int(e - s)
+    names = sorted(sizes)
+    if len(names) < 2:
+        raise UserError("a public/private split needs text in at least two groups (folders or packages)")
+    np.random.default_rng(seed).shuffle(names)
+    total, taken, out = sum(sizes.values()), 0, set()
+    for g in names:
+        if taken >= share * total or len(out) == len(names) - 1:
+            break
+        out.add(g)
+        taken += sizes[g]
+    return out
 
 
 def _chunks(ranges: np.ndarray, size: int) -> np.ndarray:

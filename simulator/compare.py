@@ -1,5 +1,13 @@
-"""Synchronous rounds against asynchronous buffering on the same population (FedBuff's
-question): how many virtual hours each needs to reach the same validation loss.
+"""Side-by-side variants of one population and seed.
+
+``compare``: the federation as configured ("mixed") against its GPU nodes alone and its devices
+alone, all stopped at the same virtual time, and centralized training on all the text at the
+mixed run's tokens: the project's test (do devices make the model better than the GPU nodes
+alone, and how close does the federation come to centralizing the text?). Final losses per
+validation domain (all; public and private with private device text), per seed and as medians.
+
+``sync_vs_async``: synchronous rounds against asynchronous buffering on the same population
+(FedBuff's question): how many virtual hours each needs to reach the same validation loss.
 
 Synchronous FedAvg/DiLoCo is the same coordinator under the scheduler's rounds policy
 (``[aggregation] mode = "rounds"``, which ``stamen server`` runs too): every GPU node once plus
@@ -26,10 +34,14 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from stamen.core.baseline import BaselineConfig, run_baseline
+from stamen.core.errors import UserError
 from stamen.server.config import FederationConfig
 from stamen.simulator.config import SimSetup
-from stamen.simulator.engine import Simulation
-from stamen.simulator.report import plot_sync_vs_async
+from stamen.simulator.engine import EVAL_BATCH, Simulation
+from stamen.simulator.report import plot_compare, plot_sync_vs_async
+
+VARIANTS = ("mixed", "gpu-only", "devices-only")
 
 TARGET_FRACTION = 0.9  # of the async run's loss drop that both runs must reach
 SYNC_VERSIONS = 4  # the sync run's version cap, as a multiple of the async run's
@@ -87,4 +99,73 @@ def sync_vs_async(setup: SimSetup, out: Path, seeds: int = 3) -> dict:
               "async_speedups": [r["async_speedup"] for r in per_seed], "seeds": per_seed}
     (out / "sync_vs_async.json").write_text(json.dumps(result, indent=2))
     plot_sync_vs_async(result, out / "sync_vs_async.png")
+    return result
+
+
+def variant(setup: SimSetup, name: str) -> SimSetup:
+    """The population as configured ("mixed"), without its devices ("gpu-only": each version
+    then merges one update per node, as DiLoCo's workers), or without its GPU nodes."""
+    sim, pop, fed = setup.sim, setup.sim.population, setup.fed
+    nodes = sum(pop.gpu_nodes.values())
+    if name == "mixed":
+        return setup
+    if name == "gpu-only":
+        if not nodes:
+            raise UserError("the population has no GPU nodes to run gpu-only")
+        fed = replace(fed, aggregation=replace(fed.aggregation, buffer_k=nodes))
+        return replace(setup, sim=replace(sim, population=replace(pop, devices=0)), fed=fed)
+    if name == "devices-only":
+        if not pop.devices:
+            raise UserError("the population has no devices to run devices-only")
+        return replace(setup, sim=replace(sim, population=replace(pop, gpu_nodes={})))
+    raise UserError(f"unknown variant {name!r}: use {', '.join(VARIANTS)}")
+
+
+def _final(evals: list[dict]) -> dict[str, float]:
+    last = evals[-1]
+    return {k.removeprefix("val_").replace("loss", "all"): v for k, v in last.items() if k.startswith("val_")}
+
+
+def compare_variants_once(setup: SimSetup, names: tuple[str, ...], out: Path) -> dict:
+    """Each variant of one population and seed, to the virtual time the first one reaches
+    (its horizon or version cap), then centralized training at the first one's tokens."""
+    runs, sims, end_h = {}, {}, None
+    for name in names:
+        s = variant(setup, name)
+        sim = s.sim if end_h is None else replace(s.sim, horizon_h=end_h, max_versions=10**9)
+        sims[name] = Simulation(sim, s.fed, s.classes)
+        runs[name] = sims[name].run().summary()
+        end_h = runs[name]["end_time_h"] if end_h is None else end_h
+    first = runs[names[0]]
+    tokens = first["counters"]["tokens"]
+    base = run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data, tokens=tokens, batch_size=EVAL_BATCH,
+                                       seq_len=setup.fed.training.seq_len, eval_batches=setup.sim.eval_batches,
+                                       seed=setup.sim.seed),
+                        out / f"centralized-seed{setup.sim.seed}", progress=False,
+                        domains={k: v for k, v in sims[names[0]].val.items() if k != "all"})
+    central = {"all": base["final_val_loss"], **base.get("final_by_domain", {})}
+    return {"seed": setup.sim.seed, "virtual_h": end_h, "text": setup.sim.text,
+            "final": {name: _final(r["evals"]) for name, r in runs.items()},
+            "centralized_equal_tokens": {"tokens": base["tokens"], "final": central, "val_curve": base["val_curve"]},
+            "runs": {name: {k: r[k] for k in ("versions", "end_time_h", "counters", "per_tier", "evals")}
+                     for name, r in runs.items()}}
+
+
+def compare(setup: SimSetup, names: tuple[str, ...], out: Path, seeds: int = 3) -> dict:
+    """``compare_variants_once`` for seeds ``setup.sim.seed`` onwards; ``compare.json`` holds
+    every seed's runs and the medians per variant and domain, one plot per domain the first
+    seed's curves."""
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed = []
+    for seed in range(setup.sim.seed, setup.sim.seed + seeds):
+        sim = replace(setup.sim, seed=seed, population=replace(setup.sim.population, seed=seed))
+        per_seed.append(compare_variants_once(replace(setup, sim=sim), names, out))
+    domains = list(per_seed[0]["final"][names[0]])
+    median = {name: {d: statistics.median(r["final"][name][d] for r in per_seed) for d in domains} for name in names}
+    median["centralized_equal_tokens"] = {d: statistics.median(r["centralized_equal_tokens"]["final"][d]
+                                                               for r in per_seed) for d in domains}
+    result = {"variants": list(names), "domains": domains, "median": median, "seeds": per_seed}
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    for d in domains:
+        plot_compare(result, d, out / f"compare_{d}.png")
     return result

@@ -13,7 +13,7 @@ from typing import Any
 from stamen.core.config import from_table, read_toml
 from stamen.core.errors import UserError
 from stamen.server.config import FederationConfig, load_config
-from stamen.simulator.engine import SimConfig
+from stamen.simulator.engine import TEXT_MODES, SimConfig
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, load_classes
 from stamen.simulator.ray_backend import check_backend
 
@@ -61,6 +61,10 @@ def load_simulation(path: str | Path | None = None) -> SimSetup:
     if sim.horizon_h <= 0 or sim.max_versions < 1 or sim.eval_every < 1 or sim.eval_batches < 1 or sim.max_group < 1:
         raise UserError("simulation config [simulation]: horizon_h, max_versions, eval_every, eval_batches "
                         "and max_group must be positive")
+    if sim.text not in TEXT_MODES:
+        raise UserError(f"simulation config [simulation]: unknown text mode {sim.text!r}: use one of {', '.join(TEXT_MODES)}")
+    if not 0 < sim.public_share < 1:
+        raise UserError(f"simulation config [simulation]: public share must be in (0, 1), got {sim.public_share}")
     check_backend(sim.backend, sim.address)
     if not isinstance(data["federation"]["file"], str):
         raise UserError(f"simulation config [federation] file: {data['federation']['file']!r} should be a path (a string)")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stamen.core.data import Shard, load_corpus, partition
+from stamen.core.data import Shard, load_corpus, partition, public_groups
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, ModelSpec, load_weights, weights
 from stamen.core.records import Task
@@ -51,6 +51,12 @@ class SimConfig:
     model: str = "gpt-tiny"
     data: str = "stdlib"
     partition: str = "natural"
+    # Who holds which text. "shared": GPU nodes read the whole training split and devices
+    # split it too (devices bring compute only). "private": GPU nodes read a public share of
+    # the packages (``public_share`` of the bytes) and devices split the rest, text nobody
+    # else holds (Photon's premise); validation is then also reported per domain.
+    text: str = "shared"
+    public_share: float = 0.5
     population: PopulationConfig = field(default_factory=PopulationConfig)
     seed: int = 0
     horizon_h: float = 24.0  # stop after this much virtual time...
@@ -127,17 +133,21 @@ class Simulation:
             raise UserError(f"the simulator trains stamen's GPT family; {config.model!r} is not one")
         self.rng = np.random.default_rng(config.seed)
         self.devices = sample_population(classes, config.population)
-        train, val = load_corpus(config.data).split()
-        # Devices split the training text (config.partition); a GPU node is a datacentre holding
-        # a broad corpus (Photon's sites hold large C4 shards) and trains on the whole split. Dealt
-        # one 1/1000th of one package like a phone, the nodes that bring most tokens and alone
-        # train the embeddings overfit it, and validation loss jumped by nats between versions.
+        corpus = load_corpus(config.data)
+        train, val = corpus.split()
+        # Devices split their text (config.partition); a GPU node is a datacentre holding a broad
+        # corpus (Photon's sites hold large C4 shards) and trains on all of its text. Dealt one
+        # 1/1000th of one package like a phone, the nodes that bring most tokens and alone train
+        # the embeddings overfit it, and validation loss jumped by nats between versions.
+        gpu_text, device_text, domains = text_split(config, corpus, train, val)
         n = sum(d.capabilities.role == "device" for d in self.devices)
-        parts = iter(partition(train, n, config.partition, config.seed) if n else [])
-        self.shards: list[Shard] = [next(parts) if d.capabilities.role == "device" else train for d in self.devices]
+        parts = iter(partition(device_text, n, config.partition, config.seed) if n else [])
+        self.shards: list[Shard] = [next(parts) if d.capabilities.role == "device" else gpu_text
+                                    for d in self.devices]
         self.backend = make_backend(config.backend, train.corpus, config.address)
         # The centralized baseline's validation batches (core.baseline), so the curves compare.
-        self.val = val.fixed_batches(config.eval_batches, EVAL_BATCH, fed.training.seq_len, seed=config.seed + 1)
+        self.val = {name: shard.fixed_batches(config.eval_batches, EVAL_BATCH, fed.training.seq_len,
+                                              seed=config.seed + 1) for name, shard in domains.items()}
         torch.manual_seed(config.seed)
         self.eval_model = GPT(self.cfg)
         self.coord = Coordinator(self.cfg, fed, Aggregator(self.cfg, weights(self.eval_model), fed.aggregator_config()),
@@ -380,9 +390,28 @@ class Simulation:
 
     def _evaluate(self, t: float) -> None:
         load_weights(self.eval_model, self.coord.weights)
-        tokens = self.result.counters.tokens
-        self.result.evals.append({"version": self.coord.version, "time_h": t / 3600, "tokens": tokens,
-                                  "val_loss": evaluate(self.eval_model, self.val)})
+        row = {"version": self.coord.version, "time_h": t / 3600, "tokens": self.result.counters.tokens}
+        for name, batches in self.val.items():
+            row["val_loss" if name == "all" else f"val_{name}"] = evaluate(self.eval_model, batches)
+        self.result.evals.append(row)
+
+
+TEXT_MODES = ("shared", "private")
+
+
+def text_split(config: SimConfig, corpus, train: Shard, val: Shard) -> tuple[Shard, Shard, dict[str, Shard]]:
+    """(GPU nodes' text, the text dealt to devices, validation shards by domain) for
+    ``config.text``: "shared" gives both the whole training split and validates on all of
+    it; "private" gives the GPU nodes the public packages and the devices the others, and
+    validates on all, public and private held-out documents."""
+    if config.text not in TEXT_MODES:
+        raise UserError(f"unknown text mode {config.text!r}: use one of {', '.join(TEXT_MODES)}")
+    if config.text == "shared":
+        return train, train, {"all": val}
+    public = public_groups(corpus, config.public_share, config.seed)
+    private = set(corpus.doc_groups) - public
+    return (train.select(public), train.select(private),
+            {"all": val, "public": val.select(public), "private": val.select(private)})
 
 
 def _rounded(c: Counters) -> dict:

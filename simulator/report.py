@@ -95,6 +95,36 @@ def plot_sync_vs_async(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_compare(result: dict, domain: str, path: Path) -> None:
+    """One validation domain: every variant of the first seed against virtual time and against
+    tokens, the centralized run on the tokens axis, and the medians over seeds in the title."""
+    first = result["seeds"][0]
+    key = "val_loss" if domain == "all" else f"val_{domain}"
+    fig, (ax_t, ax_n) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, r in first["runs"].items():
+        evals = r["evals"]
+        ax_t.plot([e["time_h"] * 60 for e in evals], [e[key] for e in evals], marker="o", ms=3, label=name)
+        ax_n.plot([e["tokens"] / 1e6 for e in evals], [e[key] for e in evals], marker="o", ms=3, label=name)
+    central = first["centralized_equal_tokens"]
+    if domain == "all":
+        tokens, losses = zip(*central["val_curve"])
+        ax_n.plot([t / 1e6 for t in tokens], losses, marker="s", ms=3, label="centralized, all text")
+    else:
+        ax_n.scatter([central["tokens"] / 1e6], [central["final"][domain]], marker="s", color="black",
+                     label="centralized, all text (final)")
+    ax_t.set(xlabel="virtual time (minutes)", ylabel=f"validation loss, {domain} text (nats/byte)",
+             title=f"seed {first['seed']}, {first['text']} text")
+    ax_n.set(xlabel="tokens trained (millions)", ylabel=f"validation loss, {domain} text (nats/byte)")
+    medians = ", ".join(f"{name} {m[domain]:.3f}" for name, m in result["median"].items())
+    fig.suptitle(f"Final loss on {domain} text, median of {len(result['seeds'])} seeds: {medians}", fontsize=10)
+    for ax in (ax_t, ax_n):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_plots(summary: dict, out: Path) -> list[Path]:
     paths = [out / "loss.png", out / "devices.png", out / "staleness.png"]
     for plot, p in zip((plot_loss, plot_devices, plot_staleness), paths):

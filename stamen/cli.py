@@ -198,7 +198,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     import json
     from dataclasses import replace
 
-    from stamen.simulator.compare import sync_vs_async
+    from stamen.simulator.compare import VARIANTS, compare, sync_vs_async
     from stamen.simulator.config import load_simulation
     from stamen.simulator.ray_backend import check_backend
     from stamen.simulator.run import simulate
@@ -216,6 +216,17 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     check_backend(sim.backend, sim.address)
     setup = replace(setup, sim=sim)
     out = Path(args.out)
+    if args.compare is not None:
+        names = tuple(n.strip() for n in args.compare.split(",") if n.strip())
+        unknown = [n for n in names if n not in VARIANTS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise UserError(f"--compare takes distinct names among {', '.join(VARIANTS)}, got {args.compare!r}")
+        result = compare(setup, names, out)
+        for d in result["domains"]:
+            row = ", ".join(f"{name} {m[d]:.3f}" for name, m in result["median"].items())
+            print(f"{d} text, final validation loss (median of {len(result['seeds'])} seeds): {row}")
+        print(f"report in {out}/compare.json and compare_*.png")
+        return
     if args.sync_vs_async:
         result = sync_vs_async(setup, out)
         for r in result["seeds"]:
@@ -268,8 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="override the seed (devices, data, weights, events)")
     s.add_argument("--backend", choices=["local", "ray"], help="where devices train (default: the config's)")
     s.add_argument("--address", help="a Ray cluster's HOST:PORT (with --backend ray; default: a local Ray)")
-    s.add_argument("--sync-vs-async", action="store_true",
-                   help="run the population both as synchronous rounds and asynchronously, and compare (3 seeds from --seed)")
+    runs = s.add_mutually_exclusive_group()
+    runs.add_argument("--sync-vs-async", action="store_true",
+                      help="run the population both as synchronous rounds and asynchronously, and compare (3 seeds from --seed)")
+    runs.add_argument("--compare", metavar="VARIANTS",
+                      help="run variants of the population side by side, e.g. mixed,gpu-only,devices-only, with "
+                           "centralized training at equal tokens (3 seeds from --seed)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
 

@@ -121,9 +121,20 @@ def test_simulate_writes_the_report(tmp_path):
 @pytest.mark.parametrize("body, message", [
     ("[simulation]\nmax_versions = 'many'\n", "max_versions"),
     ("[simulaton]\nseed = 1\n", "simulaton"),
+    ("[simulation]\ntext = 'secret'\n", "unknown text mode"),
+    ("[simulation]\ntext = 'private'\npublic_share = 1.5\n", "public share"),
 ])
 def test_simulate_bad_config_is_one_line(tmp_path, body, message):
     config = tmp_path / "sim.toml"
     config.write_text(body)
     r = stamen("simulate", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "mixed,phones"], "--compare takes distinct names"),
+    (["--compare", "mixed", "--sync-vs-async"], "not allowed with"),
+])
+def test_simulate_compare_mistakes_are_one_line(tmp_path, args, message):
+    r = stamen("simulate", *args, "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

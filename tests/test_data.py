@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from stamen.core.data import Shard, decode, encode, folder_corpus, jsonl_corpus, load_corpus, partition
+from stamen.core.data import Shard, decode, encode, folder_corpus, jsonl_corpus, load_corpus, partition, public_groups
 from stamen.core.errors import UserError
 
 
@@ -112,3 +112,17 @@ def test_cached_corpus_equals_the_loaded_one_and_rereads_an_edited_folder(tmp_pa
     (texts / "two.txt").write_text("second document, edited\n")
     assert same(data.cached_corpus(str(texts), cache), load_corpus(str(texts)))
     assert len(list(cache.glob("corpus-*.npz"))) == 1  # the stale copy is gone
+
+
+def test_public_groups_split_whole_packages_by_share(stdlib):
+    corpus, train, val = stdlib
+    public = public_groups(corpus, 0.5, seed=0)
+    assert public == public_groups(corpus, 0.5, seed=0) != public_groups(corpus, 0.5, seed=1)
+    private = set(corpus.doc_groups) - public
+    pub, priv = train.select(public), train.select(private)
+    assert pub.n_bytes + priv.n_bytes == train.n_bytes  # every training byte is on exactly one side
+    assert set(corpus.groups(pub)) <= public and set(corpus.groups(priv)) <= private
+    assert 0.3 < pub.n_bytes / train.n_bytes < 0.7
+    assert val.select(public).n_bytes > 0 and val.select(private).n_bytes > 0
+    with pytest.raises(UserError, match="public share"):
+        public_groups(corpus, 1.0, seed=0)

@@ -1,11 +1,12 @@
 """``simulate`` writes a deterministic report folder; sync vs async runs on the same devices."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from stamen.simulator.compare import hours_to_loss, sync_vs_async, synchronous
+from stamen.simulator.compare import compare, hours_to_loss, sync_vs_async, synchronous
 from stamen.simulator.config import load_simulation
 from stamen.simulator.run import simulate
 
@@ -39,7 +40,7 @@ batch_size = 2
 """
 CLASS = """
 [{name}]
-role = "device"
+role = "{role}"
 flops = {flops}
 memory_mb = 4096
 up_mbps = 10
@@ -61,8 +62,9 @@ def setup(tmp_path_factory):
     (d / "sim.toml").write_text(SIM_TOML)
     (d / "fed.toml").write_text(FED_TOML)
     # Jetsons are 10x slower than laptops and sometimes drop out: stragglers for sync rounds.
-    (d / "always_on.toml").write_text(CLASS.format(name="laptop", flops=1e10, dropout=0.0)
-                                      + CLASS.format(name="jetson", flops=1e9, dropout=0.2))
+    (d / "always_on.toml").write_text(CLASS.format(name="laptop", flops=1e10, dropout=0.0, role="device")
+                                      + CLASS.format(name="jetson", flops=1e9, dropout=0.2, role="device")
+                                      + CLASS.format(name="gpu-x", flops=1e12, dropout=0.0, role="gpu"))
     torch.set_num_threads(1)
     return load_simulation(d / "sim.toml")
 
@@ -109,3 +111,28 @@ def test_sync_vs_async(setup, tmp_path):
     speedups = [s["hours_to_target"]["sync"] / s["hours_to_target"]["async"] for s in r["seeds"]]
     assert r["async_speedups"] == speedups and r["median_async_speedup"] == sum(speedups) / 2
     assert (tmp_path / "sync_vs_async.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_variants_on_private_text(setup, tmp_path):
+    sim = dataclasses.replace(setup.sim, text="private", max_versions=8, eval_every=4,
+                              population=dataclasses.replace(setup.sim.population, gpu_nodes={"gpu-x": 2}))
+    r = compare(dataclasses.replace(setup, sim=sim), ("mixed", "gpu-only", "devices-only"), tmp_path, seeds=1)
+    (one,) = r["seeds"]
+    runs = one["runs"]
+    assert r["domains"] == ["all", "public", "private"]
+    # All variants stop at the virtual time the first one reached; each has only its own clients.
+    assert runs["mixed"]["versions"] == 8 and one["virtual_h"] == runs["mixed"]["end_time_h"]
+    assert all(run["end_time_h"] <= one["virtual_h"] + 1e-12 for run in runs.values())
+    assert set(runs["gpu-only"]["per_tier"]) == {"gpu"} and "gpu" not in runs["devices-only"]["per_tier"]
+    assert {"gpu", "laptop"} <= set(runs["mixed"]["per_tier"])
+    for name, run in runs.items():
+        last = run["evals"][-1]
+        assert one["final"][name] == {"all": last["val_loss"], "public": last["val_public"],
+                                      "private": last["val_private"]}
+        assert r["median"][name] == one["final"][name]  # one seed: the median is that seed
+    central = one["centralized_equal_tokens"]
+    assert central["tokens"] == max(1, runs["mixed"]["counters"]["tokens"] // 1024) * 1024
+    assert set(central["final"]) == {"all", "public", "private"}
+    for d in r["domains"]:
+        assert (tmp_path / f"compare_{d}.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "compare.json").read_text())["median"] == r["median"]
