@@ -11,7 +11,7 @@ One JSON line per scenario, seed and validation domain (final validation losses,
 acceptance ratios. All figures come from this run; wall time does not enter them.
 
 Run: ``python bench/federation.py`` (``--versions N`` shortens every run to the mixed run's
-first N versions; ``--seeds`` defaults to 3).
+first N versions; ``--seeds`` defaults to 3; ``--scenario private`` runs one scenario).
 """
 
 from __future__ import annotations
@@ -34,14 +34,18 @@ SCENARIOS = ("private", "shared")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--scenario", choices=SCENARIOS, action="append", help="only this scenario (repeatable)")
     p.add_argument("--versions", type=int, help="the mixed run's version cap (default: the config's)")
     p.add_argument("--config", help="a simulation TOML instead of the packaged default")
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for scenario in SCENARIOS:
+    scenarios = tuple(args.scenario or SCENARIOS)
+    for scenario in scenarios:
         setup = load_simulation(args.config)
-        sim = replace(setup.sim, text=scenario, baseline=False)
+        sim = replace(setup.sim, text=scenario, baseline=False, seed=args.seed,
+                      population=replace(setup.sim.population, seed=args.seed))
         if args.versions:
             sim = replace(sim, max_versions=args.versions)
         with tempfile.TemporaryDirectory() as out:
@@ -55,7 +59,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     keys = [v.replace("-", "_") for v in VARIANTS] + ["centralized_equal_tokens"]
     medians = {}
-    for scenario in SCENARIOS:
+    for scenario in scenarios:
         for d in sorted({r["domain"] for r in rows if r["scenario"] == scenario}):
             mine = [r for r in rows if r["scenario"] == scenario and r["domain"] == d]
             medians[f"{scenario}/{d}"] = {k: statistics.median(r[k] for r in mine) for k in keys}
