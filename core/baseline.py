@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from stamen.core.data import load_corpus
 from stamen.core.errors import UserError
-from stamen.core.model import ModelSpec
+from stamen.core.gpt2 import save_model
+from stamen.core.model import ModelSpec, weights
 from stamen.core.train import TrainConfig, default_device, evaluate, make_optimizer, train_steps
 
 
@@ -32,7 +33,8 @@ class BaselineConfig:
 
 def run_baseline(cfg: BaselineConfig, out: Path, progress: bool = True,
                  domains: dict[str, list] | None = None) -> dict:
-    """Train, validate periodically, and write ``summary.json`` and ``loss.png`` into ``out``.
+    """Train, validate periodically, and write ``summary.json``, ``loss.png`` and the final
+    weights (``model/``, a folder ``stamen generate`` and ``transformers`` load) into ``out``.
     ``domains``: more fixed validation batches by name (a simulation's public and private
     held-out text), whose final losses the summary gives as ``final_by_domain``."""
     if cfg.tokens <= 0:
@@ -79,6 +81,7 @@ def run_baseline(cfg: BaselineConfig, out: Path, progress: bool = True,
     if domains:
         summary["final_by_domain"] = {name: evaluate(model, batches) for name, batches in domains.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_model(spec, weights(model), out / "model", extra={"tokens": summary["tokens"]})
     plot_loss(summary, out / "loss.png")
     return summary
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import torch
 
 from stamen.core.errors import UserError
 
+log = logging.getLogger(__name__)
 VOCAB_SIZE = 256
 SEPARATOR = b"\n\n"
 # Parts of the stdlib that are not its own source: vendored packages, test data, generated tables.
@@ -161,18 +163,59 @@ def stdlib_corpus() -> Corpus:
     return Corpus.from_documents(docs)
 
 
+@dataclass
+class Loaded:
+    """What a text source held: the one line a user reads to know the data is what they meant."""
+
+    source: str
+    files: int = 0
+    bytes: int = 0
+    hidden: int = 0  # files under (or named) .something: .git, .cache, editor swap files
+    binary: int = 0  # not UTF-8, or holding NUL bytes
+
+    def line(self) -> str:
+        skipped = [f"{n} {what}" for n, what in ((self.hidden, "hidden"), (self.binary, "binary or non-UTF-8"))
+                   if n]
+        return (f"data {self.source}: {self.files:,} text file{'s' * (self.files != 1)}, {self.bytes:,} bytes"
+                + (f" (skipped {', '.join(skipped)})" if skipped else ""))
+
+
+def text_bytes(raw: bytes) -> bytes | None:
+    """``raw`` if it is UTF-8 text, else None. A NUL byte marks a binary file even when the
+    bytes happen to decode (UTF-16 text, object files with long ASCII runs)."""
+    if b"\0" in raw:
+        return None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return raw
+
+
 def folder_corpus(path: str | Path) -> Corpus:
-    """Every text file under a folder; the group is its first-level sub-folder."""
+    """Every UTF-8 text file under a folder, or a single text file; the group is the file's
+    first-level sub-folder. Hidden files and folders (``.git``, ...) and binary files are
+    skipped and counted; the counts are logged in one line."""
     root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"data folder not found: {root}")
-    docs = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            rel = p.relative_to(root)
-            docs.append((rel.parts[0] if len(rel.parts) > 1 else "", rel.as_posix(), _read_text(p)))
-    if not any(d[2] for d in docs):
-        raise UserError(f"data folder holds no text: {root}")
+    if not root.exists():
+        raise UserError(f"data not found: {root}")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    seen, docs = Loaded(str(root)), []
+    for p in files:
+        rel = p.relative_to(root) if p != root else Path(p.name)
+        if any(part.startswith(".") for part in rel.parts):
+            seen.hidden += 1
+            continue
+        raw = text_bytes(p.read_bytes())
+        if raw is None:
+            seen.binary += 1
+            continue
+        seen.files += 1
+        seen.bytes += len(raw)
+        docs.append((rel.parts[0] if len(rel.parts) > 1 else "", rel.as_posix(), raw))
+    if not seen.bytes:
+        raise UserError(f"no text in {root}: {seen.line().split(': ', 1)[1]}")
+    log.info(seen.line())
     return Corpus.from_documents(docs)
 
 
@@ -195,11 +238,12 @@ def jsonl_corpus(path: str | Path, text_field: str = "text", group_field: str | 
             docs.append((group, f"{p.name}:{i:09d}", str(text).encode("utf-8")))
     if not docs:
         raise UserError(f"data file holds no text: {p}")
+    log.info(f"data {p}: {len(docs):,} documents, {sum(len(d[2]) for d in docs):,} bytes")
     return Corpus.from_documents(docs)
 
 
 def load_corpus(source: str) -> Corpus:
-    """``stdlib`` (the built-in corpus), a folder of text files, or a ``.jsonl`` file."""
+    """``stdlib`` (the built-in corpus), a ``.jsonl`` file, a text file, or a folder of them."""
     if source == "stdlib":
         return stdlib_corpus()
     if source.endswith(".jsonl"):

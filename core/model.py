@@ -161,10 +161,12 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt-tiny": GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=64),
     # nanoGPT's shakespeare-char shape, ~10.7M parameters.
     "gpt-small": GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384),
-    # GPT-2 / GPT-3 shapes, with GPT-2's padded vocabulary so the names match the counts.
-    "gpt-125m": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
-    "gpt-350m": GPTConfig(vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
-    "gpt-1.3b": GPTConfig(vocab_size=50304, block_size=2048, n_layer=24, n_head=32, n_embd=2048),
+    # GPT-2 / GPT-3 shapes under their usual names. The vocabulary is the bytes tokenizer's 256
+    # (the only tokenizer stamen's data speaks), so the counts sit below the names' (GPT-2's
+    # 50,304-row embedding alone is 38.6M of gpt-125m's 124M).
+    "gpt-125m": GPTConfig(vocab_size=256, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt-350m": GPTConfig(vocab_size=256, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    "gpt-1.3b": GPTConfig(vocab_size=256, block_size=2048, n_layer=24, n_head=32, n_embd=2048),
 }
 
 

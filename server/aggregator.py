@@ -312,17 +312,26 @@ class Aggregator:
         checkpoint, which must include every id the checkpoint remembers."""
         if not set(meta["seen"]) <= seen:
             raise UserError("the checkpoint remembers task ids the journal lacks: they are not one server's state")
-        weights = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("weights/")}
-        agg = cls(cfg, weights, config, meta["version"])
+        agg = cls(cfg, versions_in_state(tensors, meta)[meta["version"]], config, meta["version"])
         for group, target in (("opt", agg.opt_state), ("S", agg.S), ("W", agg.W)):
             for k in target:
                 target[k].copy_(tensors[f"{group}/{k}"])
-        for v in sorted(meta["history"], reverse=True)[1:]:
-            agg.history[v] = {n: tensors.get(f"hist/{v}/{n}", t) for n, t in agg.history[v + 1].items()}
+        # Rebuilt on the aggregator's own copy so older versions share its tensors (copy-on-write).
+        agg.history = versions_in_state(tensors | {f"weights/{n}": w for n, w in agg.weights.items()}, meta)
         agg.buffer = _Buffer(meta["count"], meta["tokens"], meta["staleness_sum"], meta["opened_at"],
                              list(meta["task_ids"]))
         agg.seen = dict(meta["seen"])
         return agg
+
+
+def versions_in_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[int, dict[str, torch.Tensor]]:
+    """Every kept version's weights from ``state()``'s tensors and meta: the current version's
+    are stored whole, each older one only where it differs from the next."""
+    current = {k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("weights/")}
+    out = {meta["version"]: current}
+    for v in sorted(meta["history"], reverse=True)[1:]:
+        out[v] = {n: tensors.get(f"hist/{v}/{n}", t) for n, t in out[v + 1].items()}
+    return out
 
 
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -30,7 +30,7 @@ from stamen.server.committer import Committer
 from stamen.server.config import FederationConfig
 from stamen.server.coordinator import Admitted, Coordinator, RequestError
 from stamen.server.ledger import Ledger
-from stamen.server.store import Row, Store, lock_state
+from stamen.server.store import Row, Store, bind_model, lock_state
 
 log = logging.getLogger(__name__)
 DECODERS = 2  # worker threads that decode uploads
@@ -64,6 +64,7 @@ class Federation:
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state(state)  # before anything in the folder is opened
+        bind_model(state, model)
         self.auth, self.ledger = Auth(state), Ledger(state)
         self.store = Store(state, checkpoint_every=fed.server.checkpoint_every)
         torch.manual_seed(seed)  # the initial model of a new federation; a resumed one ignores it

@@ -47,7 +47,7 @@ from stamen.compression.codecs import decode, encode
 from stamen.core.errors import UserError
 from stamen.core.plan import Model, Plan
 from stamen.core.records import Task, Update
-from stamen.server.aggregator import Aggregator, AggregatorConfig, FlushReport, StaleUpdate
+from stamen.server.aggregator import Aggregator, AggregatorConfig, FlushReport, StaleUpdate, versions_in_state
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,51 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def _seq_of(path: Path) -> int:
     return int(path.name.split("-")[1].split(".")[0])
+
+
+MODEL_FILE = "model.json"
+
+
+def bind_model(state_dir: str | Path, model: str) -> None:
+    """Record which model a state folder's federation trains, or check it is the one recorded:
+    a restart with another ``--model`` would misread every checkpoint."""
+    path = Path(state_dir) / MODEL_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())["model"]
+        if recorded != model:
+            raise UserError(f"{state_dir} holds a federation of {recorded!r}, not {model!r}: "
+                            f"pass --model {recorded} or another --state")
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model": model}) + "\n")
+    os.replace(tmp, path)
+
+
+def state_model(state_dir: str | Path) -> str:
+    """The model a state folder's federation trains (``bind_model``)."""
+    path = Path(state_dir) / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"{state_dir} holds no federation (no {MODEL_FILE}): pass the server's --state folder")
+    return json.loads(path.read_text())["model"]
+
+
+def checkpointed_weights(state_dir: str | Path, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+    """A version's global weights as the newest checkpoint holds them, read without opening
+    the ledger (a running server keeps writing it): the checkpointed version by default, or
+    ``version`` if it is one the checkpoint keeps. The server checkpoints every
+    ``checkpoint_every`` versions and when it stops."""
+    ckpt_dir = Path(state_dir) / "checkpoints"
+    done = sorted(ckpt_dir.glob("ckpt-*.safetensors")) if ckpt_dir.is_dir() else []
+    if not done:
+        raise UserError(f"no checkpoint in {ckpt_dir}: is {state_dir} a server's state folder?")
+    with safe_open(str(done[-1]), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("weights/", "hist/"))}
+    versions = versions_in_state(tensors, meta)
+    chosen = meta["version"] if version is None else version
+    if chosen not in versions:
+        raise UserError(f"version {chosen} is not in the newest checkpoint (it keeps {sorted(versions)})")
+    return chosen, versions[chosen]
 
 
 def _config_json(config: AggregatorConfig) -> str:

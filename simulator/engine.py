@@ -175,6 +175,11 @@ class Simulation:
         self._sweep_at = math.inf
         self.gpu_nodes = sum(d.id in self.tiers and d.capabilities.role != "device" for d in self.devices)
 
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The federation's current global weights."""
+        return self.coord.weights
+
     # --- the event queue --------------------------------------------------------------------
     def _push(self, t: float, kind: str, item: object) -> None:
         heapq.heappush(self.events, (t, self.seq, kind, item))

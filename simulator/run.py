@@ -1,5 +1,5 @@
 """``stamen simulate``: run a simulation, the centralized baseline on as many tokens, and write
-the report folder: ``summary.json`` (deterministic for a seed), ``timing.json`` (wall time and
+the report folder: ``summary.json``, the final weights (``model/``) (deterministic for a seed), ``timing.json`` (wall time and
 peak memory, which are not), the plots, and the baseline's own folder."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stamen.core.baseline import BaselineConfig, run_baseline
+from stamen.core.gpt2 import save_model
+from stamen.core.model import ModelSpec
 from stamen.simulator.config import SimSetup
 from stamen.simulator.engine import EVAL_BATCH, Simulation
 from stamen.simulator.report import write_plots
@@ -35,6 +37,7 @@ def simulate(setup: SimSetup, out: Path, progress: bool = True) -> dict:
                             out / "baseline", progress)
         summary["baseline"] = {k: base[k] for k in ("tokens", "final_val_loss", "val_curve")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_model(ModelSpec(setup.sim.model), sim.weights, out / "model", extra={"version": summary["versions"]})
     write_plots(summary, out)
     timing = {"wall_s": round(time.perf_counter() - start, 2), "simulation_wall_s": round(simulated_s, 2),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

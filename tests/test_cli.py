@@ -45,6 +45,8 @@ def test_baseline_writes_summary_and_plot(tmp_path):
     assert summary["tokens"] == (20000 // 256) * 256
     assert summary["val_curve"][-1][1] < summary["val_curve"][0][1]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = stamen("generate", "--model", tmp_path / "model", "--prompt", "import ", "--max-new-tokens", "20")
+    assert r.returncode == 0 and len(r.stdout) > 10, r.stderr
 
 
 def test_plans_prints_every_tier_with_its_cost():

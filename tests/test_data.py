@@ -126,3 +126,37 @@ def test_public_groups_split_whole_packages_by_share(stdlib):
     assert val.select(public).n_bytes > 0 and val.select(private).n_bytes > 0
     with pytest.raises(UserError, match="public share"):
         public_groups(corpus, 1.0, seed=0)
+
+
+def test_binary_and_hidden_files_are_skipped_and_counted(tmp_path, caplog):
+    """A folder of ELF binaries, random bytes and a .git folder beside two text files: only
+    the text is loaded, and one log line says what was skipped."""
+    import logging
+    import sys
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("print('héllo')\n" * 20)
+    (tmp_path / "notes.txt").write_text("plain notes\n" * 20)
+    (tmp_path / "python-binary").write_bytes(open(sys.executable, "rb").read(65536))  # an ELF file
+    (tmp_path / "noise.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "utf16.txt").write_text("text in UTF-16\n", encoding="utf-16")
+    (tmp_path / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / ".git" / "config").write_text("[core]\n")
+    (tmp_path / ".git" / "objects" / "pack").write_text("x" * 100)
+    (tmp_path / ".swp").write_text("swap\n")
+    with caplog.at_level(logging.INFO, logger="stamen.core.data"):
+        corpus = folder_corpus(tmp_path)
+    assert corpus.doc_names == ["notes.txt", "src/a.py"]
+    text_bytes = len("print('héllo')\n".encode() * 20) + len("plain notes\n" * 20)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data {tmp_path}: 2 text files, {text_bytes:,} bytes (skipped 3 hidden, 3 binary or non-UTF-8)"]
+
+
+def test_a_single_text_file_is_a_data_source(tmp_path):
+    f = tmp_path / "book.txt"
+    f.write_text("call me Ishmael. " * 50)
+    corpus = load_corpus(str(f))
+    assert corpus.doc_names == ["book.txt"] and bytes(corpus.data[:17]) == b"call me Ishmael. "
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    with pytest.raises(UserError, match="no text in .*image.png: 0 text files, 0 bytes \\(skipped 1 binary"):
+        load_corpus(str(tmp_path / "image.png"))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from stamen.core.errors import UserError
+from stamen.core.data import VOCAB_SIZE
 from stamen.core.model import GPT, PRESETS, GPTConfig, ModelSpec, gpt_param_count, load_weights, weights
 
 
@@ -24,12 +25,16 @@ def test_preset_counts_match_closed_form(name):
 
 
 def test_preset_sizes_are_what_their_names_say():
+    """GPT-2/3 shapes with the bytes tokenizer's vocabulary: the names' counts less GPT-2's
+    50,304-row embedding, which the bytes tokenizer could never index."""
     counts = {n: gpt_param_count(c) for n, c in PRESETS.items()}
+    assert {c.vocab_size for c in PRESETS.values()} == {VOCAB_SIZE}
     assert counts["gpt-tiny"] < 500_000
     assert 9e6 < counts["gpt-small"] < 12e6
-    assert 120e6 < counts["gpt-125m"] < 130e6
-    assert 340e6 < counts["gpt-350m"] < 370e6
-    assert 1.25e9 < counts["gpt-1.3b"] < 1.4e9
+    gpt2_embedding = {"gpt-125m": 50304 * 768, "gpt-350m": 50304 * 1024, "gpt-1.3b": 50304 * 2048}
+    assert 120e6 < counts["gpt-125m"] - 256 * 768 + gpt2_embedding["gpt-125m"] < 130e6
+    assert 340e6 < counts["gpt-350m"] - 256 * 1024 + gpt2_embedding["gpt-350m"] < 370e6
+    assert 1.25e9 < counts["gpt-1.3b"] - 256 * 2048 + gpt2_embedding["gpt-1.3b"] < 1.4e9
 
 
 def test_submodel_count_and_global_names():

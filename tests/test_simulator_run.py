@@ -73,6 +73,9 @@ def test_report_folder_is_complete_and_deterministic(setup, tmp_path):
     a = simulate(setup, tmp_path / "a", progress=False)
     simulate(setup, tmp_path / "b", progress=False)
     assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()
+    for name in ("config.json", "model.safetensors"):  # the final weights, as a model folder
+        assert (tmp_path / "a" / "model" / name).read_bytes() == (tmp_path / "b" / "model" / name).read_bytes()
+    assert json.loads((tmp_path / "a" / "model" / "config.json").read_text())["stamen"]["version"] == 3
     for name in ("loss.png", "devices.png", "staleness.png"):
         assert (tmp_path / "a" / name).read_bytes()[:4] == b"\x89PNG"
     timing = json.loads((tmp_path / "a" / "timing.json").read_text())
