@@ -20,14 +20,17 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stamen.compression.downlink import decode_download
 from stamen.compression.feedback import ErrorFeedback
@@ -47,7 +50,6 @@ from stamen.mobile_bridge.manifest import BundleError, read_bundle
 
 BUNDLE_TRAINERS = {"ort": OrtRuntime, "executorch": ExecuTorchRuntime}
 RELEASE_TIMEOUT_S = 5.0  # how long a stopping client tries to give its open task back
-
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +80,7 @@ class TaskLog:
     tokens: int
     first_loss: float
     last_loss: float
+    mean_loss: float  # over the task's steps: what the task line shows (single batches are noisy)
     upload_bytes: int
     outcome: str  # "accepted", "duplicate", "stale", "lapsed"
     version: int  # the server's version after the upload
@@ -107,7 +110,10 @@ class EdgeClient:
     log: list[TaskLog] = field(default_factory=list)
 
     def run(self) -> list[TaskLog]:
-        return asyncio.run(self.run_async())
+        """Train until done; Ctrl-C stops within a training step (the open task's update is not
+        sent, and the log says so) and raises KeyboardInterrupt."""
+        with logging_redirect_tqdm() if self.progress else nullcontext():
+            return asyncio.run(self.run_async())
 
     async def run_async(self) -> list[TaskLog]:
         declared = declared_runtimes(self.runtime, self.role, torch.cuda.is_available())
@@ -121,12 +127,13 @@ class EdgeClient:
         scratch = None if state else tempfile.TemporaryDirectory(prefix="stamen-bundles-")
         bundles = state / "bundles" if state else Path(scratch.name)
         session = Session(self.server, ca_file=self.ca_file)
+        started = time.monotonic()
         try:
             me = await self._join(session, state, declared)
             session.token = me["token"]
             spec = ModelSpec(me["model"])
             cfg = spec.gpt_config()
-            self._say(f"joined {self.server} as {me['client_id']} ({self.role}, tier {me['tier']}, "
+            log.info(f"joined {self.server} as {me['client_id']} ({self.role}, tier {me['tier']}, "
                       f"runtimes {', '.join(declared)})")
             stop_at = time.time() + 60 * self.budget_minutes if self.budget_minutes else None
             runtimes: dict[tuple[str, str], Runtime] = {}  # (plan hash, runtime) → loaded runtime
@@ -159,7 +166,19 @@ class EdgeClient:
             await session.close()
             if scratch:
                 scratch.cleanup()
+            if self.log:
+                log.info(self.summary(time.monotonic() - started))
         return self.log
+
+    def summary(self, wall_s: float) -> str:
+        """The one line a client leaves at exit: what it contributed."""
+        outcomes: dict[str, int] = {}
+        for t in self.log:
+            outcomes[t.outcome] = outcomes.get(t.outcome, 0) + 1
+        told = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+        return (f"done: {len(self.log)} task{'s' * (len(self.log) != 1)} ({told}), "
+                f"{sum(t.tokens for t in self.log):,} tokens, {sum(t.upload_bytes for t in self.log) / 2**20:.1f} MiB up, "
+                f"mean loss {self.log[-1].mean_loss:.3f} in the last task, {wall_s / 60:.1f} min")
 
     async def _join(self, session: Session, state: Path | None, runtimes: tuple[str, ...]) -> dict:
         """Join once; later runs reuse the saved client token for the same server and the same
@@ -191,7 +210,7 @@ class EdgeClient:
                 read_bundle(folder, spec_hash, task.plan.hash, task.runtime)
                 return folder, 0
             except BundleError as e:
-                self._say(f"refused the cached bundle: {e}; downloading it again")
+                log.warning(f"refused the cached bundle: {e}; downloading it again")
                 shutil.rmtree(folder)
         base = f"/v1/bundles/{task.plan.hash}/{task.runtime}"
         listing = (await session.call("GET", base))["files"]
@@ -231,14 +250,25 @@ class EdgeClient:
         rt.set_weights(sub)
         bar = tqdm(total=task.steps, desc=f"{task.task_id} v{task.base_version}", disable=not self.progress,
                    leave=False, unit="step")
+        stop, done = threading.Event(), [0]
 
         def on_step(_: int, loss: float) -> None:
+            if stop.is_set():
+                raise _Stopped
+            done[0] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
 
         # Training is compute-bound: run it off the event loop so the connection pool stays alive.
-        result = await asyncio.to_thread(rt.train, shard.batches(task.batch_size, task.seq_len, task.seed),
-                                         task.steps, task.train, task.step_offset, on_step)
+        try:
+            result = await asyncio.to_thread(rt.train, shard.batches(task.batch_size, task.seq_len, task.seed),
+                                             task.steps, task.train, task.step_offset, on_step)
+        except asyncio.CancelledError:  # Ctrl-C: the thread stops at its next step
+            stop.set()
+            bar.close()
+            log.warning(f"interrupted: task {task.task_id} stopped after {done[0]} of {task.steps} steps; its update "
+                        "is not sent")
+            raise
         bar.close()
         trained = rt.trained_weights()
         delta = {n: sub[n].to(torch.float32) - t for n, t in trained.items()}
@@ -252,34 +282,34 @@ class EdgeClient:
             if e.status not in (409, 410):
                 raise
             outcome, version = ("stale" if e.status == 409 else "lapsed"), -1
-        log = TaskLog(task.task_id, task.base_version, tier, result.steps, result.tokens, result.losses[0],
-                      result.losses[-1], len(body), outcome, version, task.runtime, downloads)
-        self._say(f"{task.task_id}: v{task.base_version} {task.plan.name} {result.steps} steps, loss "
-                  f"{log.first_loss:.3f}→{log.last_loss:.3f}, {len(body) / 1024:.1f} KiB up: {outcome}")
-        return log
+        entry = TaskLog(task.task_id, task.base_version, tier, result.steps, result.tokens, result.losses[0],
+                        result.losses[-1], result.mean_loss, len(body), outcome, version, task.runtime, downloads)
+        log.info(f"task {task.task_id}: v{task.base_version} {task.plan.name} on {task.runtime}, {result.steps} steps, "
+                 f"mean loss {entry.mean_loss:.3f}, {len(body) / 1024:.1f} KiB up: {outcome}"
+                 + (f" (server at v{version})" if version >= 0 else ""))
+        return entry
 
     async def _release(self, session: Session, task: Task) -> None:
         """Give an unfinished task back, so the server hands its work out now rather than at
         its deadline. One short try: a client that stops must not hang on a dead server."""
         try:
             answer = await asyncio.wait_for(session.call("DELETE", f"/v1/tasks/{task.task_id}"), RELEASE_TIMEOUT_S)
-            self._say(f"{task.task_id}: given back to the server ({answer['status']})")
+            log.info(f"task {task.task_id}: given back to the server ({answer['status']})")
         except (Exception, asyncio.CancelledError) as e:
-            self._say(f"{task.task_id}: could not give it back ({e or type(e).__name__}); it lapses at its deadline")
+            log.warning(f"task {task.task_id}: could not give it back ({e or type(e).__name__}); "
+                        "it lapses at its deadline")
 
-    def _say(self, line: str) -> None:
-        if self.progress:
-            tqdm.write(line)
-        else:
-            log.info(line)
+
+class _Stopped(Exception):
+    """Raised inside the training thread at the first step after Ctrl-C."""
 
 
 def run_client(server: str, token: str, data: str, runtime: str = "auto", role: str = "device",
                max_memory: int | None = None, budget_minutes: float | None = None,
                state_dir: str | Path | None = None, max_tasks: int | None = None,
-               ca_file: str | None = None) -> list[TaskLog]:
+               ca_file: str | None = None, progress: bool = True) -> list[TaskLog]:
     """``stamen client``: train for the server until the budget or the task count ends (or forever)."""
     if ca_file is not None and not Path(ca_file).is_file():
         raise UserError(f"CA file not found: {ca_file}")
     return EdgeClient(server, token, data, runtime, role, max_memory, budget_minutes, state_dir, max_tasks,
-                      ca_file=ca_file).run()
+                      progress=progress, ca_file=ca_file).run()

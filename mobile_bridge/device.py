@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
+import os
 import shutil
 import time
 import urllib.error
@@ -31,6 +33,7 @@ from stamen.core.wire import BUNDLE_RUNTIMES, LONG_POLL_S, WEIGHTS_CODEC, Frame,
 from stamen.mobile_bridge.loop import train_loop
 from stamen.mobile_bridge.manifest import BundleError, Manifest, read_bundle
 
+log = logging.getLogger(__name__)
 UPLOAD_CODEC, UPLOAD_ZSTD = WEIGHTS_CODEC, 1  # the device writes the lossless frame it reads
 RETRIES = 8  # a phone app backs off through a server restart or a first bundle export (~20 s)
 RETRY_STATUS = (502, 503, 504)
@@ -56,6 +59,7 @@ class DeviceLog:
     steps: int
     first_loss: float
     last_loss: float
+    mean_loss: float
     outcome: str  # "accepted", "duplicate", "stale", "lapsed"
     bundle_downloads: int
 
@@ -71,6 +75,7 @@ class ReferenceDevice:
     max_tasks: int | None = None
     token: str = ""
     log: list[DeviceLog] = field(default_factory=list)
+    reached: bool = False  # has the server answered once? Before that a connection error is final
 
     # --- HTTP -----------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: bytes | None = None, params: dict | None = None) -> tuple[int, bytes]:
@@ -83,8 +88,10 @@ class ReferenceDevice:
         for attempt in itertools.count():
             try:
                 with urllib.request.urlopen(req, timeout=LONG_POLL_S + 30) as r:
+                    self.reached = True
                     return r.status, r.read()
             except urllib.error.HTTPError as e:
+                self.reached = True
                 raw = e.read()
                 try:
                     reason = json.loads(raw)["error"]
@@ -92,10 +99,17 @@ class ReferenceDevice:
                     reason = raw[:200].decode(errors="replace")
                 if e.code not in RETRY_STATUS or attempt == RETRIES:
                     raise HttpError(e.code, reason) from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                why = f"HTTP {e.code}: {reason}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+                why = _why(e)
+                if not self.reached:
+                    raise UserError(f"cannot reach {self.server}: {why}") from None
                 if attempt == RETRIES:
-                    raise
-            time.sleep(min(30.0, 0.5 * 2 ** attempt))  # a bundle export or a server restart: back off
+                    raise UserError(f"server {self.server} unreachable after {RETRIES + 1} attempts "
+                                    f"(last: {why}); giving up") from None
+            delay = min(30.0, 0.5 * 2 ** attempt)  # a bundle export or a server restart: back off
+            log.warning(f"{method} {path}: {why}; retry {attempt + 1} of {RETRIES} in {delay:.1f} s")
+            time.sleep(delay)
 
     # --- the protocol -----------------------------------------------------------------------
     def join(self) -> dict:
@@ -166,7 +180,24 @@ class ReferenceDevice:
     def run(self) -> list[DeviceLog]:
         corpus = load_corpus(self.data)
         shard = Shard(corpus, corpus.doc_bounds)
-        self.join()
+        me = self.join()
+        log.info(f"joined {self.server} as {me['client_id']} (device, tier {me['tier']}, {self.runtime}, "
+                 f"{self.memory_bytes / 2**20:.0f} MiB declared)")
+        try:
+            self._loop(shard)
+        except KeyboardInterrupt:
+            log.warning("interrupted: the open task's update is not sent (the server hands it out again after "
+                        "its deadline)")
+            raise
+        finally:
+            if self.log:
+                outcomes = ", ".join(f"{sum(e.outcome == o for e in self.log)} {o}"
+                                     for o in sorted({e.outcome for e in self.log}))
+                log.info(f"done: {len(self.log)} tasks ({outcomes}), mean loss {self.log[-1].mean_loss:.3f} "
+                         "in the last task")
+        return self.log
+
+    def _loop(self, shard: Shard) -> None:
         trainers: dict[str, object] = {}
         while self.max_tasks is None or len(self.log) < self.max_tasks:
             status, raw = self._call("GET", "/v1/task", params={"wait": LONG_POLL_S})
@@ -188,8 +219,18 @@ class ReferenceDevice:
             delta = {n: base[n] - w for n, w in trained.items()}
             outcome = self.upload(task["task_id"], delta, result.tokens, result.mean_loss)
             self.log.append(DeviceLog(task["task_id"], plan, result.steps, result.losses[0], result.losses[-1],
-                                      outcome, downloads))
-        return self.log
+                                      result.mean_loss, outcome, downloads))
+            log.info(f"task {task['task_id']}: v{task['base_version']} plan {plan} on {self.runtime}, "
+                     f"{result.steps} steps, mean loss {result.mean_loss:.3f}"
+                     + (", bundle downloaded" if downloads else "") + f": {outcome}")
+
+
+def _why(e: BaseException) -> str:
+    """A connection failure as a person says it: "connection refused"."""
+    reason = getattr(e, "reason", e)
+    if isinstance(reason, OSError) and reason.errno:
+        return os.strerror(reason.errno).lower()
+    return str(reason) or type(reason).__name__
 
 
 def _trainer(runtime: str, folder: Path, manifest: Manifest):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -225,7 +226,12 @@ async def serve(federation: Federation, state_dir: Path, host: str, port: int,
                            handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:  # in use, not allowed, no such address: one line, nothing served
+        await runner.cleanup()
+        federation.close()
+        raise UserError(f"cannot listen on {host}:{port}: {os.strerror(e.errno).lower() if e.errno else e}") from None
     bound = runner.addresses[0][1] if runner.addresses else port
     scheme = "https" if tls else "http"
     print(f"stamen server: model {federation.spec.name}, version {federation.coord.version}, "

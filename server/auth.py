@@ -103,10 +103,16 @@ class Auth:
         self.db.close()
 
 
-def create_token(state_dir: str | Path, role: str) -> str:
+def create_token(state_dir: str | Path, role: str, init: bool = False) -> str:
     """``stamen token create --role R --state DIR``: works whether or not the server runs
-    (SQLite WAL lets both write the same database)."""
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    (SQLite WAL lets both write the same database). ``DIR`` must already hold a federation (a
+    server ran there, or a token was made there) unless ``init`` starts one: a mistyped
+    folder would otherwise get tokens the server never reads."""
+    state = Path(state_dir)
+    if not init and not (state / "auth.db").is_file():
+        raise UserError(f"{state} holds no federation: pass the server's --state folder, "
+                        "or add --init to start a new federation there")
+    state.mkdir(parents=True, exist_ok=True)
     auth = Auth(state_dir)
     try:
         return auth.create_join_token(role)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from stamen.compression.spec import parse as parse_codec
 from stamen.core.config import from_table, read_toml
 from stamen.core.errors import UserError
 from stamen.core.model import GPTConfig
@@ -157,6 +158,10 @@ class TierSettings:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be at least 1")
+        try:
+            parse_codec(self.codec)  # a bad codec stops the server at start-up, not every upload
+        except UserError as e:
+            raise UserError(f"codec: {e}") from None
 
 
 @dataclass(frozen=True)

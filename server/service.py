@@ -24,7 +24,7 @@ from stamen.core.model import ModelSpec, weights
 from stamen.core.plan import Plan, global_shapes
 from stamen.core.records import Capabilities, Task
 from stamen.core.wire import FrameTooLarge, WireError
-from stamen.server.aggregator import BadUpdate, StaleUpdate
+from stamen.server.aggregator import BadUpdate, FlushReport, StaleUpdate
 from stamen.server.auth import Auth, Principal, Unauthorized
 from stamen.server.committer import Committer
 from stamen.server.config import FederationConfig
@@ -90,6 +90,8 @@ class Federation:
         self.coord.tier_for(c)  # refuse before a client record is written
         principal, token = self.auth.join(join_token, c.to_dict())
         a = self.coord.register(principal.client_id, c)
+        log.info(f"client {principal.client_id} joined: {principal.role}, tier {a.tier}, "
+                 f"{c.memory_bytes / 2**20:,.0f} MiB, runtimes {', '.join(c.runtimes)}")
         return {"client_id": principal.client_id, "token": token, "tier": a.tier, "plan": a.plan.to_dict(),
                 "model": self.spec.name}
 
@@ -173,7 +175,7 @@ class Federation:
             raise
         self.ledger.done(task_id)
         if accepted.report is not None:
-            self._published()
+            self._published(accepted.report)
         return {"status": "accepted", "version": accepted.version}
 
     def release(self, p: Principal, task_id: str) -> dict:
@@ -189,8 +191,11 @@ class Federation:
         self.ledger.released(task_id)
         return {"status": "released"}
 
-    def _published(self) -> None:
+    def _published(self, report: FlushReport) -> None:
         self.ledger.set_meta("global_step", self.coord.global_step)
+        log.info(f"version {report.version}: {report.updates} updates, {report.tokens:,} tokens, mean staleness "
+                 f"{report.mean_staleness:.2f}, coverage {report.coverage:.0%}, |Δθ| {report.update_norm:.4g} "
+                 f"(flushed by {report.reason})")
 
     async def poll(self, now: float) -> None:
         """Periodic work: lapse overdue tasks, publish after the max wait (journaled first)."""
@@ -200,8 +205,9 @@ class Federation:
             await self.committer.commit(row, lambda: self._flushed(row))
 
     def _flushed(self, row: Row) -> None:
-        if self.coord.poll(row.at, lambda agg, now: self.store.apply(agg, row)) is not None:
-            self._published()
+        report = self.coord.poll(row.at, lambda agg, now: self.store.apply(agg, row))
+        if report is not None:
+            self._published(report)
 
     # --- reporting ----------------------------------------------------------------------
     def status(self) -> dict:

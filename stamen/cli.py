@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from stamen.cli_models import positive_int
@@ -116,13 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(verbose: int) -> None:
     """One handler on stderr for every ``stamen.*`` logger: INFO by default (a line per task,
-    per version), DEBUG with -vv. Libraries stay at WARNING so their chatter does not bury ours."""
+    per version), DEBUG with -vv. Libraries (torch, torchao, ExecuTorch, ONNX) say only errors,
+    and their deprecation warnings are hidden, unless -v: their chatter buried our results."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    root.setLevel(logging.WARNING if verbose else logging.ERROR)
+    logging.getLogger("torch").setLevel(logging.WARNING if verbose else logging.ERROR)  # torch has its own handler
     logging.getLogger("stamen").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+    if not verbose:
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,9 +7,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from stamen.cli_models import MODEL_HELP, positive_int
+from stamen.cli_models import MODEL_HELP, positive_float, positive_int
 from stamen.core.errors import UserError
 from stamen.core.wire import BUNDLE_RUNTIMES, RUNTIMES
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535, got {value}")
+    return value
+
+
+def server_url(text: str) -> str:
+    """An http(s) URL with a host: a bare ``HOST:PORT`` is a usage mistake, not a retry loop."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL: write e.g. http://{text.split('://')[-1]}")
+    try:
+        parts.port
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return text.rstrip("/")
+
 
 CA_HELP = "PEM certificate(s) to trust for an https server (e.g. its self-signed one)"
 DATA_HELP = "'stdlib', a text file, a folder of text files, or a .jsonl file"
@@ -28,15 +52,57 @@ def cmd_server(args: argparse.Namespace) -> None:
 def cmd_token(args: argparse.Namespace) -> None:
     from stamen.server.auth import create_token
 
-    print(create_token(args.state, args.role))
+    print(create_token(args.state, args.role, args.init))
 
 
 def cmd_status(args: argparse.Namespace) -> None:
     import json
+    import time
 
     from stamen.server.app import fetch_status
 
-    print(json.dumps(fetch_status(args.url, args.ca_file), indent=2))
+    status = fetch_status(args.url, args.ca_file)
+    print(json.dumps(status, indent=2) if args.json else status_table(status, time.time()))
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "never"
+    s = max(0.0, now - t)
+    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
+
+
+def status_table(st: dict, now: float) -> str:
+    """``/v1/status`` as a person reads it: the model's state, then per-tier and per-client
+    tables, the validation history, and which tensors no update has trained yet."""
+    tasks = ", ".join(f"{k} {v:,}" for k, v in sorted(st["tasks"].items())) or "none yet"
+    lines = [f"model {st['model']}  version {st['version']}  global step {st['global_step']:,}  "
+             f"buffered {st['buffered']}  in flight {st['in_flight']}",
+             f"tasks: {tasks}", ""]
+    lines.append(f"{'tier':<12}{'updates':>9}{'tokens':>14}")
+    for tier, t in st["tiers"].items():
+        lines.append(f"{tier:<12}{t['updates']:>9,}{t['tokens']:>14,}")
+    if not st["tiers"]:
+        lines.append("(no update yet)")
+    lines += ["", f"{'client':<16}{'role':<8}{'tier':<12}{'updates':>9}{'tokens':>14}  last seen"]
+    for c in st["clients"]:
+        lines.append(f"{c['client_id']:<16}{c['role']:<8}{c['tier']:<12}{c['updates']:>9,}{c['tokens']:>14,}  "
+                     f"{_ago(c['last_seen'], now)}")
+    if not st["clients"]:
+        lines.append("(no client has joined)")
+    evals = st.get("evaluations") or []
+    if evals:
+        lines += ["", f"{'version':>8}{'val loss':>10}  (held-out text, nats/byte)"]
+        lines += [f"{e['version']:>8}{e['val_loss']:>10.4f}" for e in evals[-10:]]
+    t = st["tensors"]
+    lines.append("")
+    if t["covered"] == t["total"]:
+        lines.append(f"tensors: all {t['total']} trained by some update")
+    else:
+        names = t["uncovered"]
+        shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+        lines.append(f"tensors: {t['covered']}/{t['total']} trained by some update; never trained: {shown}")
+    return "\n".join(lines)
 
 
 def cmd_client(args: argparse.Namespace) -> None:
@@ -45,7 +111,7 @@ def cmd_client(args: argparse.Namespace) -> None:
 
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     run_client(args.server, args.token, args.data, args.runtime, args.role, max_memory,
-               args.budget_minutes, args.state, args.max_tasks, args.ca_file)
+               args.budget_minutes, args.state, args.max_tasks, args.ca_file, progress=sys.stderr.isatty())
 
 
 def cmd_device_emulator(args: argparse.Namespace) -> None:
@@ -82,7 +148,7 @@ def register(sub, formatter) -> None:
     s.add_argument("--state", required=True, help="state folder (SQLite ledger, checkpoints); reuse it to resume")
     s.add_argument("--config", help="federation TOML; keys you leave out keep their documented defaults")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8080, help="TCP port to listen on (0: any free port)")
+    s.add_argument("--port", type=port_number, default=8080, help="TCP port to listen on (0: any free port)")
     s.add_argument("--tls-cert", help="PEM certificate (serve HTTPS)")
     s.add_argument("--tls-key", help="PEM private key")
     s.set_defaults(func=cmd_server)
@@ -93,15 +159,17 @@ def register(sub, formatter) -> None:
     t.add_argument("--role", required=True, choices=["device", "gpu", "admin"],
                    help="device: trains submodels; gpu: trains the full model; admin: reads full weights")
     t.add_argument("--state", required=True, help="the server's state folder")
+    t.add_argument("--init", action="store_true", help="start a new federation in --state (else it must hold one)")
     t.set_defaults(func=cmd_token)
 
-    s = sub.add_parser("status", help="a running server's status as JSON", formatter_class=formatter)
-    s.add_argument("url", help="e.g. http://127.0.0.1:8080")
+    s = sub.add_parser("status", help="a running server's status: tables, or JSON with --json", formatter_class=formatter)
+    s.add_argument("url", type=server_url, help="the server's URL, e.g. http://127.0.0.1:8080")
+    s.add_argument("--json", action="store_true", help="the raw /v1/status JSON instead of tables")
     s.add_argument("--ca-file", help=CA_HELP)
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("client", help="train for a federation on this machine's data", formatter_class=formatter)
-    s.add_argument("--server", required=True, help="server URL, e.g. http://HOST:8080")
+    s.add_argument("--server", required=True, type=server_url, help="server URL, e.g. http://HOST:8080")
     s.add_argument("--token", required=True, help="join token from the operator")
     s.add_argument("--data", required=True, help=DATA_HELP)
     s.add_argument("--runtime", default="auto", choices=["auto", *RUNTIMES],
@@ -109,7 +177,7 @@ def register(sub, formatter) -> None:
     s.add_argument("--role", default="device", choices=["device", "gpu"],
                    help="device: a submodel sized to this machine; gpu: the full model (needs a gpu token)")
     s.add_argument("--max-memory", help="memory training may use, e.g. 2G (default: half of what is free)")
-    s.add_argument("--budget-minutes", type=float, help="stop after this long (default: run until stopped)")
+    s.add_argument("--budget-minutes", type=positive_float, help="stop after this long (default: run until stopped)")
     s.add_argument("--state", default=str(Path.home() / ".stamen" / "client"),
                    help="keeps the client's token and error-feedback residuals across restarts")
     s.add_argument("--max-tasks", type=positive_int, help="stop after this many tasks")
@@ -118,7 +186,7 @@ def register(sub, formatter) -> None:
 
     s = sub.add_parser("device-emulator", help="a runtime-only reference device, as a phone app would be",
                        formatter_class=formatter)
-    s.add_argument("--server", required=True, help="server URL, e.g. http://HOST:8080")
+    s.add_argument("--server", required=True, type=server_url, help="server URL, e.g. http://HOST:8080")
     s.add_argument("--token", required=True, help="device join token")
     s.add_argument("--runtime", required=True, choices=BUNDLE_RUNTIMES, help="on-device training runtime")
     s.add_argument("--data", required=True, help=DATA_HELP)

@@ -51,13 +51,22 @@ def cmd_plans(args: argparse.Namespace) -> None:
         return _lora_plans(args)
     if args.model.startswith("hf:"):
         raise UserError("a Hugging Face base is fine-tuned with LoRA plans: add --lora")
-    rows = plans_table(ModelSpec(args.model), args.batch_size, args.seq_len)
-    print(f"plans of {args.model} at batch {args.batch_size} x seq {args.seq_len} (memory: fp32 weights, "
-          "grads, AdamW state, activations)")
-    print(f"{'tier':<11}{'blocks':<16}{'width':>6}{'params':>14}{'trainable':>14}{'memory MiB':>12}{'MFLOP/token':>13}  plan")
-    for r in rows:
+    from stamen.server.config import load_config
+
+    spec = ModelSpec(args.model)
+    fed = load_config(args.config)
+    seq = args.seq_len or fed.training.seq_len
+    batch = {t: args.batch_size or fed.tiers[t].batch_size for t in fed.tiers}
+    rows = {r["tier"]: r for b in sorted(set(batch.values())) for r in plans_table(spec, b, seq)
+            if batch.get(r["tier"]) == b}
+    source = args.config or "the packaged federation defaults"
+    print(f"plans of {args.model} at the shapes {source} trains them: seq {seq}, each tier's batch "
+          "(memory: fp32 weights, grads, AdamW state, activations)")
+    print(f"{'tier':<11}{'blocks':<16}{'width':>6}{'batch':>6}{'params':>14}{'trainable':>14}{'memory MiB':>12}"
+          f"{'MFLOP/token':>13}  plan")
+    for tier, r in rows.items():
         blocks = ",".join(map(str, r["blocks"])) if len(r["blocks"]) <= 4 else f"{r['blocks'][0]}-{r['blocks'][-1]}"
-        print(f"{r['tier']:<11}{blocks:<16}{r['width']:>6.2f}{r['params']:>14,}{r['trainable']:>14,}"
+        print(f"{tier:<11}{blocks:<16}{r['width']:>6.2f}{batch[tier]:>6}{r['params']:>14,}{r['trainable']:>14,}"
               f"{r['memory_mb']:>12,.1f}{r['flops_per_token'] / 1e6:>13,.2f}  {r['plan']}")
 
 
@@ -66,6 +75,7 @@ def _lora_plans(args: argparse.Namespace) -> None:
     from stamen.core.model import ModelSpec
 
     base = ModelSpec(args.model).build(weights=False)  # shapes only: no weight file is read
+    args.batch_size, args.seq_len = args.batch_size or 8, args.seq_len or 128  # one shape for every LoRA tier
     targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else None
     space = lora_space(base, args.lora_rank, targets=targets)
     b = space.base
@@ -159,8 +169,10 @@ def register(sub, formatter) -> None:
 
     s = sub.add_parser("plans", help="the tier table of submodels for a model, with their cost", formatter_class=formatter)
     s.add_argument("--model", default="gpt-tiny", help="preset, 'pkg.module:function' or 'hf:PATH' (with --lora)")
-    s.add_argument("--batch-size", type=positive_int, default=8, help="batch the memory column assumes")
-    s.add_argument("--seq-len", type=positive_int, default=128, help="sequence length the memory column assumes")
+    s.add_argument("--config", help="federation TOML whose tier batches and seq_len the costs use "
+                                     "(default: the packaged defaults, as 'stamen server' trains)")
+    s.add_argument("--batch-size", type=positive_int, help="one batch for every tier instead of the federation's")
+    s.add_argument("--seq-len", type=positive_int, help="sequence length instead of the federation's")
     s.add_argument("--lora", action="store_true", help="LoRA plans over the frozen base (with --model hf:PATH too)")
     s.add_argument("--lora-rank", type=positive_int, default=16, help="the global adapter's rank (GPU nodes' rank)")
     s.add_argument("--lora-targets", help="comma-separated module names to adapt (default: PEFT's for the model type)")

@@ -15,7 +15,9 @@ from pathlib import Path
 
 SERVER = """
 import sys
+from stamen.cli import setup_logging
 from stamen.server.app import run_server
+setup_logging(0)
 run_server("gpt-tiny", sys.argv[1], sys.argv[2] if sys.argv[2] != "-" else None, "127.0.0.1", int(sys.argv[3]),
            *sys.argv[4:6])
 """

@@ -62,7 +62,7 @@ def test_plans_prints_every_tier_with_its_cost():
 
 
 def test_token_create_prints_a_token_for_the_role(tmp_path):
-    r = stamen("token", "create", "--role", "gpu", "--state", str(tmp_path))
+    r = stamen("token", "create", "--role", "gpu", "--state", str(tmp_path), "--init")
     assert r.returncode == 0 and r.stdout.startswith("stj_gpu_")
     r = stamen("token", "create", "--role", "boss", "--state", str(tmp_path))
     assert r.returncode == 2 and "invalid choice" in r.stderr and r.stderr.count("\n") == 1

@@ -62,7 +62,7 @@ def test_status_over_https_needs_the_certificate(tls_server):
     refused = stamen("status", url)
     assert refused.returncode == 2 and refused.stdout == ""
     assert len(refused.stderr.strip().splitlines()) == 1 and "certificate verify failed" in refused.stderr
-    assert json.loads(stamen("status", url, "--ca-file", cert).stdout)["version"] == 0
+    assert json.loads(stamen("status", url, "--ca-file", cert, "--json").stdout)["version"] == 0
 
 
 def test_a_client_trains_over_https(tls_server):
