@@ -64,8 +64,7 @@ class Corpus:
     def split(self, val_fraction: float = 0.05) -> tuple["Shard", "Shard"]:
         """Hold out whole documents for validation, chosen by a hash of their name so the
         split is stable across runs, seeds and machines."""
-        is_val = np.array([int(hashlib.sha1(n.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
-                           for n in self.doc_names])
+        is_val = np.array([held_out(n, val_fraction) for n in self.doc_names])
         if is_val.all() or not is_val.any():  # tiny corpora: keep one document on each side
             is_val = np.zeros(len(self.doc_names), dtype=bool)
             is_val[-1] = len(is_val) > 1
@@ -150,14 +149,22 @@ def _read_text(path: Path) -> bytes:
     return path.read_bytes().decode("utf-8", errors="replace").encode("utf-8")
 
 
-def stdlib_corpus() -> Corpus:
+def held_out(name: str, val_fraction: float = 0.05) -> bool:
+    """Whether ``Corpus.split`` holds the document named ``name`` out for validation."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
+
+
+def stdlib_corpus(validation_only: bool = False) -> Corpus:
     """The Python standard library's own source: real text on every machine, with a natural
-    non-IID grouping by top-level package or module."""
+    non-IID grouping by top-level package or module. ``validation_only`` reads just the files
+    ``split`` holds out (a server's held-out set without reading the other 95%)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
     for p in root.rglob("*.py"):
         rel = p.relative_to(root)
         if STDLIB_SKIP & set(rel.parts) or "tests" in rel.parts or rel.parts[0].startswith("config-"):
+            continue
+        if validation_only and not held_out(rel.as_posix()):
             continue
         docs.append((rel.parts[0].removesuffix(".py"), rel.as_posix(), _read_text(p)))
     return Corpus.from_documents(docs)

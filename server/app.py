@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import ssl
 import time
@@ -219,20 +220,33 @@ def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(federation: Federation, state_dir: Path, host: str, port: int,
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before anything else starts: a port in use (or out
+    of reach) is one line, with no state touched and nothing printed as serving."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {os.strerror(e.errno).lower() if e.errno else e}") from None
+    return sock
+
+
+async def serve(federation: Federation, state_dir: Path, sock: socket.socket,
                 tls: ssl.SSLContext | None, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then drain in-flight requests and checkpoint."""
+    """Serve on the bound ``sock`` until ``stop`` is set, then drain in-flight requests and checkpoint."""
     runner = web.AppRunner(make_app(federation, state_dir), shutdown_timeout=federation.fed.server.long_poll_s + 5,
                            handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls)
-    try:
-        await site.start()
-    except OSError as e:  # in use, not allowed, no such address: one line, nothing served
-        await runner.cleanup()
-        federation.close()
-        raise UserError(f"cannot listen on {host}:{port}: {os.strerror(e.errno).lower() if e.errno else e}") from None
-    bound = runner.addresses[0][1] if runner.addresses else port
+    await web.SockSite(runner, sock, ssl_context=tls).start()
+    host, bound = sock.getsockname()[:2]
     scheme = "https" if tls else "http"
     print(f"stamen server: model {federation.spec.name}, version {federation.coord.version}, "
           f"serving on {scheme}://{host}:{bound}", flush=True)
@@ -247,22 +261,27 @@ async def serve(federation: Federation, state_dir: Path, host: str, port: int,
 
 def run_server(model: str, state_dir: str | Path, config_path: str | Path | None = None,
                host: str = "127.0.0.1", port: int = 8080, tls_cert: str | None = None,
-               tls_key: str | None = None) -> None:
+               tls_key: str | None = None, eval_data: str = "stdlib") -> None:
     """``stamen server``: blocks until SIGTERM/SIGINT."""
     fed_cfg: FederationConfig = load_config(config_path)
     tls = _tls(tls_cert, tls_key)
     state = Path(state_dir)
+    sock = listen(host, port)
     try:
-        federation = Federation(model, state, fed_cfg)
+        federation = Federation(model, state, fed_cfg, eval_data=eval_data)
     except (OSError, sqlite3.Error) as e:  # e.g. a read-only or missing folder: the operator's to fix
+        sock.close()
         raise UserError(f"cannot start on state folder {state}: {e}") from None
+    except BaseException:
+        sock.close()
+        raise
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(federation, state, host, port, tls, stop)
+        await serve(federation, state, sock, tls, stop)
 
     asyncio.run(main())
 

@@ -135,6 +135,22 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class EvaluationSettings:
+    """``[evaluation]``: how the server scores versions on held-out text (``--eval-data``)."""
+
+    every: int = 1
+    """Score every Nth published version (0: never)."""
+    batches: int = 4
+    """Held-out batches per score (fixed for the server's life, so scores compare)."""
+    batch_size: int = 8
+    """Sequences per batch, each ``[training] seq_len`` tokens."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "every must be >= 0 (0: never)")
+        _require(self.batches >= 1 and self.batch_size >= 1, "batches and batch_size must be at least 1")
+
+
+@dataclass(frozen=True)
 class TierSettings:
     """``[tiers.NAME]``: one tier's local work and, optionally, its plan. A tier the packaged
     table lacks starts from ``NEW_TIER_BASE``'s settings and plan."""
@@ -171,6 +187,7 @@ class FederationConfig:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     tiers: dict[str, TierSettings] = field(default_factory=dict)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def train_config(self, tier: str) -> TrainConfig:
         """The inner optimizer of a tier, on the federation's one global lr schedule."""
@@ -200,7 +217,7 @@ def _default_text() -> str:
 
 NEW_TIER_BASE = "laptop"  # what a tier the packaged table lacks starts from, settings and plan alike
 SECTIONS = {"aggregation": AggregationSettings, "training": TrainingSettings, "scheduler": SchedulerSettings,
-            "server": ServerSettings}
+            "server": ServerSettings, "evaluation": EvaluationSettings}
 
 
 def load_config(path: str | Path | None = None) -> FederationConfig:

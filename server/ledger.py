@@ -1,5 +1,6 @@
 """The task ledger, ``<state>/tasks.db`` (SQLite): every task issued, to whom, in which tier,
-and what became of it (open, done, lapsed, released), plus the scheduler's global step counter.
+and what became of it (open, done, lapsed, released), plus the scheduler's global step counter and
+the history of held-out evaluations (one row per scored version).
 
 It is what lets a restarted server recognise the uploads of tasks it issued before a crash,
 answer a re-sent upload idempotently, and report per-client and per-tier token counts. The
@@ -23,6 +24,8 @@ CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, client_id TEXT NOT NULL, 
                                   loss REAL, issued REAL NOT NULL, closed REAL);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS evaluations (version INTEGER PRIMARY KEY, val_loss REAL NOT NULL, tokens INTEGER NOT NULL,
+                                        wall_s REAL NOT NULL, at REAL NOT NULL);
 """
 
 
@@ -46,6 +49,13 @@ class Ledger:
     def issued(self, task: Task, tier: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO tasks (id, client_id, tier, body, status, issued) VALUES (?, ?, ?, ?, 'open', ?)",
                         (task.task_id, task.client_id, tier, json.dumps(task.to_dict()), time.time()))
+
+    def evaluated(self, version: int, val_loss: float, tokens: int, wall_s: float, at: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?)", (version, val_loss, tokens, wall_s, at))
+
+    def evaluations(self) -> list[dict]:
+        rows = self.db.execute("SELECT version, val_loss, tokens, wall_s, at FROM evaluations ORDER BY version")
+        return [{"version": v, "val_loss": loss, "tokens": n, "wall_s": w, "at": at} for v, loss, n, w, at in rows]
 
     def get(self, task_id: str) -> Entry | None:
         row = self.db.execute("SELECT body, tier, status FROM tasks WHERE id = ?", (task_id,)).fetchone()

@@ -40,6 +40,11 @@ def render(status: dict, requests: Counter) -> str:
                      [({"client": c["client_id"], "tier": c["tier"], "role": c["role"]}, c["tokens"]) for c in status["clients"]])
     lines += _family("stamen_tensors_covered", "gauge", "Global tensors some accepted update has trained.",
                      [({}, status["tensors"]["covered"])])
+    evals = status.get("evaluations", [])
+    lines += _family("stamen_val_loss", "gauge", "Held-out loss (nats/token) of each evaluated version.",
+                     [({"version": str(e["version"])}, e["val_loss"]) for e in evals])
+    lines += _family("stamen_val_loss_latest", "gauge", "Held-out loss of the newest evaluated version.",
+                     [({}, evals[-1]["val_loss"])] if evals else [])
     lines += _family("stamen_http_requests_total", "counter", "HTTP requests by route and status.",
                      [({"route": r, "code": str(c)}, n) for (r, c), n in sorted(requests.items())])
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ from stamen.server.auth import Auth, Principal, Unauthorized
 from stamen.server.committer import Committer
 from stamen.server.config import FederationConfig
 from stamen.server.coordinator import Admitted, Coordinator, RequestError
+from stamen.server.evaluation import Evaluation, Evaluator
 from stamen.server.ledger import Ledger
 from stamen.server.store import Row, Store, bind_model, lock_state
 
@@ -55,12 +56,15 @@ class Federation:
     """Auth, the task ledger and the durable store around one ``Coordinator``, which owns every
     rule of the cycle; this class only records what the coordinator decided."""
 
-    def __init__(self, model: str, state_dir: str | Path, fed: FederationConfig, seed: int = 0) -> None:
+    def __init__(self, model: str, state_dir: str | Path, fed: FederationConfig, seed: int = 0,
+                 eval_data: str = "stdlib") -> None:
         spec = ModelSpec(model)
         cfg = spec.gpt_config()
         if cfg is None:
             raise UserError(f"model {model!r} is not a GPT: the HTTP federation serves GPT-family models")
         self.spec, self.cfg, self.fed = spec, cfg, fed
+        e = fed.evaluation  # the held-out set is read before the state folder is touched: bad data changes nothing
+        self.evaluator = Evaluator(cfg, eval_data, e.batches, e.batch_size, fed.training.seq_len) if e.every else None
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state(state)  # before anything in the folder is opened
@@ -78,6 +82,10 @@ class Federation:
         self.committer = Committer(self.store, agg)
         self._decoders = ThreadPoolExecutor(DECODERS, thread_name_prefix="stamen-decode")
         self._committing: dict[str, asyncio.Future] = {}  # task id → its upload's commit, until applied
+        if self.evaluator and self.coord.version not in {r["version"] for r in self.ledger.evaluations()}:
+            e = self._evaluate()  # the starting point: a new federation's v0, or where a restart resumes
+            log.info(f"version {e.version}: validation loss {e.val_loss:.4f} on {e.tokens:,} held-out tokens "
+                     f"of {self.evaluator.source}")
 
     # --- join and tasks -----------------------------------------------------------------
     def join(self, join_token: str, caps: dict) -> dict:
@@ -192,10 +200,21 @@ class Federation:
         return {"status": "released"}
 
     def _published(self, report: FlushReport) -> None:
+        """Record a new version, score it on the held-out set if it is an Nth one
+        (``[evaluation] every``), and log one line for it."""
         self.ledger.set_meta("global_step", self.coord.global_step)
+        every = self.fed.evaluation.every
+        scored = self._evaluate() if self.evaluator and report.version % every == 0 else None
         log.info(f"version {report.version}: {report.updates} updates, {report.tokens:,} tokens, mean staleness "
                  f"{report.mean_staleness:.2f}, coverage {report.coverage:.0%}, |Δθ| {report.update_norm:.4g} "
-                 f"(flushed by {report.reason})")
+                 f"(flushed by {report.reason})" + (f", validation loss {scored.val_loss:.4f}" if scored else ""))
+
+    def _evaluate(self) -> Evaluation:
+        """Score the current version (synchronously: on the request that published it; gpt-tiny's
+        default 4 x 8 x 64 tokens take ~0.1 s) and keep the score in the ledger."""
+        e = self.evaluator.score(self.coord.version, self.coord.weights)
+        self.ledger.evaluated(e.version, e.val_loss, e.tokens, e.wall_s, e.at)
+        return e
 
     async def poll(self, now: float) -> None:
         """Periodic work: lapse overdue tasks, publish after the max wait (journaled first)."""
@@ -226,6 +245,7 @@ class Federation:
             "buffered": self.coord.buffered, "tasks": self.ledger.counts(), "in_flight": self.coord.in_flight,
             "tiers": {t: {"updates": n, "tokens": k} for t, (n, k) in sorted(per_tier.items())},
             "clients": clients,
+            "evaluations": self.ledger.evaluations(),
             "tensors": {"total": len(names), "covered": sum(n in covered for n in names),
                         "uncovered": [n for n in names if n not in covered]},
         }

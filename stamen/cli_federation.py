@@ -35,6 +35,16 @@ def server_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def memory_size(text: str) -> int:
+    """``512M``, ``2G``, ... in bytes (one spelling for ``client`` and ``device-emulator``)."""
+    from stamen.edge_client.probe import parse_size
+
+    try:
+        return parse_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 CA_HELP = "PEM certificate(s) to trust for an https server (e.g. its self-signed one)"
 DATA_HELP = "'stdlib', a text file, a folder of text files, or a .jsonl file"
 
@@ -46,7 +56,7 @@ def cmd_server(args: argparse.Namespace) -> None:
     ModelSpec(args.model)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
-    run_server(args.model, args.state, args.config, args.host, args.port, args.tls_cert, args.tls_key)
+    run_server(args.model, args.state, args.config, args.host, args.port, args.tls_cert, args.tls_key, args.eval_data)
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -107,17 +117,15 @@ def status_table(st: dict, now: float) -> str:
 
 def cmd_client(args: argparse.Namespace) -> None:
     from stamen.edge_client.client import run_client
-    from stamen.edge_client.probe import parse_size
 
-    max_memory = parse_size(args.max_memory) if args.max_memory else None
-    run_client(args.server, args.token, args.data, args.runtime, args.role, max_memory,
+    run_client(args.server, args.token, args.data, args.runtime, args.role, args.max_memory,
                args.budget_minutes, args.state, args.max_tasks, args.ca_file, progress=sys.stderr.isatty())
 
 
 def cmd_device_emulator(args: argparse.Namespace) -> None:
     from stamen.mobile_bridge.device import run_device
 
-    run_device(args.server, args.token, args.runtime, args.data, args.cache, args.max_tasks, args.memory_mb << 20)
+    run_device(args.server, args.token, args.runtime, args.data, args.cache, args.max_tasks, args.max_memory)
 
 
 def cmd_flower_config(args: argparse.Namespace) -> None:
@@ -151,6 +159,9 @@ def register(sub, formatter) -> None:
     s.add_argument("--port", type=port_number, default=8080, help="TCP port to listen on (0: any free port)")
     s.add_argument("--tls-cert", help="PEM certificate (serve HTTPS)")
     s.add_argument("--tls-key", help="PEM private key")
+    s.add_argument("--eval-data", default="stdlib",
+                   help="held-out text the server scores versions on ([evaluation] every N): 'stdlib' (its "
+                        "validation split), a text file, a folder, or a .jsonl file")
     s.set_defaults(func=cmd_server)
 
     s = sub.add_parser("token", help="issue join tokens", formatter_class=formatter)
@@ -176,7 +187,7 @@ def register(sub, formatter) -> None:
                    help="training runtime (auto: the fastest this machine has)")
     s.add_argument("--role", default="device", choices=["device", "gpu"],
                    help="device: a submodel sized to this machine; gpu: the full model (needs a gpu token)")
-    s.add_argument("--max-memory", help="memory training may use, e.g. 2G (default: half of what is free)")
+    s.add_argument("--max-memory", type=memory_size, help="memory training may use, e.g. 2G (default: half of what is free)")
     s.add_argument("--budget-minutes", type=positive_float, help="stop after this long (default: run until stopped)")
     s.add_argument("--state", default=str(Path.home() / ".stamen" / "client"),
                    help="keeps the client's token and error-feedback residuals across restarts")
@@ -192,7 +203,8 @@ def register(sub, formatter) -> None:
     s.add_argument("--data", required=True, help=DATA_HELP)
     s.add_argument("--cache", default=str(Path.home() / ".stamen" / "device"), help="bundle cache folder")
     s.add_argument("--max-tasks", type=positive_int, help="stop after this many tasks")
-    s.add_argument("--memory-mb", type=positive_int, default=8, help="memory the device declares, in MiB")
+    s.add_argument("--max-memory", type=memory_size, default="8M",
+                   help="memory the device declares, e.g. 8M (the server sizes its submodel to it)")
     s.set_defaults(func=cmd_device_emulator)
 
     s = sub.add_parser("flower-config", help="add or update a SuperLink connection for `flwr run` (safe to repeat)",

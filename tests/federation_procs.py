@@ -50,7 +50,7 @@ def start_server(state: Path, config: Path | None = None, port: int = 0,
     """A server process; ``tls`` = (certificate, key) PEM files serves https."""
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(state), str(config or "-"), str(port),
                              *map(str, tls or ())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # a deadline, not a timing: start-up took > 60 s on 2 shared cores at load 28
     for line in proc.stdout:
         m = re.search(r"serving on (https?://\S+)", line)
         if m:

@@ -160,3 +160,12 @@ def test_a_single_text_file_is_a_data_source(tmp_path):
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
     with pytest.raises(UserError, match="no text in .*image.png: 0 text files, 0 bytes \\(skipped 1 binary"):
         load_corpus(str(tmp_path / "image.png"))
+
+
+def test_the_stdlib_validation_files_alone_are_the_split(stdlib):
+    """A server reads only the held-out files: the same documents, byte for byte, as split()."""
+    from stamen.core.data import stdlib_corpus
+
+    corpus, _, val = stdlib
+    alone = stdlib_corpus(validation_only=True)
+    assert bytes(alone.data) == b"".join(bytes(corpus.data[s:e]) + b"\n\n" for s, e in val.ranges)

@@ -63,6 +63,14 @@ def test_token_create_needs_a_federation_or_init(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["client", "device-emulator"])
+def test_one_memory_option_for_both_clients(command, tmp_path):
+    extra = ["--runtime", "ort"] if command == "device-emulator" else []
+    r = stamen(command, "--server", "http://127.0.0.1:1", "--token", "t", "--data", "stdlib", *extra,
+               "--max-memory", "lots")
+    one_line(r, "argument --max-memory: not a memory size: 'lots'")
+
+
+@pytest.mark.parametrize("command", ["client", "device-emulator"])
 def test_a_url_without_scheme_is_a_usage_error(command, tmp_path):
     extra = ["--runtime", "ort"] if command == "device-emulator" else []
     r = stamen(command, "--server", "127.0.0.1:8080", "--token", "t", "--data", "stdlib", *extra)
@@ -142,6 +150,8 @@ def test_status_table_and_json(tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0].startswith("model gpt-tiny  version 0  global step 0")
     assert "(no client has joined)" in lines and "uncovered" not in table.stdout
+    v0 = json.loads(raw.stdout)["evaluations"][0]
+    assert f"{0:>8}{v0['val_loss']:>10.4f}" in lines  # the held-out score of the starting version
     assert any(line.startswith("tensors: 0/") and "never trained: wte.weight" in line for line in lines)
 
 
@@ -179,3 +189,40 @@ def test_ctrl_c_stops_within_a_step_and_says_so(tmp_path):
     assert proc.returncode == 130, err
     m = re.search(r"interrupted: task \S+ stopped after (\d+) of (\d+) steps; its update is not sent", err)
     assert m and 0 < int(m.group(1)) < int(m.group(2)), err
+
+
+def test_a_later_outage_logs_each_retry_and_gives_up_at_the_limit(caplog):
+    """After the first answer an outage is retried (a restart), each retry logged with its
+    delay, and given up after ``max_outage_s`` without an answer."""
+    import asyncio
+    import logging
+
+    from aiohttp import web
+
+    from stamen.core.errors import UserError
+    from stamen.edge_client.session import RetryPolicy, Session
+
+    async def ping(_: web.Request) -> web.Response:
+        return web.Response(text="pong")
+
+    async def scenario():
+        app = web.Application()
+        app.add_routes([web.get("/ping", ping)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        session = Session(f"http://127.0.0.1:{port}", retry=RetryPolicy(base_s=0.05, cap_s=0.2, max_outage_s=1.0))
+        try:
+            assert (await session.request("GET", "/ping"))[1] == b"pong"
+            await runner.cleanup()  # the server goes away
+            with pytest.raises(UserError, match=r"unreachable for \d+ s \(\d+ attempts, last: connection refused\); giving up"):
+                await session.request("GET", "/ping")
+        finally:
+            await session.close()
+
+    with caplog.at_level(logging.WARNING, logger="stamen.edge_client.session"):
+        asyncio.run(scenario())
+    retries = [r.getMessage() for r in caplog.records]
+    assert len(retries) >= 2 and all(re.fullmatch(r"GET /ping: connection refused; retry \d+ in \d+\.\d s "
+                                                  r"\(gives up after 1 s without an answer\)", m) for m in retries)
