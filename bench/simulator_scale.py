@@ -89,7 +89,7 @@ def main() -> None:
     rows = []
     for n in args.devices:
         out = subprocess.run([sys.executable, __file__, "--one", "--devices", str(n), "--versions", str(args.versions)],
-                             check=True, capture_output=True, text=True).stdout
+                             check=True, stdout=subprocess.PIPE, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"runs": rows, "rss_ratio_largest_to_smallest":
