@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from stamen.compression.codecs import decode, encode
 from stamen.core.errors import UserError
 from stamen.core.plan import Model, Plan
-from stamen.core.records import Task, Update
+from stamen.core.records import Update
 from stamen.server.aggregator import Aggregator, AggregatorConfig, FlushReport, StaleUpdate, versions_in_state
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ CREATE TABLE IF NOT EXISTS journal (
     payload BLOB,                     -- the update's wire frame; NULL once two checkpoints cover it
     at REAL NOT NULL                  -- the aggregator clock the row was applied at
 );
-CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY, client_id TEXT NOT NULL, task TEXT NOT NULL);
 """
 JOURNAL_CODEC = "fp32"  # how an update that arrived without its upload's bytes is journaled (lossless)
 KEEP = 2  # checkpoints kept: the newest, and one to fall back to
@@ -193,15 +192,6 @@ class Store:
             except OSError as e:
                 log.warning("checkpoint failed (%s); the journal keeps every update since the last one", e)
         return report
-
-    def record_task(self, task: Task) -> None:
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?)",
-                            (task.task_id, task.client_id, json.dumps(task.to_dict())))
-
-    def task(self, task_id: str) -> Task | None:
-        row = self.db.execute("SELECT task FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        return Task.from_dict(json.loads(row[0])) if row else None
 
     def journaled_task_ids(self) -> list[str]:
         return [r for (r,) in self.db.execute("SELECT task_id FROM journal WHERE kind = 'update' ORDER BY seq")]

@@ -11,8 +11,6 @@ import torch
 
 import crash_feeder as cf
 from stamen.core.errors import UserError
-from stamen.core.records import Task
-from stamen.core.train import TrainConfig
 from stamen.server.aggregator import AggregatorConfig, StaleUpdate
 from stamen.server.store import Store
 
@@ -183,10 +181,3 @@ def test_accept_rejects_before_journaling_and_ignores_resends(tmp_path):
         Store(tmp_path).restore(cf.CFG, AggregatorConfig(buffer_k=2, tau_max=0))
     with pytest.raises(UserError, match="no checkpoint"):
         Store(tmp_path / "empty").restore(cf.CFG, cf.CONFIG)
-
-
-def test_tasks_round_trip(tmp_path):
-    st = Store(tmp_path)
-    task = Task("t1", "c1", 3, cf.PLANS[1], "torch", 20, 8, 32, TrainConfig(), 60, "int8(block=256)+zstd(3)", 1e9, 7)
-    st.record_task(task)
-    assert st.task("t1") == task and st.task("nope") is None
