@@ -1,10 +1,12 @@
 """HTTP to a stamen server with the retry policy a flaky network and a restarting server need.
 
-Connection errors, timeouts, 5xx and 408/429 are retried with exponential backoff and full
-jitter (AWS's "full jitter": sleep uniform(0, min(cap, base·2^attempt))), so a thousand
-clients that lost the server at once do not come back in lock-step. A 4xx is the server's
-verdict on the request and is raised at once as ``ServerRefused`` with its reason. Uploads are
-idempotent by task id, so re-sending after a lost answer is always safe.
+Connection errors, timeouts, 502/503/504 (a restarting server or its proxy) and 408/429 are
+retried with exponential backoff and full jitter (AWS's "full jitter": sleep uniform(0,
+min(cap, base·2^attempt))), so a thousand clients that lost the server at once do not come
+back in lock-step. Any other 5xx is a server fault that re-sending the same request is unlikely
+to cure: it is retried ``max_server_errors`` times, then raised with the server's reason. A 4xx
+is the server's verdict on the request and is raised at once as ``ServerRefused`` with its
+reason. Uploads are idempotent by task id, so re-sending after a lost answer is always safe.
 
 Until the server has answered once, a connection failure is the user's to fix (a wrong host or
 port, a server not started): it is raised at once as one line, not retried. After that an
@@ -29,7 +31,7 @@ import msgpack
 from stamen.core.errors import UserError
 
 log = logging.getLogger(__name__)
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+RETRY_STATUS = {408, 429, 502, 503, 504}  # retried for as long as the policy allows
 
 
 class ServerRefused(UserError):
@@ -46,6 +48,7 @@ class RetryPolicy:
     cap_s: float = 30.0
     max_attempts: int = 0  # 0: no count limit (a client outlives server restarts)...
     max_outage_s: float = 600.0  # ...but not an outage longer than this
+    max_server_errors: int = 5  # other 5xx answers to one request before giving up
     seed: int = 0
 
 
@@ -83,7 +86,7 @@ class Session:
                       params: dict | None = None) -> tuple[int, bytes]:
         """(status, body) of a 2xx answer; 4xx raises ServerRefused; the rest is retried."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        attempt, since = 0, time.monotonic()
+        attempt, faults, since = 0, 0, time.monotonic()
         while True:
             try:
                 async with self.http.request(method, self.url + path, data=body, params=params,
@@ -94,7 +97,12 @@ class Session:
                         if attempt:
                             log.info(f"{self.url} answers again after {time.monotonic() - since:.0f} s")
                         return r.status, data
-                    if r.status not in RETRY_STATUS:
+                    if r.status >= 500 and r.status not in RETRY_STATUS:
+                        faults += 1
+                        if faults > self.retry.max_server_errors:
+                            raise UserError(f"server {self.url} failed {faults} times on {method} {path} "
+                                            f"({r.status}): {_reason(data)}")
+                    elif r.status not in RETRY_STATUS:
                         raise ServerRefused(r.status, _reason(data))
                     why = f"HTTP {r.status}: {_reason(data)}"
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:

@@ -20,6 +20,13 @@ update with one fused ``_foreach_add_`` over per-plan cached views of S (a prefi
 view, c_attn's q|k|v three), and ``flush`` divides, steps the optimizer and zeroes S on views
 of the covered regions, so its only allocation is the new version itself.
 
+Defences (``server.robust``): each update is clipped to a norm bound learned from recent
+updates of its plan, folded into its weight (S += w·c·Δ, W += w, so the coverage rule holds
+for clipped updates exactly); an update that could make the next version non-finite is refused
+before it touches the buffer; and the buffer may be reduced by a coordinate-wise robust rule
+(trimmed mean, median) or an outlier filter instead of the mean. Those rules need every update
+of the buffer, so only they keep the buffered updates (K of them, each the size of its plan).
+
 Idempotency: ``seen`` maps the task ids of accepted updates to their base versions, and forgets
 an id once its base is more than τ_max + 1 versions old: a re-send of it is then stale and
 ``check`` rejects it, so forgetting can never apply an update twice, and ``seen`` stays as
@@ -32,6 +39,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+import secrets
+
 import torch
 
 from stamen.core.errors import UserError
@@ -40,6 +50,8 @@ from stamen.core.model import GPTConfig
 from stamen.core.plan import Model, Plan, full_plan, global_shapes
 from stamen.core.records import Update
 from stamen.server.outer import STATE, OuterConfig, direction_, init_state
+from stamen.server.privacy import PrivacyConfig, add_noise_, epsilon
+from stamen.server.robust import SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, cosine, norm, step_bound
 
 
 class StaleUpdate(UserError):
@@ -64,6 +76,8 @@ class AggregatorConfig:
     max_wait_s: float | None = None  # flush after this long since the buffer's first update...
     min_quorum: int = 1  # ...if it holds at least this many
     outer: OuterConfig = field(default_factory=OuterConfig)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         if self.buffer_k < 1 or self.tau_max < 0 or self.min_quorum < 1:
@@ -76,6 +90,8 @@ class Admission:
 
     staleness: int
     weight: float
+    norm: float = 0.0  # ‖Δ‖ as sent
+    scale: float = 1.0  # the norm bound's clip factor c ≤ 1: the buffer takes c·Δ
 
 
 @dataclass(frozen=True)
@@ -99,11 +115,17 @@ class _Layout:
 
     shapes: dict[str, tuple[int, ...]]
     parts: list[tuple[str, tuple[int, ...] | None]]  # (name, shape to view the delta as, or None: as is)
+    cuts: list[tuple[int, int, int] | None]  # per part: (dim, groups g, kept prefix k), None: whole
     S: list[torch.Tensor]
     W: list[torch.Tensor]
+    numel: int
 
     def pieces(self, delta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [delta[n] if shape is None else delta[n].reshape(shape) for n, shape in self.parts]
+
+    def views(self, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The plan's parts of global-shaped tensors (as S's views are of S)."""
+        return [full[n] if cut is None else _cut(full[n], *cut) for (n, _), cut in zip(self.parts, self.cuts)]
 
 
 @dataclass
@@ -113,6 +135,8 @@ class _Buffer:
     staleness_sum: int = 0
     opened_at: float | None = None
     task_ids: list[str] = field(default_factory=list)
+    g_max: float = 0.0  # the largest clipped norm buffered: bounds every |g_j| of the flush
+    kept: list[tuple[Update, float, float]] = field(default_factory=list)  # (update, w, c): robust rules only
 
 
 class Aggregator:
@@ -133,6 +157,15 @@ class Aggregator:
         self.seen: dict[str, int] = {}  # task id → base version, for ids a re-send could still reach
         self.history: dict[int, dict[str, torch.Tensor]] = {version: self._weights}
         self._plans: dict[Plan, _Layout] = {}
+        self.norms = NormHistory(config.defence)
+        # Scalar bounds on |θ_j| and on each optimizer state |k_j|, for the finite guard.
+        self._theta_max = _max_abs(self._weights.values())
+        self._state_max = {k: 0.0 for k in STATE[config.outer.kind]}
+        self._judged: tuple[Update, int, Admission] | None = None
+        p = config.privacy
+        self.dp_flushes = 0  # flushes that added noise: the accountant's composition count
+        self._epsilon: dict[int, float] = {}  # flushes → ε, so the per-request check costs nothing
+        self.dp_seed = (p.seed if p.seed is not None else secrets.randbits(62)) if p.enabled else 0
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -151,11 +184,13 @@ class Aggregator:
             return lay
         sl, shapes, names = plan.slices(self.cfg), plan.shapes(self.cfg), plan.trainable(self.cfg)
         parts: list[tuple[str, tuple[int, ...] | None]] = []
+        cuts: list[tuple[int, int, int] | None] = []
         S: list[torch.Tensor] = []
         W: list[torch.Tensor] = []
         for n in names:
             if sl[n] is None:
                 parts.append((n, None))
+                cuts.append(None)
                 S.append(self.S[n])
                 W.append(self.W[n])
                 continue
@@ -167,22 +202,28 @@ class Aggregator:
             g, k = len(runs), runs[0][1] - runs[0][0]
             if size % g or runs != [(i * (size // g), i * (size // g) + k) for i in range(g)]:
                 raise ValueError(f"{n}: plan {plan.name!r} keeps {runs}, not a prefix of each of {g} equal groups")
-            if g == 1:
-                parts.append((n, None))
-                S.append(self.S[n].narrow(dim, 0, k))
-            else:
-                parts.append((n, shapes[n][:dim] + (g, k) + shapes[n][dim + 1:]))
-                S.append(self.S[n].unflatten(dim, (g, size // g)).narrow(dim + 1, 0, k))
+            parts.append((n, None if g == 1 else shapes[n][:dim] + (g, k) + shapes[n][dim + 1:]))
+            cuts.append((dim, g, k))
+            S.append(_cut(self.S[n], dim, g, k))
             W.append(self.W[n].view(g, size // g)[:, :k])
-        lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, S, W)
+        numel = sum(math.prod(shapes[n]) for n in names)
+        lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, cuts, S, W, numel)
         return lay
 
     def check(self, update: Update) -> Admission:
-        """Judge an update's structure and staleness without changing any state: raises
-        StaleUpdate or BadUpdate. Values are judged once, at the boundary: every update reaches
-        the aggregator through the wire decoder (``core.wire.decode_frame``), which rejects
-        non-finite values (and norms past a bound) in the pass it makes anyway. A second full
-        read here would cost as much as the accumulation itself on small plans."""
+        """Judge an update's structure, staleness and norm without changing any state: raises
+        StaleUpdate or BadUpdate. Non-finite values are rejected at the boundary (every update
+        reaches the aggregator through the wire decoder, ``core.wire.decode_frame``); here one
+        pass takes the update's norm, for the norm bound and the finite guard. The verdict is
+        remembered for the same update object at the same version, so the store's and
+        ``submit``'s own calls after the server's do not read the update again."""
+        if self._judged is not None and self._judged[0] is update and self._judged[1] == self.version:
+            return self._judged[2]
+        adm = self._judge(update)
+        self._judged = (update, self.version, adm)
+        return adm
+
+    def _judge(self, update: Update) -> Admission:
         tau = self.version - update.base_version
         if tau < 0:
             raise BadUpdate(f"base version {update.base_version} is newer than the current {self.version}")
@@ -202,7 +243,30 @@ class Aggregator:
             if not d.is_floating_point():
                 raise BadUpdate(f"{n}: dtype {d.dtype} is not floating point")
         weight = update.tokens ** self.config.token_exponent * (1 + tau) ** -self.config.staleness_exponent
-        return Admission(tau, weight)
+        lay = self._layout(update.plan)
+        size = norm(lay.pieces(update.delta))
+        if not math.isfinite(size):
+            raise BadUpdate("the update's norm overflows float32: its values are far too large")
+        scale, d, p = 1.0, self.config.defence, self.config.privacy
+        if p.enabled:  # DP-FedBuff: clip to C, weigh 1 (a device's share of S is then at most C)
+            if self.privacy_spent:
+                raise BadUpdate(f"the privacy budget is spent (epsilon {self.epsilon():.3g} of {p.budget:g} "
+                                f"at delta {p.delta:g}): training has stopped")
+            weight, scale = 1.0, min(1.0, p.clip / size) if size > 0 else 1.0
+        elif d.norm_bound != "off":
+            bound = self.norms.bound(update.plan.hash, lay.numel, tau)
+            if size > bound:
+                if d.norm_bound == "refuse":
+                    raise BadUpdate(f"update norm {size:.4g} exceeds the bound {bound:.4g} "
+                                    f"({d.norm_multiple:g}x the recent median for its plan)")
+                scale = bound / size
+        if self._theta_max + self._next_step(max(self.buffer.g_max, scale * size)) > SAFE_MAX:
+            raise BadUpdate(f"update norm {scale * size:.4g} could make the next version non-finite")
+        return Admission(tau, weight, size, scale)
+
+    def _next_step(self, g_max: float) -> float:
+        o = self.config.outer
+        return step_bound(o.kind, o.lr, o.momentum, o.betas, o.eps, g_max, self._state_max)
 
     # --- the buffer -------------------------------------------------------------------------
     @torch.no_grad()
@@ -213,10 +277,14 @@ class Aggregator:
             return None
         adm = self.check(update)
         lay = self._layout(update.plan)
-        torch._foreach_add_(lay.S, lay.pieces(update.delta), alpha=adm.weight)
+        torch._foreach_add_(lay.S, lay.pieces(update.delta), alpha=adm.weight * adm.scale)
         torch._foreach_add_(lay.W, adm.weight)
+        self.norms.record(update.plan.hash, adm.scale * adm.norm, lay.numel)
         b = self.buffer
         b.count, b.tokens, b.staleness_sum = b.count + 1, b.tokens + update.tokens, b.staleness_sum + adm.staleness
+        b.g_max = max(b.g_max, adm.scale * adm.norm)
+        if self.config.defence.rule != "mean":
+            b.kept.append((update, adm.weight, adm.scale))
         b.opened_at = now if b.opened_at is None else b.opened_at
         b.task_ids.append(update.task_id)
         self.seen[update.task_id] = update.base_version
@@ -242,6 +310,8 @@ class Aggregator:
         covered regions (a whole tensor, or runs along its sliced dimension): g = S / W and the
         optimizer's direction are formed in S itself, and θ − lr · S (S is 0 where nothing was
         covered) is the only new memory: the new version."""
+        if self.config.defence.rule != "mean":
+            self._robust()
         regions = self._covered()
         touched = list(dict.fromkeys(n for n, *_ in regions))
 
@@ -251,19 +321,24 @@ class Aggregator:
 
         g = cut(self.S)
         covered = sum(t.numel() for t in g)
-        new, norm = dict(self._weights), 0.0
+        new, moved = dict(self._weights), 0.0
         if regions:
+            if self.config.privacy.enabled:
+                gen = torch.Generator().manual_seed(self.dp_seed + self.version)  # the same on replay
+                add_noise_(g, self.config.privacy, gen)
+                self.dp_flushes += 1
             torch._foreach_div_(g, [W for *_, W in regions])
             direction_(self.config.outer, g, {k: cut(self.opt_state, f"{k}/") for k in STATE[self.config.outer.kind]})
             lr = self.config.outer.lr
-            norm = lr * float(torch.stack(torch._foreach_norm(g)).double().norm())
+            moved = lr * float(torch.stack(torch._foreach_norm(g)).double().norm())
             S = [self.S[n] for n in touched]
             new.update(zip(touched, torch._foreach_sub([self._weights[n] for n in touched], S, alpha=lr)))
             torch._foreach_zero_(S)
             torch._foreach_zero_([self.W[n] for n in touched])
         b = self.buffer
         report = FlushReport(self.version + 1, b.count, b.tokens, covered / self._numel,
-                             b.staleness_sum / max(1, b.count), norm, reason)
+                             b.staleness_sum / max(1, b.count), moved, reason)
+        self._advance_bounds(b.g_max)
         self.version += 1
         self._weights = new
         self.history[self.version] = new
@@ -273,6 +348,61 @@ class Aggregator:
         self.seen = {t: base for t, base in self.seen.items() if base >= oldest}
         self.buffer = _Buffer()
         return report
+
+    def epsilon(self, flushes: int | None = None) -> float:
+        """Privacy spent (ε at the configured δ) after ``flushes`` noised flushes (default: so far)."""
+        p, n = self.config.privacy, self.dp_flushes if flushes is None else flushes
+        if n not in self._epsilon:
+            self._epsilon[n] = epsilon(p.noise_multiplier, n, p.delta)
+        return self._epsilon[n]
+
+    @property
+    def privacy_spent(self) -> bool:
+        """Whether one more flush would spend more than the privacy budget: training stops."""
+        p = self.config.privacy
+        return p.enabled and p.budget > 0 and self.epsilon(self.dp_flushes + 1) > p.budget
+
+    def _advance_bounds(self, g_max: float) -> None:
+        """The finite guard's scalars after a flush whose |g_j| ≤ g_max (``robust.step_bound``)."""
+        o = self.config.outer
+        self._theta_max += self._next_step(g_max)
+        if o.kind == "nesterov":
+            self._state_max["m"] = o.momentum * self._state_max["m"] + g_max
+        elif o.kind == "fedadam":
+            self._state_max["m"] = o.betas[0] * self._state_max["m"] + (1 - o.betas[0]) * g_max
+
+    @torch.no_grad()
+    def _robust(self) -> None:
+        """Replace the buffer's weighted mean by the configured robust rule, in place: S is set
+        to statistic × W on covered elements, so ``flush``'s g = S / W is the statistic."""
+        d, kept = self.config.defence, self.buffer.kept
+        if not kept:
+            return
+        names = list(dict.fromkeys(n for u, _, _ in kept for n in u.delta))
+        values = {}
+        for n in names:  # (k, *shape), NaN where update i did not cover the element
+            values[n] = torch.full((len(kept), *self.S[n].shape), math.nan)
+        for i, (u, _, c) in enumerate(kept):
+            lay = self._layout(u.plan)
+            torch._foreach_copy_(lay.views({n: values[n][i] for n in u.delta}), lay.pieces(u.delta))
+            torch._foreach_mul_(lay.views({n: values[n][i] for n in u.delta}), c)
+        if d.rule == "filter":
+            med = {n: coordinatewise(values[n], "median", 0.0)[0] for n in names}
+            torch._foreach_zero_([self.S[n] for n in names])
+            torch._foreach_zero_([self.W[n] for n in names])
+            for u, w, c in kept:
+                lay = self._layout(u.plan)
+                mine = lay.pieces(u.delta)
+                centre = torch.cat([v.flatten() for v in lay.views(med)])
+                if cosine(torch.cat([t.flatten() for t in mine]), centre) >= d.min_cosine:
+                    torch._foreach_add_(lay.S, mine, alpha=w * c)
+                    torch._foreach_add_(lay.W, w)
+            return
+        for n in names:
+            stat, _ = coordinatewise(values[n], d.rule, d.trim)
+            dim = self._wdim[n]
+            W = self.W[n] if dim is None else _along(self.W[n], dim, stat.dim())
+            self.S[n].copy_(stat * W.float())
 
     def _covered(self) -> list[tuple[str, int | None, int, int, torch.Tensor]]:
         """The regions some buffered update covered, as (name, dim, start, stop, W there shaped
@@ -300,9 +430,12 @@ class Aggregator:
             nxt = self.history[v + 1]
             tensors |= {f"hist/{v}/{n}": t for n, t in self.history[v].items() if t is not nxt[n]}
         b = self.buffer
+        for i, (u, _, _) in enumerate(b.kept):
+            tensors |= {f"kept/{i}/{n}": t for n, t in u.delta.items()}
         meta = {"version": self.version, "history": sorted(self.history), "count": b.count, "tokens": b.tokens,
                 "staleness_sum": b.staleness_sum, "opened_at": b.opened_at, "task_ids": b.task_ids,
-                "seen": self.seen}
+                "seen": self.seen, "g_max": b.g_max, "dp_flushes": self.dp_flushes, "dp_seed": self.dp_seed, "norms": self.norms.state(),
+                "kept": [[u.task_id, u.base_version, u.plan.to_json(), u.tokens, w, c] for u, w, c in b.kept]}
         return tensors, meta
 
     @classmethod
@@ -318,9 +451,17 @@ class Aggregator:
                 target[k].copy_(tensors[f"{group}/{k}"])
         # Rebuilt on the aggregator's own copy so older versions share its tensors (copy-on-write).
         agg.history = versions_in_state(tensors | {f"weights/{n}": w for n, w in agg.weights.items()}, meta)
+        kept = [(Update(tid, base, Plan.from_json(plan), {n: t for k, t in tensors.items()
+                                                          if k.startswith(f"kept/{i}/") for n in [k.split("/", 2)[2]]},
+                        tokens), w, c)
+                for i, (tid, base, plan, tokens, w, c) in enumerate(meta.get("kept", []))]
         agg.buffer = _Buffer(meta["count"], meta["tokens"], meta["staleness_sum"], meta["opened_at"],
-                             list(meta["task_ids"]))
+                             list(meta["task_ids"]), meta.get("g_max", 0.0), kept)
         agg.seen = dict(meta["seen"])
+        agg.norms = NormHistory(config.defence, meta.get("norms"))
+        agg.dp_flushes, agg.dp_seed = meta.get("dp_flushes", 0), meta.get("dp_seed", agg.dp_seed)
+        agg._state_max = {k: _max_abs(t for name, t in agg.opt_state.items() if name.startswith(f"{k}/"))
+                          for k in agg._state_max}
         return agg
 
 
@@ -332,6 +473,17 @@ def versions_in_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     for v in sorted(meta["history"], reverse=True)[1:]:
         out[v] = {n: tensors.get(f"hist/{v}/{n}", t) for n, t in out[v + 1].items()}
     return out
+
+
+def _cut(t: torch.Tensor, dim: int, g: int, k: int) -> torch.Tensor:
+    """The prefix k of each of g equal groups along ``dim``, as one view."""
+    if g == 1:
+        return t.narrow(dim, 0, k)
+    return t.unflatten(dim, (g, t.shape[dim] // g)).narrow(dim + 1, 0, k)
+
+
+def _max_abs(tensors) -> float:
+    return max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
 
 
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -59,10 +59,15 @@ def _int_query(request: web.Request, key: str, default: int | None = None) -> in
     raw = request.query.get(key)
     if raw is None:
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise RequestError(f"query parameter {key}={raw!r} is not an integer") from None
+    return _int(f"query parameter {key}", raw)
+
+
+def _int(what: str, raw: str) -> int:
+    """A non-negative integer that fits 64 bits (version numbers, seconds): a 401-digit
+    ``wait`` is refused here rather than overflowing float arithmetic later."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise RequestError(f"{what} {raw[:40]!r} is not a non-negative integer below 10^18")
+    return int(raw)
 
 
 @web.middleware
@@ -101,13 +106,13 @@ async def join(request: web.Request) -> web.Response:
     token, caps = body.get("join_token"), body.get("capabilities")
     if not isinstance(token, str) or not isinstance(caps, dict):
         raise RequestError("join needs join_token (string) and capabilities (map)")
-    return _msgpack(request.app[FEDERATION].join(token, caps))
+    return _msgpack(request.app[FEDERATION].join(token, caps, time.time()))
 
 
 async def task(request: web.Request) -> web.Response:
     fed: Federation = request.app[FEDERATION]
     p = fed.principal(_bearer(request), time.time())
-    wait = min(float(_int_query(request, "wait", 0)), fed.fed.server.long_poll_s)
+    wait = min(_int_query(request, "wait", 0), fed.fed.server.long_poll_s)
     deadline = time.monotonic() + wait
     while True:
         t = fed.task(p, time.time())
@@ -121,10 +126,7 @@ async def task(request: web.Request) -> web.Response:
 async def weights(request: web.Request) -> web.Response:
     fed: Federation = request.app[FEDERATION]
     p = fed.principal(_bearer(request), time.time())
-    try:
-        version = int(request.match_info["version"])
-    except ValueError:
-        raise RequestError(f"version {request.match_info['version']!r} is not an integer") from None
+    version = _int("version", request.match_info["version"])
     plan = request.query.get("plan", "")
     body = fed.weights(p, version, plan, _int_query(request, "have"))
     return web.Response(body=body, content_type="application/octet-stream")
@@ -162,12 +164,24 @@ async def bundle(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
+def _status_for(request: web.Request) -> dict:
+    """The full status for an admin token; without one, the aggregate figures if the
+    federation file sets ``[server] public_status``, else 401/403 (it lists every client)."""
+    fed: Federation = request.app[FEDERATION]
+    bearer = _bearer(request)
+    if bearer is None and fed.fed.server.public_status:
+        return fed.status(public=True)
+    if fed.principal(bearer, time.time()).role != "admin":
+        raise RequestError("the status is for an admin token (or set [server] public_status)", 403)
+    return fed.status()
+
+
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[FEDERATION].status())
+    return web.json_response(_status_for(request))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = render(request.app[FEDERATION].status(), request.app[REQUESTS])
+    text = render(_status_for(request), request.app[REQUESTS])
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
@@ -286,15 +300,23 @@ def run_server(model: str, state_dir: str | Path, config_path: str | Path | None
     asyncio.run(main())
 
 
-def fetch_status(url: str, ca_file: str | None = None) -> dict:
-    """``stamen status URL``: the server's /v1/status as a dict; ``ca_file`` is trusted for https."""
+def fetch_status(url: str, token: str | None = None, ca_file: str | None = None) -> dict:
+    """``stamen status URL --token ADMIN``: the server's /v1/status as a dict (the public
+    aggregate without a token, where the server allows it); ``ca_file`` is trusted for https."""
     target = url.rstrip("/") + "/v1/status"
     if ca_file is not None and not Path(ca_file).is_file():
         raise UserError(f"CA file not found: {ca_file}")
+    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        with urllib.request.urlopen(target, timeout=10, context=context) as r:
+        with urllib.request.urlopen(request, timeout=10, context=context) as r:
             return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = e.reason
+        raise UserError(f"cannot read {target}: {e.code} {reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise UserError(f"cannot read {target}: {e}") from None
 

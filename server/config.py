@@ -8,7 +8,7 @@ aggregator's own (``AggregatorConfig``, ``OuterConfig``): it builds them to chec
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from stamen.core.plan import Plan, tier_plans
 from stamen.core.train import TrainConfig
 from stamen.server.aggregator import AggregatorConfig
 from stamen.server.outer import OuterConfig
+from stamen.server.privacy import PrivacyConfig
+from stamen.server.robust import DefenceConfig
 
 
 def _require(ok: bool, message: str) -> None:
@@ -126,12 +128,20 @@ class ServerSettings:
     """Longest a GET /v1/task may wait for work."""
     checkpoint_every: int = 10
     """Versions between model checkpoints (the journal covers the rest)."""
+    joins_per_minute: float = 60.0
+    """Joins one join token may make a minute on average (HTTP 429 beyond)."""
+    join_burst: int = 10
+    """Joins one join token may make at once: a leaked token cannot mint Sybils faster."""
+    public_status: bool = False
+    """True: /v1/status and /metrics answer anyone with aggregate figures (no client list)."""
 
     def __post_init__(self) -> None:
         _require(self.max_body_mib >= 1, "max_body_mib must be at least 1")
         _require(self.request_timeout_s > 0, "request_timeout_s must be positive")
         _require(self.long_poll_s >= 0, "long_poll_s must be >= 0")
         _require(self.checkpoint_every >= 1, "checkpoint_every must be at least 1")
+        _require(self.joins_per_minute > 0, "joins_per_minute must be positive")
+        _require(self.join_burst >= 1, "join_burst must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,8 @@ class FederationConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     tiers: dict[str, TierSettings] = field(default_factory=dict)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def train_config(self, tier: str) -> TrainConfig:
         """The inner optimizer of a tier, on the federation's one global lr schedule."""
@@ -197,7 +209,7 @@ class FederationConfig:
                            weight_decay=s.weight_decay, grad_clip=s.grad_clip)
 
     def aggregator_config(self) -> AggregatorConfig:
-        return self.aggregation.aggregator_config()
+        return replace(self.aggregation.aggregator_config(), defence=self.defence, privacy=self.privacy)
 
     def plans(self, cfg: GPTConfig) -> dict[str, Plan]:
         """Each tier's plan: the default tier table with this file's overrides."""
@@ -217,7 +229,8 @@ def _default_text() -> str:
 
 NEW_TIER_BASE = "laptop"  # what a tier the packaged table lacks starts from, settings and plan alike
 SECTIONS = {"aggregation": AggregationSettings, "training": TrainingSettings, "scheduler": SchedulerSettings,
-            "server": ServerSettings, "evaluation": EvaluationSettings}
+            "server": ServerSettings, "evaluation": EvaluationSettings, "defence": DefenceConfig,
+            "privacy": PrivacyConfig}
 
 
 def load_config(path: str | Path | None = None) -> FederationConfig:

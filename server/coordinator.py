@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -50,6 +50,42 @@ class RequestError(UserError):
         super().__init__(message)
         if status is not None:
             self.status = status
+
+
+MAX_FLOPS = 1e21  # FLOP/s a client may declare: a thousand of today's largest nodes (bounds step counts)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Per capability: the test its value must pass, and what the reason says it must be.
+_CAPS = {
+    "role": (lambda v: isinstance(v, str), "a string"),
+    "memory_bytes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**63,
+                     "a positive integer"),
+    "flops": (lambda v: _number(v) and 0 < v <= MAX_FLOPS, f"a positive number of FLOP/s up to {MAX_FLOPS:g}"),
+    "runtimes": (lambda v: isinstance(v, (list, tuple)) and 0 < len(v) <= 16 and all(isinstance(r, str) for r in v),
+                 "a non-empty list of strings"),
+    "up_bytes_s": (lambda v: _number(v) and v > 0, "a positive finite number"),
+    "down_bytes_s": (lambda v: _number(v) and v > 0, "a positive finite number"),
+    "cores": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**20, "a positive integer"),
+    "accelerator": (lambda v: isinstance(v, str), "a string"),
+    "device_class": (lambda v: isinstance(v, str), "a string"),
+}
+assert set(_CAPS) == {f.name for f in fields(Capabilities)}
+
+
+def checked_capabilities(caps: dict) -> Capabilities:
+    """Capabilities from a join body, every value type- and range-checked (422 naming the
+    first bad one): they size the client's work, so ``flops = inf`` must not reach arithmetic."""
+    for key, (ok, what) in _CAPS.items():
+        if key in caps and not ok(caps[key]):
+            raise RequestError(f"bad capabilities: {key} must be {what}, got {caps[key]!r:.60}", 422)
+    for key in ("role", "memory_bytes", "flops"):
+        if key not in caps:
+            raise RequestError(f"bad capabilities: {key} is required", 422)
+    return Capabilities.from_dict(caps)
 
 
 class TaskClosed(RequestError):
@@ -153,15 +189,33 @@ class Coordinator:
 
     # --- clients and tasks ------------------------------------------------------------------
     def tier_for(self, caps: Capabilities) -> str:
-        """The tier a client with these capabilities would get (raises if none fits)."""
-        return self._scheduler.tier_for(caps)
+        """The tier a client with these capabilities would get: the whole judgement of
+        ``register`` (role, runtimes, memory), without registering; raises if none fits."""
+        return self._scheduler.admit(caps)
 
     def register(self, client_id: str, caps: Capabilities) -> Assignment:
         return self._scheduler.register(client_id, caps)
 
     def next_task(self, client_id: str, now: float) -> Task | None:
-        """The client's task at the current version (see ``Scheduler.next_task``)."""
+        """The client's task at the current version (see ``Scheduler.next_task``); None for
+        everyone once the privacy budget is spent (training has stopped)."""
+        if self._agg.privacy_spent:
+            return None
         return self._scheduler.next_task(client_id, self._agg.version, now)
+
+    @property
+    def stopped(self) -> bool:
+        """Training has stopped: the privacy budget is spent."""
+        return self._agg.privacy_spent
+
+    def privacy(self) -> dict | None:
+        """Privacy spent so far (central DP on), for status, metrics and reports; else None."""
+        p = self._agg.config.privacy
+        if not p.enabled:
+            return None
+        return {"epsilon": self._agg.epsilon(), "delta": p.delta, "flushes": self._agg.dp_flushes,
+                "noise_multiplier": p.noise_multiplier, "clip": p.clip, "budget": p.budget,
+                "stopped": self._agg.privacy_spent}
 
     def expire(self, now: float) -> list[Task]:
         """Close the tasks past their deadline and return them."""

@@ -34,6 +34,7 @@ def render(status: dict, requests: Counter) -> str:
                      [({"tier": t}, v["updates"]) for t, v in status["tiers"].items()])
     lines += _family("stamen_tier_tokens_total", "counter", "Tokens trained in accepted updates per tier.",
                      [({"tier": t}, v["tokens"]) for t, v in status["tiers"].items()])
+    lines += _family("stamen_clients", "gauge", "Clients joined.", [({}, status["client_count"])])
     lines += _family("stamen_client_updates_total", "counter", "Accepted updates per client.",
                      [({"client": c["client_id"], "tier": c["tier"], "role": c["role"]}, c["updates"]) for c in status["clients"]])
     lines += _family("stamen_client_tokens_total", "counter", "Tokens trained per client.",
@@ -45,6 +46,11 @@ def render(status: dict, requests: Counter) -> str:
                      [({"version": str(e["version"])}, e["val_loss"]) for e in evals])
     lines += _family("stamen_val_loss_latest", "gauge", "Held-out loss of the newest evaluated version.",
                      [({}, evals[-1]["val_loss"])] if evals else [])
+    if "privacy" in status:
+        lines += _family("stamen_privacy_epsilon", "gauge", f"Privacy spent: epsilon at delta {status['privacy']['delta']:g}.",
+                         [({}, status["privacy"]["epsilon"])])
+        lines += _family("stamen_privacy_stopped", "gauge", "1 once the privacy budget stopped training.",
+                         [({}, float(status["privacy"]["stopped"]))])
     lines += _family("stamen_http_requests_total", "counter", "HTTP requests by route and status.",
                      [({"route": r, "code": str(c)}, n) for (r, c), n in sorted(requests.items())])
     return "\n".join(lines) + "\n"

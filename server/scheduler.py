@@ -82,12 +82,18 @@ class Scheduler:
         in_time = [t for t in fitting if self.steps_for(t, caps) >= self.fed.tiers[t].steps]
         return in_time[-1] if in_time else fitting[0]
 
-    def register(self, client_id: str, caps: Capabilities) -> Assignment:
+    def admit(self, caps: Capabilities) -> str:
+        """The tier a client with these capabilities gets, or UserError saying why none: the
+        whole judgement of ``register``, without registering (a join is judged before any
+        record of it is written)."""
         if caps.role not in ("device", "gpu"):
             raise UserError(f"unknown role {caps.role!r}: use device or gpu")
         if not any(r in RUNTIMES for r in caps.runtimes):
             raise UserError(f"no supported runtime among {list(caps.runtimes)}: use one of {', '.join(RUNTIMES)}")
-        tier = self.tier_for(caps)
+        return self.tier_for(caps)
+
+    def register(self, client_id: str, caps: Capabilities) -> Assignment:
+        tier = self.admit(caps)
         a = Assignment(client_id, tier, self.plans[tier], caps)
         self.clients[client_id] = a
         return a
@@ -97,7 +103,7 @@ class Scheduler:
         t, c = self.fed.tiers[tier], self._cost(tier)
         step_flops = c.flops_per_token * t.batch_size * self.fed.training.seq_len
         budget = self.fed.scheduler.compute_share * self.fed.scheduler.task_deadline_s * caps.flops
-        return max(1, min(t.steps, int(budget / step_flops)))
+        return max(1, int(min(t.steps, budget / step_flops)))  # min first: budget may be huge
 
     def next_task(self, client_id: str, version: int, now: float) -> Task | None:
         """The client's task: the one it already holds (a re-poll is idempotent), a new one,

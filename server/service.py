@@ -22,13 +22,13 @@ import torch
 from stamen.core.errors import UserError
 from stamen.core.model import ModelSpec, weights
 from stamen.core.plan import Plan, global_shapes
-from stamen.core.records import Capabilities, Task
+from stamen.core.records import Task
 from stamen.core.wire import FrameTooLarge, WireError
 from stamen.server.aggregator import BadUpdate, FlushReport, StaleUpdate
-from stamen.server.auth import Auth, Principal, Unauthorized
+from stamen.server.auth import Auth, Forbidden, JoinRate, Principal, RateLimited, Unauthorized
 from stamen.server.committer import Committer
 from stamen.server.config import FederationConfig
-from stamen.server.coordinator import Admitted, Coordinator, RequestError
+from stamen.server.coordinator import Admitted, Coordinator, RequestError, checked_capabilities
 from stamen.server.evaluation import Evaluation, Evaluator
 from stamen.server.ledger import Ledger
 from stamen.server.store import Row, Store, bind_model, lock_state
@@ -43,6 +43,10 @@ def http_status(e: UserError) -> int:
         return e.status
     if isinstance(e, Unauthorized):
         return 401
+    if isinstance(e, Forbidden):
+        return 403
+    if isinstance(e, RateLimited):
+        return 429
     if isinstance(e, StaleUpdate):
         return 409
     if isinstance(e, FrameTooLarge):
@@ -69,7 +73,8 @@ class Federation:
         state.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state(state)  # before anything in the folder is opened
         bind_model(state, model)
-        self.auth, self.ledger = Auth(state), Ledger(state)
+        self.auth = Auth(state, JoinRate(fed.server.joins_per_minute, fed.server.join_burst))
+        self.ledger = Ledger(state)
         self.store = Store(state, checkpoint_every=fed.server.checkpoint_every)
         torch.manual_seed(seed)  # the initial model of a new federation; a resumed one ignores it
         agg = self.store.start(cfg, weights(spec.build()), fed.aggregator_config())
@@ -77,7 +82,12 @@ class Federation:
         self.coord = Coordinator(cfg, fed, agg, seed, global_step=self.ledger.get_meta("global_step"),
                                  next_seq=self.ledger.next_seq(), open_tasks=[t for t, _ in self.ledger.open_tasks()])
         for p in self.auth.clients():
-            self.coord.register(p.client_id, Capabilities.from_dict(p.caps))
+            try:
+                self.coord.register(p.client_id, checked_capabilities(p.caps))
+            except UserError as e:  # the tiers changed since it joined
+                log.warning("client %s no longer fits this federation (%s): removed; it must join again",
+                            p.client_id, e)
+                self.auth.forget(p.client_id)
         self.last_seen: dict[str, float] = {}
         self.committer = Committer(self.store, agg)
         self._decoders = ThreadPoolExecutor(DECODERS, thread_name_prefix="stamen-decode")
@@ -88,15 +98,11 @@ class Federation:
                      f"of {self.evaluator.source}")
 
     # --- join and tasks -----------------------------------------------------------------
-    def join(self, join_token: str, caps: dict) -> dict:
-        try:
-            c = Capabilities.from_dict(caps)
-        except (TypeError, ValueError) as e:
-            raise RequestError(f"bad capabilities: {e}") from None
-        if not (isinstance(c.memory_bytes, int) and c.memory_bytes > 0 and isinstance(c.flops, (int, float)) and c.flops > 0):
-            raise RequestError("capabilities need a positive integer memory_bytes and positive flops")
-        self.coord.tier_for(c)  # refuse before a client record is written
-        principal, token = self.auth.join(join_token, c.to_dict())
+    def join(self, join_token: str, caps: dict, now: float) -> dict:
+        c = checked_capabilities(caps)
+        # The coordinator judges the join inside auth's, after the token and before any write:
+        # a refused join leaves no client record behind (which a restart would then trip on).
+        principal, token = self.auth.join(join_token, c.to_dict(), now, check=lambda role: self.coord.tier_for(c))
         a = self.coord.register(principal.client_id, c)
         log.info(f"client {principal.client_id} joined: {principal.role}, tier {a.tier}, "
                  f"{c.memory_bytes / 2**20:,.0f} MiB, runtimes {', '.join(c.runtimes)}")
@@ -229,7 +235,8 @@ class Federation:
             self._published(report)
 
     # --- reporting ----------------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self, public: bool = False) -> dict:
+        """The operator's view; ``public``: aggregate figures only (no per-client rows)."""
         per_client, per_tier = self.ledger.tokens_by("client_id"), self.ledger.tokens_by("tier")
         covered: set[str] = set()
         for plan_json in self.ledger.done_plans():
@@ -240,15 +247,21 @@ class Federation:
             updates, tokens = per_client.get(a.client_id, (0, 0))
             clients.append({"client_id": a.client_id, "role": a.caps.role, "tier": a.tier, "plan": a.plan.hash,
                             "updates": updates, "tokens": tokens, "last_seen": self.last_seen.get(a.client_id)})
-        return {
+        out = {
             "model": self.spec.name, "version": self.coord.version, "global_step": self.coord.global_step,
             "buffered": self.coord.buffered, "tasks": self.ledger.counts(), "in_flight": self.coord.in_flight,
             "tiers": {t: {"updates": n, "tokens": k} for t, (n, k) in sorted(per_tier.items())},
-            "clients": clients,
+            "client_count": len(clients), "clients": clients,
             "evaluations": self.ledger.evaluations(),
             "tensors": {"total": len(names), "covered": sum(n in covered for n in names),
                         "uncovered": [n for n in names if n not in covered]},
         }
+        privacy = self.coord.privacy()
+        if privacy is not None:
+            out["privacy"] = privacy
+        if public:
+            out["clients"] = []
+        return out
 
     async def drain(self) -> None:
         """Wait for the journal's queued rows and any checkpoint being written."""

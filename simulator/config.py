@@ -13,6 +13,7 @@ from typing import Any
 from stamen.core.config import from_table, read_toml
 from stamen.core.errors import UserError
 from stamen.server.config import FederationConfig, load_config
+from stamen.simulator.attackers import AttackConfig
 from stamen.simulator.engine import TEXT_MODES, SimConfig
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, load_classes
 from stamen.simulator.ray_backend import check_backend
@@ -54,10 +55,11 @@ def load_simulation(path: str | Path | None = None) -> SimSetup:
         base = p.parent
     s, pop = data["simulation"], dict(data["population"])
     profiles = pop.pop("profiles")
-    sim = from_table(SimConfig, s, "simulation config [simulation]", skip=("population",))
+    attack = from_table(AttackConfig, pop.pop("attackers"), "simulation config [population.attackers]")
+    sim = from_table(SimConfig, s, "simulation config [simulation]", skip=("population", "attack"))
     population = replace(from_table(PopulationConfig, pop, "simulation config [population]", skip=("seed",)),
                          seed=sim.seed)
-    sim = replace(sim, population=population)
+    sim = replace(sim, population=population, attack=attack)
     if sim.horizon_h <= 0 or sim.max_versions < 1 or sim.eval_every < 1 or sim.eval_batches < 1 or sim.max_group < 1:
         raise UserError("simulation config [simulation]: horizon_h, max_versions, eval_every, eval_batches "
                         "and max_group must be positive")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from stamen.edge_client.runtime import TorchRuntime
 from stamen.server.aggregator import Aggregator, StaleUpdate
 from stamen.server.config import FederationConfig
 from stamen.server.coordinator import Coordinator, TaskClosed
+from stamen.simulator.attackers import AttackConfig, Attackers
 from stamen.simulator.profiles import HardwareClass, PopulationConfig, VirtualDevice, sample_population
 from stamen.simulator.ray_backend import GroupWork, make_backend
 from stamen.simulator.residuals import ResidualStore
@@ -58,6 +59,7 @@ class SimConfig:
     text: str = "shared"
     public_share: float = 0.5
     population: PopulationConfig = field(default_factory=PopulationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # [population.attackers]
     seed: int = 0
     horizon_h: float = 24.0  # stop after this much virtual time...
     max_versions: int = 40  # ...or once this many versions are published
@@ -95,16 +97,18 @@ class SimResult:
     counters: Counters = field(default_factory=Counters)
     devices: dict[str, int] = field(default_factory=dict)  # hardware class → count
     unplaced: int = 0  # devices whose memory fits no tier
+    attackers: int = 0  # devices sending forged updates ([population.attackers])
+    privacy: dict | None = None  # epsilon spent, with central DP on (Coordinator.privacy)
     refusals: dict[str, int] = field(default_factory=dict)  # the coordinator's reason → updates refused so
     end_time_h: float = 0.0
 
     def summary(self) -> dict:
         c = self.counters
-        return {"devices": self.devices, "unplaced": self.unplaced, "end_time_h": round(self.end_time_h, 6),
+        return {"devices": self.devices, "unplaced": self.unplaced, "attackers": self.attackers, "end_time_h": round(self.end_time_h, 6),
                 "versions": self.flushes[-1]["version"] if self.flushes else 0,
                 "counters": _rounded(c), "per_tier": self.per_tier,
                 "per_class": {k: _rounded(v) for k, v in sorted(self.per_class.items())}, "evals": self.evals,
-                "flushes": self.flushes,
+                "flushes": self.flushes, "privacy": self.privacy,
                 "final_val_loss": self.evals[-1]["val_loss"] if self.evals else None,
                 "mean_staleness": float(np.mean(self.staleness)) if self.staleness else None,
                 "staleness_hist": np.bincount(self.staleness).tolist() if self.staleness else []}
@@ -150,7 +154,10 @@ class Simulation:
                                               seed=config.seed + 1) for name, shard in domains.items()}
         torch.manual_seed(config.seed)
         self.eval_model = GPT(self.cfg)
-        self.coord = Coordinator(self.cfg, fed, Aggregator(self.cfg, weights(self.eval_model), fed.aggregator_config()),
+        agg_config = fed.aggregator_config()
+        if agg_config.privacy.enabled and agg_config.privacy.seed is None:  # a seed gives one history
+            agg_config = replace(agg_config, privacy=replace(agg_config.privacy, seed=config.seed))
+        self.coord = Coordinator(self.cfg, fed, Aggregator(self.cfg, weights(self.eval_model), agg_config),
                                  seed=config.seed)
         self.result = SimResult()
         self.tiers: dict[int, str] = {}
@@ -174,6 +181,9 @@ class Simulation:
         self.waiting: set[int] = set()  # devices a full round held back until its next version
         self._sweep_at = math.inf
         self.gpu_nodes = sum(d.id in self.tiers and d.capabilities.role != "device" for d in self.devices)
+        self.attackers = Attackers(config.attack, [d.id for d in self.devices if d.capabilities.role == "device"],
+                                   config.seed)
+        self.result.attackers = len(self.attackers.ids)
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -194,7 +204,8 @@ class Simulation:
         self._evaluate(0.0)
         horizon = self.config.horizon_h * 3600
         t = 0.0
-        while self.events and self.coord.version < self.config.max_versions and not self._reached(target_loss):
+        while (self.events and self.coord.version < self.config.max_versions and not self._reached(target_loss)
+               and not self.coord.stopped):
             t, _, kind, item = heapq.heappop(self.events)
             if t > horizon:
                 t = horizon
@@ -209,6 +220,7 @@ class Simulation:
         self.backend.close()
         self.feedback.close()
         self.result.end_time_h = t / 3600
+        self.result.privacy = self.coord.privacy()
         if not self.result.evals or self.result.evals[-1]["version"] != self.coord.version:
             self._evaluate(t)
         return self.result
@@ -268,6 +280,8 @@ class Simulation:
         if job.delta is None:
             self._train(job)
         d, task = job.device, job.task
+        if d.id in self.attackers:
+            job.delta = self.attackers.forge(d.id, task.plan.hash, task.base_version, job.delta)
         self._count(d, busy_s=t - job.started)  # counted when done, so never past the run's end
         job.started = t
         ef = self.feedback.get(d.id)

@@ -62,7 +62,43 @@ def cmd_server(args: argparse.Namespace) -> None:
 def cmd_token(args: argparse.Namespace) -> None:
     from stamen.server.auth import create_token
 
-    print(create_token(args.state, args.role, args.init))
+    print(create_token(args.state, args.role, args.init, args.uses, args.expires))
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+
+
+def cmd_token_list(args: argparse.Namespace) -> None:
+    from stamen.server.auth import list_tokens
+
+    print(f"{'id':<14}{'role':<8}{'created (UTC)':<18}{'uses':>6}{'limit':>7}  {'expires (UTC)':<18}"
+          f"{'revoked (UTC)':<18}{'clients':>8}")
+    for t in list_tokens(args.state):
+        limit = "-" if t.max_uses is None else str(t.max_uses)
+        print(f"{t.id:<14}{t.role:<8}{_when(t.created):<18}{t.uses:>6}{limit:>7}  {_when(t.expires):<18}"
+              f"{_when(t.revoked):<18}{t.clients:>8}")
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    from stamen.server.auth import revoke_token
+
+    token, clients = revoke_token(args.state, args.id)
+    print(f"revoked join token {token.id} ({token.role}) and {len(clients)} client(s) that joined with it")
+
+
+def duration(text: str) -> float:
+    """'90s', '30m', '12h', '7d' (or plain seconds) → seconds, for argparse."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 12h or 7d") from None
+    if not 0 < value < 1e10:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive duration")
+    return value
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -71,7 +107,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
     from stamen.server.app import fetch_status
 
-    status = fetch_status(args.url, args.ca_file)
+    status = fetch_status(args.url, args.token, args.ca_file)
     print(json.dumps(status, indent=2) if args.json else status_table(status, time.time()))
 
 
@@ -171,11 +207,22 @@ def register(sub, formatter) -> None:
                    help="device: trains submodels; gpu: trains the full model; admin: reads full weights")
     t.add_argument("--state", required=True, help="the server's state folder")
     t.add_argument("--init", action="store_true", help="start a new federation in --state (else it must hold one)")
+    t.add_argument("--uses", type=positive_int, help="joins the token allows (default: unlimited)")
+    t.add_argument("--expires", type=duration, help="lifetime, e.g. 12h or 7d (default: never expires)")
     t.set_defaults(func=cmd_token)
+    t = tsub.add_parser("list", help="join tokens with their uses, limits, expiry and clients", formatter_class=formatter)
+    t.add_argument("--state", required=True, help="the server's state folder")
+    t.set_defaults(func=cmd_token_list)
+    t = tsub.add_parser("revoke", help="revoke a join token and every client that joined with it",
+                        formatter_class=formatter)
+    t.add_argument("id", help="the token's id as `stamen token list` shows it (6+ characters)")
+    t.add_argument("--state", required=True, help="the server's state folder")
+    t.set_defaults(func=cmd_token_revoke)
 
     s = sub.add_parser("status", help="a running server's status: tables, or JSON with --json", formatter_class=formatter)
     s.add_argument("url", type=server_url, help="the server's URL, e.g. http://127.0.0.1:8080")
     s.add_argument("--json", action="store_true", help="the raw /v1/status JSON instead of tables")
+    s.add_argument("--token", help="an admin token (without one: the public aggregate, if the server allows it)")
     s.add_argument("--ca-file", help=CA_HELP)
     s.set_defaults(func=cmd_status)
 

@@ -47,11 +47,14 @@ def free_port() -> int:
 
 def start_server(state: Path, config: Path | None = None, port: int = 0,
                  tls: tuple[Path, Path] | None = None) -> tuple[subprocess.Popen, str]:
-    """A server process; ``tls`` = (certificate, key) PEM files serves https."""
+    """A server process; ``tls`` = (certificate, key) PEM files serves https. What it printed
+    before serving is kept as ``proc.startup`` (start-up log lines)."""
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(state), str(config or "-"), str(port),
                              *map(str, tls or ())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     deadline = time.time() + 180  # a deadline, not a timing: start-up took > 60 s on 2 shared cores at load 28
+    proc.startup = ""
     for line in proc.stdout:
+        proc.startup += line
         m = re.search(r"serving on (https?://\S+)", line)
         if m:
             return proc, m.group(1)

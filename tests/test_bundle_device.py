@@ -81,7 +81,7 @@ def test_reference_devices_join_a_mixed_federation(tmp_path):
             modules = tagged(out, "MODULES")
             assert "stamen.core.model" not in modules and "stamen.core.plan" not in modules
             assert not any(m.startswith(("stamen.edge_client", "stamen.server", "stamen.compression")) for m in modules)
-        status = fetch_status(url)
+        status = fetch_status(url, create_token(state, "admin"))
         assert status["version"] == 1 and status["buffered"] == 0  # K = 3 updates made version 1
         assert sorted(c["updates"] for c in status["clients"]) == [1, 1, 1]
 

@@ -61,7 +61,7 @@ def test_ort_and_executorch_clients_are_aggregated_and_corrupt_bundles_refetched
         logs[runtime] = entry
         assert (entry.runtime, entry.steps, entry.bundle_downloads, entry.outcome) == (runtime, 4, 1, "accepted")
         assert entry.tokens == 4 * 8 * 64
-    s = fetch_status(url)
+    s = fetch_status(url, create_token(root / "state", "admin"))
     assert s["version"] == 1 and s["buffered"] == 0  # K = 2: the ORT and ExecuTorch updates made version 1
     assert sorted(c["updates"] for c in s["clients"]) == [1, 1]
     assert logs["executorch"].base_version == 0  # both trained version 0 and were merged together

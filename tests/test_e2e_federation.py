@@ -86,13 +86,13 @@ def test_mixed_federation_over_http(tmp_path):
         assert [len(x) for x in logs] == [3, 3, 3, 3]
         assert [x[0]["tier"] for x in logs] == ["gpu", *DEVICE_MEMORY]
         assert all(t["outcome"] == "accepted" for x in logs for t in x)
-        status = json.loads(get(url + "/v1/status"))
+        status = json.loads(get(url + "/v1/status", admin))
         assert status["version"] == 4 and status["buffered"] == 0  # 12 updates / K=3
         assert status["tensors"]["covered"] == status["tensors"]["total"] == len(w0)
         for tier, x in zip(["gpu", *DEVICE_MEMORY], logs):
             assert status["tiers"][tier] == {"updates": 3, "tokens": sum(t["tokens"] for t in x)}
         assert sorted(c["tier"] for c in status["clients"]) == sorted(["gpu", *DEVICE_MEMORY])
-        metrics = get(url + "/metrics").decode()
+        metrics = get(url + "/metrics", admin).decode()
         for tier, x in zip(["gpu", *DEVICE_MEMORY], logs):
             assert f'stamen_tier_tokens_total{{tier="{tier}"}} {sum(t["tokens"] for t in x)}' in metrics
         for c in status["clients"]:
@@ -113,11 +113,11 @@ def test_server_killed_and_restarted_clients_carry_on(tmp_path):
     state, port = tmp_path / "state", free_port()
     server, url = start_server(state, tmp_path / "fed.toml", port)
     try:
-        gpu_tok, dev_tok = create_token(state, "gpu"), create_token(state, "device")
+        gpu_tok, dev_tok, admin = (create_token(state, r) for r in ("gpu", "device", "admin"))
         data = stdlib_folders(tmp_path, [["json"], ["email"]])
         clients = [start_client(url, gpu_tok, data[0], "gpu", 2**30, tmp_path / "c0", 4),
                    start_client(url, dev_tok, data[1], "device", 12 * MiB, tmp_path / "c1", 4)]
-        while json.loads(get(url + "/v1/status"))["tasks"].get("done", 0) < 3:
+        while json.loads(get(url + "/v1/status", admin))["tasks"].get("done", 0) < 3:
             time.sleep(0.2)
         server.kill()  # SIGKILL: no drain, no checkpoint
         server.communicate(timeout=30)
@@ -129,7 +129,7 @@ def test_server_killed_and_restarted_clients_carry_on(tmp_path):
             assert c.returncode == 0, out
         acked = [t["task_id"] for o in outs for t in tasks_of(o) if t["outcome"] in ("accepted", "duplicate")]
         assert len(acked) == 8 == len(set(acked))
-        status = json.loads(get(url + "/v1/status"))
+        status = json.loads(get(url + "/v1/status", admin))
     finally:
         server.terminate()
         server.communicate(timeout=60)

@@ -57,7 +57,7 @@ def simulated_gateway(root: Path, buffer_k: int, nodes: int, max_tasks: int) -> 
         app = gateway_app(url, create_token(state, "gpu"), nodes=nodes, max_tasks=max_tasks, logs=logs)
         run_simulation(app, client_app, num_supernodes=nodes,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-        return logs, fetch_status(url)
+        return logs, fetch_status(url, create_token(state, "admin"))
 
 
 @pytest.mark.timeout(120)
@@ -167,6 +167,7 @@ def run_readme_commands(tmp_path: Path, url: str, state: Path) -> tuple[str, dic
     has had two updates accepted. Returns what ``flwr run --stream`` printed and the server's
     status right after the stop and once nothing runs any more."""
     link, env = free_port(), flower_env(tmp_path / "flwr")
+    admin = create_token(state, "admin")
     values = {"127.0.0.1:8000": f"127.0.0.1:{link}", "9094": str(free_port()), "9095": str(free_port()),
               "--state fed-state": f"--state {state}", "http://127.0.0.1:8080": url, "$PWD": str(tmp_path)}
     procs: list[subprocess.Popen] = []
@@ -193,12 +194,12 @@ def run_readme_commands(tmp_path: Path, url: str, state: Path) -> tuple[str, dic
                     r"Successfully started run (\d+)", stream.read_text()), 60).group(1)
             elif argv[:2] == ["flwr", "stop"]:
                 wait_for("two accepted updates per node", lambda: sorted(
-                    c["updates"] for c in fetch_status(url)["clients"]) >= [2, 2], 240)
+                    c["updates"] for c in fetch_status(url, admin)["clients"]) >= [2, 2], 240)
                 out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
                 assert out.returncode == 0, out.stdout + out.stderr
                 stopped = time.time()
                 after_stop = wait_for("no open task on the server", lambda: (
-                    s if (s := fetch_status(url))["in_flight"] == 0 else None), 30)
+                    s if (s := fetch_status(url, admin))["in_flight"] == 0 else None), 30)
                 released_s = time.time() - stopped
                 procs[-1].wait(timeout=60)  # --stream returns once the run has ended
             else:  # the stamen commands
@@ -214,7 +215,7 @@ def run_readme_commands(tmp_path: Path, url: str, state: Path) -> tuple[str, dic
         for proc in reversed(procs):
             stop(proc)
     print(f"flwr stop: no open task {released_s:.1f} s later")
-    return stream.read_text(), after_stop, {**fetch_status(url), "run": run}
+    return stream.read_text(), after_stop, {**fetch_status(url, admin), "run": run}
 
 
 @pytest.mark.timeout(420)

@@ -81,19 +81,19 @@ def test_bad_requests_get_4xx_and_leave_the_model_unchanged(server):
         ("NaN", ("POST", f"/v1/updates/{task.task_id}", update_for(task, **{name: nan}), a), 422, "NaN"),
         ("too many tokens", ("POST", f"/v1/updates/{task.task_id}", update_for(task, tokens=10**9), a), 422, "tokens"),
         ("other plan's weights", ("GET", f"/v1/weights/0?plan={full_plan(CFG).hash}", None, a), 403, "own plan"),
-        ("bad version", ("GET", "/v1/weights/x?plan=p", None, a), 400, "not an integer"),
+        ("bad version", ("GET", "/v1/weights/x?plan=p", None, a), 400, "not a non-negative integer"),
         ("join garbage", ("POST", "/v1/join", msgpack.packb([1]), None), 400, "msgpack map"),
     ]
     for label, (method, path, body, token), code, reason in cases:
         status, answer = call(url + path, method, body, token)
         assert (status, reason in answer) == (code, True), (label, status, answer)
     assert call(full, token=admin)[1] == before
-    st = json.loads(call(url + "/v1/status")[1])
+    st = json.loads(call(url + "/v1/status", token=admin)[1])
     assert st["version"] == 0 and st["tasks"] == {"open": 1}
     # The good update is accepted (K=1 publishes version 1); a re-send is idempotent.
     assert call(url + f"/v1/updates/{task.task_id}", "POST", good, a) == (202, {"status": "accepted", "version": 1})
     assert call(url + f"/v1/updates/{task.task_id}", "POST", good, a) == (202, {"status": "duplicate", "version": 1})
-    assert json.loads(call(url + "/v1/status")[1])["version"] == 1
+    assert json.loads(call(url + "/v1/status", token=admin)[1])["version"] == 1
 
 
 def test_lapsed_task_is_refused(server):
@@ -109,12 +109,13 @@ def test_a_released_task_closes_at_once_and_its_work_goes_to_the_next_poll(serve
     url, state = server
     dev = create_token(state, "device")
     a, b = join(url, dev), join(url, dev)
-    before = json.loads(call(url + "/v1/status")[1])
+    admin = create_token(state, "admin")
+    before = json.loads(call(url + "/v1/status", token=admin)[1])
     task = Task.from_dict(call(url + "/v1/task?wait=1", token=a)[1]["task"])
     assert call(url + f"/v1/tasks/{task.task_id}", "DELETE", token=a) == (200, {"status": "released"})
     assert call(url + f"/v1/tasks/{task.task_id}", "DELETE", token=b)[0] == 403  # not b's to give back
     assert call(url + "/v1/tasks/t999999999", "DELETE", token=a)[0] == 404
-    after = json.loads(call(url + "/v1/status")[1])
+    after = json.loads(call(url + "/v1/status", token=admin)[1])
     assert after["in_flight"] == before["in_flight"]
     assert after["tasks"]["released"] == before["tasks"].get("released", 0) + 1
     # A re-sent release changes nothing; the upload of a released task is refused; the next

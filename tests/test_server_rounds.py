@@ -89,6 +89,6 @@ def test_rounds_over_http_equal_synchronous_fedavg(tmp_path):
             assert all(torch.equal(got[n], want[n]) for n in want), "version != synchronous FedAvg"
             assert any(not torch.equal(got[n], theta[n]) for n in want)
             theta = got
-        status = json.loads(call(url + "/v1/status")[1])
+        status = json.loads(call(url + "/v1/status", token=admin)[1])
         assert status["version"] == 2 and status["buffered"] == 0
         assert status["global_step"] == 2 * tasks[0].steps

@@ -64,8 +64,10 @@ def train_once(url: str, token: str) -> tuple[Task, int, object]:
     return task, status, answer
 
 
-def version(url: str) -> int:
-    return json.loads(urllib.request.urlopen(url + "/v1/status", timeout=60).read())["version"]
+def version(url: str, state: Path) -> int:
+    request = urllib.request.Request(url + "/v1/status",
+                                     headers={"Authorization": f"Bearer {create_token(state, 'admin')}"})
+    return json.loads(urllib.request.urlopen(request, timeout=60).read())["version"]
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -112,12 +114,12 @@ def test_a_second_server_on_the_same_state_folder_is_refused_and_touches_nothing
         assert_one_line_error(second, str(state), "in use by another stamen server")
         assert contents(state) == before
         assert train_once(url, token)[1] == 202  # the first carries on
-        assert version(url) == 2
+        assert version(url, state) == 2
     finally:
         stop(first)
     proc, url = start_server(state, tmp_path / "fed.toml")  # and resumes where it stopped
     try:
-        assert version(url) == 2
+        assert version(url, state) == 2
     finally:
         stop(proc)
 
@@ -142,7 +144,7 @@ def test_a_server_resumes_past_a_corrupt_newest_checkpoint(tmp_path):
     newest.write_bytes(b"\0" * 64)
     proc, url = start_server(state, fed)
     try:
-        assert version(url) == 1
+        assert version(url, state) == 1
     finally:
         stop(proc)
 
@@ -196,17 +198,17 @@ def test_a_failed_checkpoint_keeps_the_accepted_update_and_closes_its_task(tmp_p
         assert (status, answer["status"]) == (202, "accepted"), answer
         time.sleep(1.0)  # the checkpoint, on its own thread, has failed by now
         assert not list((state / "checkpoints").glob("*.tmp"))  # the failed attempt cleaned up
-        assert version(url) == 1
-        status, tasks = call(url + "/v1/status")
+        assert version(url, state) == 1
+        status, tasks = call(url + "/v1/status", "GET", None, create_token(state, "admin"))
         assert json.loads(tasks)["tasks"] == {"done": 1}  # closed, not handed out again
         again, status, answer = train_once(url, token)
         assert again.task_id != task.task_id and status == 202
-        assert version(url) == 2
+        assert version(url, state) == 2
     finally:
         stop(proc, signal.SIGKILL)
     proc, url = start_server(state, tmp_path / "fed.toml")
     try:
-        assert version(url) == 2  # the journal replayed what no checkpoint held
+        assert version(url, state) == 2  # the journal replayed what no checkpoint held
     finally:
         stop(proc)
     journal = Store(state).journaled_task_ids()

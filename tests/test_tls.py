@@ -54,15 +54,16 @@ def tls_server(tmp_path_factory):
 
 
 def test_status_over_https_needs_the_certificate(tls_server):
-    url, _, cert = tls_server
+    url, root, cert = tls_server
     assert url.startswith("https://127.0.0.1:")
-    assert fetch_status(url, ca_file=str(cert))["version"] == 0
+    admin = create_token(root / "state", "admin")
+    assert fetch_status(url, admin, ca_file=str(cert))["version"] == 0
     with pytest.raises(UserError, match="CERTIFICATE_VERIFY_FAILED"):
-        fetch_status(url)
-    refused = stamen("status", url)
+        fetch_status(url, admin)
+    refused = stamen("status", url, "--token", admin)
     assert refused.returncode == 2 and refused.stdout == ""
     assert len(refused.stderr.strip().splitlines()) == 1 and "certificate verify failed" in refused.stderr
-    assert json.loads(stamen("status", url, "--ca-file", cert, "--json").stdout)["version"] == 0
+    assert json.loads(stamen("status", url, "--token", admin, "--ca-file", cert, "--json").stdout)["version"] == 0
 
 
 def test_a_client_trains_over_https(tls_server):
@@ -72,7 +73,7 @@ def test_a_client_trains_over_https(tls_server):
     ran = stamen("client", "--server", url, "--token", token, "--data", data, "--role", "gpu",
                  "--state", root / "client", "--max-tasks", "1", "--ca-file", cert)
     assert ran.returncode == 0, ran.stderr
-    status = fetch_status(url, ca_file=str(cert))
+    status = fetch_status(url, create_token(root / "state", "admin"), ca_file=str(cert))
     assert status["version"] == 1  # buffer_k = 1: the one update published a version
 
 

@@ -1,0 +1,144 @@
+"""Defences for the asynchronous buffer: pure math, no I/O, no aggregator state of its own
+beyond the norm history it is handed.
+
+**Norm bound.** Every update is clipped (or refused) to a bound before it enters the buffer.
+The bound is a multiple of the median norm of the last ``window`` accepted updates of the same
+plan, per element (RMS = ‖Δ‖/√n, so plans of different sizes can lend each other a history
+while a plan's own is shorter than ``min_history``), times √n of the update's plan, divided by
+(1 + τ)^½: a stale update was computed against an older model and gets less room, never more.
+An absolute bound from the federation file, when set, caps it too. Clipping is folded into the
+update's weight in the buffer (S += w·c·Δ, W += w), so it costs no pass over the update beyond
+the norm itself, and the per-element coverage rule stays exact. The history records the
+*clipped* norms, so an attacker cannot ratchet the median upward while fewer than half of a
+window's updates are his.
+
+**Finite guard.** ``step_bound`` bounds, from scalars alone, how far the next flush can move
+any element given the largest buffered (clipped) norm and the outer optimizer's state; the
+aggregator refuses an update that would let the next version leave float32's finite range,
+so the buffer survives without it, and checks the version it publishes as well.
+
+**Robust rules.** Coordinate-wise over the updates that covered each element (the coverage
+rule of ``server.aggregator`` stays exact: an element's statistic sees only its own trainers):
+``trimmed`` drops the ⌊β·n_j⌋ largest and smallest of the n_j values at element j and averages
+the rest; ``median`` takes their median (the mean of the two middle values when n_j is even,
+as numpy's). ``filter`` drops whole updates whose cosine similarity with the coordinate-wise
+median (over the elements they cover) is below a threshold, then takes the usual weighted mean
+of the rest. These rules are unweighted (as Flower's FedMedian and FedTrimmedAvg): tokens and
+staleness no longer weigh an update, which costs some accuracy when work is unequal.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from stamen.core.errors import UserError
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+SAFE_MAX = FLOAT32_MAX / 16  # a version element may not be able to grow past this
+RULES = ("mean", "trimmed", "median", "filter")
+NORM_MODES = ("clip", "refuse", "off")
+
+
+@dataclass(frozen=True)
+class DefenceConfig:
+    norm_bound: str = "clip"  # "clip", "refuse" or "off"
+    norm_multiple: float = 3.0  # bound = multiple × median recent norm (per element, × √n)
+    norm_window: int = 64  # accepted updates per plan remembered
+    norm_min_history: int = 4  # fewer than this of a plan: borrow every plan's history
+    norm_absolute: float = 0.0  # a cap on ‖Δ‖ whatever the history (0: none)
+    rule: str = "mean"  # "mean", "trimmed", "median" or "filter"
+    trim: float = 0.2  # trimmed: the share cut from each end at every element
+    min_cosine: float = 0.0  # filter: updates less aligned with the median than this are dropped
+
+    def __post_init__(self) -> None:
+        if self.norm_bound not in NORM_MODES:
+            raise UserError(f"norm_bound {self.norm_bound!r}: use one of {', '.join(NORM_MODES)}")
+        if self.rule not in RULES:
+            raise UserError(f"rule {self.rule!r}: use one of {', '.join(RULES)}")
+        if not (self.norm_multiple > 0 and self.norm_window >= 1 and self.norm_min_history >= 1
+                and self.norm_absolute >= 0):
+            raise UserError("norm_multiple must be positive, norm_window and norm_min_history at least 1, "
+                            "norm_absolute >= 0")
+        if not 0 <= self.trim < 0.5:
+            raise UserError(f"trim must be in [0, 0.5), got {self.trim}")
+        if not -1 <= self.min_cosine <= 1:
+            raise UserError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+
+
+class NormHistory:
+    """Recent accepted norms per plan, as RMS per element; checkpointed with the aggregator."""
+
+    def __init__(self, config: DefenceConfig, state: dict[str, list[float]] | None = None) -> None:
+        self.config = config
+        self.rms = {k: deque(v, maxlen=config.norm_window) for k, v in (state or {}).items()}
+
+    def bound(self, plan: str, numel: int, staleness: int) -> float:
+        """The norm bound for an update of ``plan`` (``numel`` elements) at staleness τ, or inf."""
+        c = self.config
+        own = self.rms.get(plan, ())
+        pool = own if len(own) >= c.norm_min_history else [r for d in self.rms.values() for r in d]
+        bound = math.inf
+        if len(pool) >= c.norm_min_history:
+            bound = c.norm_multiple * statistics.median(pool) * math.sqrt(numel) / math.sqrt(1 + staleness)
+        if c.norm_absolute > 0:
+            bound = min(bound, c.norm_absolute)
+        return bound
+
+    def record(self, plan: str, norm: float, numel: int) -> None:
+        self.rms.setdefault(plan, deque(maxlen=self.config.norm_window)).append(norm / math.sqrt(numel))
+
+    def state(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.rms.items()}
+
+
+def norm(tensors: list[torch.Tensor]) -> float:
+    """‖Δ‖₂ over a list of tensors, combined in float64: inf when a float32 partial overflows
+    (an update whose values are finite but whose squares are not is absurd anyway)."""
+    if not tensors:
+        return 0.0
+    return float(torch.stack(torch._foreach_norm(tensors)).double().norm())
+
+
+def step_bound(kind: str, lr: float, momentum: float, betas: tuple[float, float], eps: float,
+               g_max: float, state_max: dict[str, float]) -> float:
+    """An upper bound on |lr · d_j| for the next flush, from scalars: ``g_max`` bounds every
+    |g_j| (a weighted mean of clipped updates is bounded by their largest norm) and
+    ``state_max[k]`` every |k_j| of the optimizer state. Follows ``server.outer`` op for op:
+    nesterov m' = μm + g, d = g + μm'; fedadam m' = β1 m + (1−β1) g, d = m'/(√v' + ε) ≤ |m'|/ε."""
+    if kind == "fedavg":
+        return lr * g_max
+    if kind == "nesterov":
+        m = momentum * state_max.get("m", 0.0) + g_max
+        return lr * (g_max + momentum * m)
+    b1 = betas[0]
+    return lr * (b1 * state_max.get("m", 0.0) + (1 - b1) * g_max) / eps
+
+
+def coordinatewise(values: torch.Tensor, rule: str, trim: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values``: (k, ...) with NaN where update i did not cover the element. Returns the
+    rule's statistic per element (0 where nobody covered it) and the covering count n_j."""
+    n = (~values.isnan()).sum(0)
+    ordered, _ = values.sort(0)  # NaN sorts last, so rank r < n_j is a real value
+    rank = torch.arange(values.shape[0]).view(-1, *[1] * (values.dim() - 1))
+    if rule == "trimmed":
+        cut = (trim * n).floor().long()
+        lo, hi = cut, n - cut  # keep ranks in [lo, hi)
+    elif rule == "median":
+        lo, hi = (n - 1).clamp_min(0) // 2, n // 2 + 1  # one middle value, or the two of an even n
+    else:
+        raise ValueError(rule)
+    keep = (rank >= lo) & (rank < hi) & (rank < n)
+    total = torch.where(keep, ordered, 0.0).sum(0)
+    return total / keep.sum(0).clamp_min(1), n
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b) in float64; 0 when either is zero."""
+    a, b = a.double().flatten(), b.double().flatten()
+    denom = float(a.norm() * b.norm())
+    return float(a @ b) / denom if denom > 0 else 0.0

@@ -1,0 +1,148 @@
+"""Defences in the aggregator against hand-computed toy vectors (as Flower's strategy tests
+do): every update is constant, so each element's statistic is arithmetic on a few numbers
+written out below. The norm bound, the finite guard, and the robust rules keep the per-element
+coverage rule exact: an element's statistic sees only the updates that covered it."""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from stamen.core.model import GPT, PRESETS, weights
+from stamen.core.plan import Plan
+from stamen.core.records import Update
+from stamen.server.aggregator import Aggregator, AggregatorConfig, BadUpdate
+from stamen.server.outer import OuterConfig
+from stamen.server.robust import DefenceConfig, coordinatewise
+
+CFG = PRESETS["gpt-tiny"]
+LN = Plan("ln", (0,), 1.0, ("ln_f.bias",))  # one vector of n_embd elements, sliced by no plan
+MLP = "blocks.0.mlp.c_fc.weight"  # rows are hidden units: width plans keep a prefix of them
+FULL_MLP, HALF_MLP = Plan("full", (0,), 1.0, (MLP,)), Plan("half", (0,), 0.5, (MLP,))
+
+
+def w0():
+    torch.manual_seed(0)
+    return {n: t.clone() for n, t in weights(GPT(CFG)).items()}
+
+
+def const(task, plan, value, tokens=100, base=0):
+    return Update(task, base, plan, {n: torch.full(s, float(value)) for n, s in plan.shapes(CFG).items()
+                                     if n in plan.trainable(CFG)}, tokens)
+
+
+def agg(k=1, lr=1.0, **defence):
+    """FedAvg with lr 1, so a flush moves θ by exactly the aggregate g."""
+    return Aggregator(CFG, w0(), AggregatorConfig(buffer_k=k, tau_max=8, outer=OuterConfig("fedavg", lr=lr),
+                                                  defence=DefenceConfig(**defence)))
+
+
+def moved(a, name="ln_f.bias"):
+    return w0()[name] - a.weights[name]
+
+
+@pytest.mark.parametrize("rule, values, expect", [
+    ("trimmed", [1, 2, 3, 4, 100], 3.0),  # trim 0.2 of 5 drops one each end: (2 + 3 + 4) / 3
+    ("trimmed", [1, 2, 100], 103 / 3),  # ⌊0.2 · 3⌋ = 0: nothing is trimmed from three
+    ("median", [1, 2, 3, 4, 100], 3.0),
+    ("median", [1, 2, 3, 100], 2.5),  # even count: the mean of the two middle values, as numpy's
+    ("mean", [1, 2, 3, 4, 100], 22.0),  # equal tokens: the plain mean
+])
+def test_rules_on_one_vector(rule, values, expect):
+    a = agg(k=len(values), rule=rule, trim=0.2, norm_bound="off")
+    for i, v in enumerate(values):
+        a.submit(const(f"t{i}", LN, v), now=0.0)
+    assert a.version == 1
+    torch.testing.assert_close(moved(a), torch.full((CFG.n_embd,), expect), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule, first_half, second_half", [
+    ("median", 10.0, 1.5),  # first half: {1, 2, 10, 20, 30}; second: only the full plans' {1, 2}
+    ("trimmed", 32 / 3, 1.5),  # first: drop 1 and 30 → (2 + 10 + 20) / 3; second: ⌊0.4⌋ = 0 cut
+])
+def test_rules_see_only_the_updates_that_covered_each_element(rule, first_half, second_half):
+    a = agg(k=5, rule=rule, trim=0.2, norm_bound="off")
+    for i, (plan, v) in enumerate([(FULL_MLP, 1), (FULL_MLP, 2), (HALF_MLP, 10), (HALF_MLP, 20), (HALF_MLP, 30)]):
+        a.submit(const(f"t{i}", plan, v), now=0.0)
+    step = moved(a, MLP)
+    rows = step.shape[0]
+    torch.testing.assert_close(step[:rows // 2], torch.full_like(step[:rows // 2], first_half), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(step[rows // 2:], torch.full_like(step[rows // 2:], second_half), rtol=1e-6, atol=1e-6)
+
+
+def test_coordinatewise_matches_numpy_style_references():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 50, generator=gen)
+    x[torch.rand(7, 50, generator=gen) < 0.3] = math.nan
+    med, n = coordinatewise(x, "median", 0.0)
+    trim, _ = coordinatewise(x, "trimmed", 0.25)
+    for j in range(50):
+        col = sorted(v for v in x[:, j].tolist() if not math.isnan(v))
+        assert n[j] == len(col)
+        assert med[j].item() == pytest.approx(statistics.median(col) if col else 0.0, abs=1e-6)
+        cut = int(0.25 * len(col))
+        kept = col[cut:len(col) - cut]
+        assert trim[j].item() == pytest.approx(sum(kept) / len(kept) if kept else 0.0, abs=1e-6)
+
+
+def test_filter_drops_the_update_that_points_away():
+    a = agg(k=4, rule="filter", norm_bound="off")
+    ups = [const("a", LN, 1.0, tokens=100), const("b", LN, 1.2, tokens=300), const("c", LN, 0.8, tokens=100),
+           const("evil", LN, -5.0, tokens=500)]  # median 0.9 > 0: cos(evil, median) = −1
+    for u in ups:
+        a.submit(u, now=0.0)
+    expect = (100 * 1.0 + 300 * 1.2 + 100 * 0.8) / 500  # the token-weighted mean of the other three
+    torch.testing.assert_close(moved(a), torch.full((CFG.n_embd,), expect), rtol=1e-6, atol=1e-6)
+
+
+def test_norm_bound_clips_to_a_multiple_of_the_recent_median():
+    a = agg(k=1, norm_multiple=3.0, norm_min_history=4)
+    for i, v in enumerate([1.0, 2.0, 2.0, 3.0]):  # median 2 per element
+        a.submit(const(f"h{i}", LN, v, base=i), now=0.0)
+    before = a.weights["ln_f.bias"].clone()
+    a.submit(const("big", LN, 1000.0, base=4), now=0.0)  # clipped to 3 × 2 = 6 per element
+    torch.testing.assert_close(before - a.weights["ln_f.bias"], torch.full((CFG.n_embd,), 6.0), rtol=1e-5, atol=1e-4)
+    before = a.weights["ln_f.bias"].clone()
+    a.submit(const("stale", LN, 1000.0, base=2), now=0.0)  # τ = 3: room shrinks by √(1 + 3) = 2
+    # history 1, 2, 2, 3, 6 (the clipped norm is what is remembered): median 2 → 3 × 2 / 2
+    torch.testing.assert_close(before - a.weights["ln_f.bias"], torch.full((CFG.n_embd,), 3.0), rtol=1e-5, atol=1e-4)
+
+
+def test_norm_bound_refuse_mode_and_absolute_bound():
+    a = agg(k=1, norm_bound="refuse", norm_min_history=1)
+    a.submit(const("h", LN, 1.0), now=0.0)
+    with pytest.raises(BadUpdate, match="exceeds the bound"):
+        a.submit(const("big", LN, 4.0, base=1), now=0.0)
+    assert a.buffer.count == 0 and "big" not in a.seen
+    b = agg(k=1, norm_absolute=math.sqrt(CFG.n_embd) * 0.5)  # ‖Δ‖ ≤ 0.5 √n: 0.5 per element
+    b.submit(const("x", LN, 2.0), now=0.0)
+    torch.testing.assert_close(moved(b), torch.full((CFG.n_embd,), 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_an_update_that_would_overflow_is_refused_and_the_buffer_survives():
+    a = agg(k=2)
+    a.submit(const("ok", LN, 0.5), now=0.0)
+    S = a.S["ln_f.bias"].clone()
+    with pytest.raises(BadUpdate, match="overflows float32"):
+        a.submit(const("inf", LN, 3e38), now=0.0)  # the issue's row: finite values, overflowing sums
+    assert a.buffer.count == 1 and torch.equal(a.S["ln_f.bias"], S) and "inf" not in a.seen
+    # Finite norm, but a step the version could not hold (an absurd outer lr makes it reachable).
+    b = agg(k=1, lr=1e36, norm_bound="off")
+    with pytest.raises(BadUpdate, match="could make the next version non-finite"):
+        b.submit(const("huge", LN, 100.0), now=0.0)
+    a.submit(const("ok2", LN, 1.5), now=0.0)
+    assert a.version == 1 and all(torch.isfinite(t).all() for t in a.weights.values())
+    torch.testing.assert_close(moved(a), torch.full((CFG.n_embd,), 1.0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["median", "filter"])
+def test_a_checkpoint_mid_buffer_keeps_the_buffered_updates(rule):
+    a, b = agg(k=3, rule=rule, norm_bound="off"), None
+    for i, v in enumerate([1.0, 2.0]):
+        a.submit(const(f"t{i}", LN, v), now=0.0)
+    tensors, meta = a.state()
+    b = Aggregator.from_state(CFG, a.config, tensors, meta, set(a.seen))
+    for x in (a, b):
+        x.submit(const("t2", LN, 10.0), now=0.0)
+    assert torch.equal(a.weights["ln_f.bias"], b.weights["ln_f.bias"])
