@@ -106,12 +106,12 @@ def test_status_and_metrics_are_for_the_operator(server):
 def test_public_status_shows_aggregates_only(tmp_path):
     with running_server(tmp_path, "[server]\npublic_status = true\n") as (url, state):
         assert join(url, create_token(state, "device"))[0] == 200
-        public = stamen("status", url)
+        public = stamen("status", url, "--json")
         assert public.returncode == 0, public.stderr
         assert '"client_count": 1' in public.stdout and '"clients": []' in public.stdout
         status, text = call(url + "/metrics")
         assert status == 200 and b"stamen_clients 1" in text and b"client=" not in text
-        full = stamen("status", url, "--token", create_token(state, "admin"))
+        full = stamen("status", url, "--json", "--token", create_token(state, "admin"))
         assert '"client_id"' in full.stdout
 
 
