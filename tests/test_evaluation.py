@@ -38,8 +38,9 @@ batch_size = 4
 """
 
 
-def get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
+def get(url, token=None):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=30) as r:
         return r.read()
 
 
@@ -79,8 +80,8 @@ def test_federation_evaluates_exports_and_generates(tmp_path):
         client = start_client(url, create_token(state, "gpu"), data, "gpu", 2**30, tmp_path / "c", 3)
         out = client.communicate(timeout=300)[0]
         assert client.returncode == 0, out
-        status = json.loads(get(url + "/v1/status"))
-        metrics = get(url + "/metrics").decode()
+        status = json.loads(get(url + "/v1/status", create_token(state, "admin")))
+        metrics = get(url + "/metrics", create_token(state, "admin")).decode()
     finally:
         server.terminate()
         log = server.communicate(timeout=60)[0]
@@ -112,7 +113,7 @@ def test_federation_evaluates_exports_and_generates(tmp_path):
 
     server, url = start_server(state, tmp_path / "fed.toml")  # the history survives a restart
     try:
-        assert json.loads(get(url + "/v1/status"))["evaluations"] == evals
+        assert json.loads(get(url + "/v1/status", create_token(state, "admin")))["evaluations"] == evals
     finally:
         server.terminate()
         server.communicate(timeout=60)

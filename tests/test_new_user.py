@@ -143,8 +143,9 @@ batch_size = 2
 
 def test_status_table_and_json(tmp_path):
     with running_server(tmp_path, FED.format(steps=2)) as (url, state):
-        table = stamen("status", url)
-        raw = stamen("status", url, "--json")
+        admin = create_token(state, "admin")
+        table = stamen("status", url, "--token", admin)
+        raw = stamen("status", url, "--json", "--token", admin)
     assert table.returncode == 0 and raw.returncode == 0, table.stderr
     assert json.loads(raw.stdout)["version"] == 0
     lines = table.stdout.splitlines()
@@ -179,7 +180,7 @@ def test_ctrl_c_stops_within_a_step_and_says_so(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         deadline = time.time() + 120
         while time.time() < deadline:  # until the task has trained some steps
-            st = json.loads(stamen("status", url, "--json").stdout)
+            st = json.loads(stamen("status", url, "--json", "--token", create_token(state, "admin")).stdout)
             if st["in_flight"]:
                 break
             time.sleep(0.5)
