@@ -53,7 +53,7 @@ def client(url, state_root, runtime, data, name):
 
 
 @pytest.mark.timeout(300)
-def test_ort_and_executorch_clients_are_aggregated_and_corrupt_bundles_refetched(federation, capsys):
+def test_ort_and_executorch_clients_are_aggregated_and_corrupt_bundles_refetched(federation, caplog):
     root, url, data = federation
     logs = {}
     for runtime, folder in (("ort", data[0]), ("executorch", data[1])):
@@ -72,14 +72,15 @@ def test_ort_and_executorch_clients_are_aggregated_and_corrupt_bundles_refetched
     with open(cached / "training_model.onnx", "r+b") as f:
         f.seek(64)
         f.write(b"corrupt!")
-    capsys.readouterr()
+    caplog.clear()
     for damage, reason in ((None, "training_model.onnx fails its checksum"), ("checkpoint", "file checkpoint is missing")):
         if damage:
             (cached / damage).unlink()
         c = client(url, root, "ort", data[0], "ort")
         (entry,) = c.run()
         assert (entry.bundle_downloads, entry.outcome) == (1, "accepted")
-        out = capsys.readouterr().out
+        out = caplog.text  # the client logs through `logging`
+        caplog.clear()
         assert "refused the cached bundle" in out and reason in out and "downloading it again" in out
     (entry,) = client(url, root, "ort", data[0], "ort").run()
     assert entry.bundle_downloads == 0  # a verified cached bundle is used as it is

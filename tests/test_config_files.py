@@ -10,6 +10,7 @@ import pytest
 from stamen.core.config import defaults, from_table
 from stamen.core.errors import UserError
 from stamen.server.config import SECTIONS, TierSettings
+from stamen.simulator.attackers import AttackConfig
 from stamen.simulator.engine import SimConfig
 from stamen.simulator.profiles import ClassSettings, PopulationConfig
 
@@ -22,7 +23,10 @@ def test_federation_toml_matches_the_dataclasses():
     data = packaged("stamen.server", "federation.toml")
     assert set(data) == set(SECTIONS) | {"tiers"}
     for name, cls in SECTIONS.items():
-        assert data[name] == defaults(cls), name  # same keys, same values (1 == 1.0 in TOML floats)
+        # Same keys, same values (1 == 1.0 in TOML floats); TOML has no null, so a field whose
+        # default is None is set only by naming it (the file documents it in a comment).
+        expected = {k: v for k, v in defaults(cls).items() if v is not None}
+        assert data[name] == expected, name
     required = {k for k in TierSettings.__dataclass_fields__} - set(defaults(TierSettings))
     for tier, table in data["tiers"].items():
         assert required <= set(table) <= set(TierSettings.__dataclass_fields__), tier
@@ -39,8 +43,9 @@ def test_simulator_federation_toml_names_only_known_keys():
 
 def test_simulation_toml_matches_the_dataclasses():
     data = packaged("stamen.simulator", "simulation.toml")
-    assert data["simulation"] == {k: v for k, v in defaults(SimConfig).items() if k != "population"}
-    population = {k: v for k, v in data["population"].items() if k != "profiles"}
+    assert data["simulation"] == {k: v for k, v in defaults(SimConfig).items() if k not in ("population", "attack")}
+    assert data["population"]["attackers"] == defaults(AttackConfig)
+    population = {k: v for k, v in data["population"].items() if k not in ("profiles", "attackers")}
     assert population == {k: v for k, v in defaults(PopulationConfig).items() if k != "seed"}
 
 

@@ -236,7 +236,7 @@ def test_the_readme_flower_commands_train_for_the_server_and_flwr_stop_leaves_no
     assert "gateway: training for" in streamed
     assert len(re.findall(r"node \d+: t\d+ sent \(3 steps from v\d+\)", streamed)) >= sum(updates)
     assert len(re.findall(r"node \d+: t\d+ trained in", streamed)) >= sum(updates)
-    assert len(re.findall(r": v\d+ gpu 3 steps, .*: accepted", streamed)) == sum(updates)
+    assert len(re.findall(r": v\d+ gpu on \w+, 3 steps, .*: accepted", streamed)) == sum(updates)
     # Each task ran in a new ClientApp process; the node folder carried AdamW across them.
     for node in ("node1", "node2"):
         [saved] = (tmp_path / node).glob("optimizer-*.pt")

@@ -6,6 +6,7 @@ update moves the validation loss by no more than the honest controls vary, and a
 one, clipped to 3x the median norm, by less than 1 % (measured: +0.044 nats over a control
 spread of 0.006; the issue's table had +0.72). A robust rule is what removes the rest."""
 
+import asyncio
 import math
 
 import pytest
@@ -53,6 +54,10 @@ def honest(fed, me, task: Task, train, seed):
 
 def run_row(tmp, name, forge, data):
     """Round 1: five honest updates (the norm history); round 2: four honest and the row's."""
+    return asyncio.run(_run_row(tmp, name, forge, data))
+
+
+async def _run_row(tmp, name, forge, data):
     train, val = data
     (tmp / "fed.toml").write_text(FED)
     fed = Federation("gpt-tiny", tmp / name.replace(" ", "_"), load_config(tmp / "fed.toml"))
@@ -71,7 +76,7 @@ def run_row(tmp, name, forge, data):
                     delta = forge(delta)
                 body = encode(delta, "fp32+zstd(1)", meta={"tokens": tokens})
                 try:
-                    answers.append(fed.submit(me, task.task_id, body, 0.0)["status"])
+                    answers.append((await fed.submit(me, task.task_id, body, 0.0))["status"])
                 except Exception as e:  # a refusal is the defence working; the row records it
                     answers.append(type(e).__name__)
         model = GPT(CFG)
@@ -79,6 +84,7 @@ def run_row(tmp, name, forge, data):
         finite = all(bool(torch.isfinite(t).all()) for t in fed.coord.weights.values())
         return fed.coord.version, finite, evaluate(model, val), answers[-1]
     finally:
+        await fed.drain()
         fed.close()
 
 
