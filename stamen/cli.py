@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         print(f"async is {median:.1f}x sooner (median)" if median is not None else "no seed reached the target both ways",
               f"; report in {out}/sync_vs_async.json and .png", sep="")
         return
-    summary = simulate(setup, out, progress=not args.quiet)
+    summary = simulate(setup, out, progress=not args.quiet and sys.stderr.isatty())
     timing = json.loads((out / "timing.json").read_text())
     line = (f"{summary['versions']} versions in {summary['end_time_h']:.2f} virtual hours, final validation loss "
             f"{summary['final_val_loss']:.3f}")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--compare", metavar="VARIANTS",
                       help="run variants of the population side by side, e.g. mixed,gpu-only,devices-only, with "
                            "centralized training at equal tokens (3 seeds from --seed)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     s.set_defaults(func=cmd_simulate)
     return p
 

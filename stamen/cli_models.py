@@ -4,6 +4,7 @@ baselines, and models out (``export-model``, ``generate``)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from stamen.core.errors import UserError
@@ -96,7 +97,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     ModelSpec(args.model)  # fail on a bad name before loading any data
     cfg = BaselineConfig(model=args.model, data=args.data, tokens=args.tokens, batch_size=args.batch_size,
                          seq_len=args.seq_len, lr=args.lr, seed=args.seed)
-    summary = run_baseline(cfg, Path(args.out), progress=not args.quiet)
+    summary = run_baseline(cfg, Path(args.out), progress=not args.quiet and sys.stderr.isatty())
     print(f"final validation loss {summary['final_val_loss']:.4f} nats/byte "
           f"(byte-unigram entropy {summary['unigram_entropy']:.4f}) after {summary['tokens']:,} tokens "
           f"in {summary['wall_s']:.0f} s; model in {args.out}/model/, report in {args.out}/")
@@ -224,5 +225,5 @@ def register(sub, formatter) -> None:
     s.add_argument("--lr", type=positive_float, default=3e-3, help="peak AdamW learning rate (warm-up, cosine decay)")
     s.add_argument("--seed", type=int, default=0, help="weights and batch order")
     s.add_argument("--out", required=True, help="output folder (summary.json, loss.png, model/)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     s.set_defaults(func=cmd_baseline)
