@@ -48,6 +48,9 @@ buffer_k = 50
 tau_max = 64
 [scheduler]
 max_in_flight = 100000
+[server]
+joins_per_minute = 1e9  # the bench joins every client at once; the default rate limit is for the open internet
+join_burst = 100000
 """
 SERVER = "import sys; from stamen.server.app import run_server; run_server('gpt-tiny', sys.argv[1], sys.argv[2], '127.0.0.1', 0)"
 
@@ -141,6 +144,8 @@ async def timed(stats: Stats, http: aiohttp.ClientSession, method: str, url: str
 async def join(http: aiohttp.ClientSession, url: str, join_token: str) -> dict:
     caps = {"role": "device", "memory_bytes": 4 << 20, "flops": 1e9, "runtimes": ["torch"]}
     async with http.post(url + "/v1/join", data=msgpack.packb({"join_token": join_token, "capabilities": caps})) as r:
+        if r.status != 200:
+            raise RuntimeError(f"join refused: {r.status} {await r.text()}")
         return msgpack.unpackb(await r.read())
 
 
