@@ -110,7 +110,7 @@ def federated_run(setup: FederationSetup, recipe: Recipe) -> RunResult:
     torch.manual_seed(setup.seed)
     start = weights(GPT(cfg))
     train, val = stdlib_corpus().split()
-    shards = partition(train, setup.clients, "iid", setup.seed)
+    shards = partition(train, setup.clients, "iid", setup.seed, seq_len=setup.seq_len)
     val_set = val.fixed_batches(setup.val_batches, setup.batch_size, setup.seq_len, setup.seed)
     plan = full_plan(cfg)
     agg = Aggregator(cfg, start, AggregatorConfig(buffer_k=setup.clients, tau_max=0, outer=recipe.outer))

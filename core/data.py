@@ -292,44 +292,82 @@ def _chunks(ranges: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 
-def partition_natural(shard: Shard, n_clients: int, seed: int) -> list[Shard]:
+def window_bytes(seq_len: int) -> int:
+    """The shortest range a batch can draw a training window from: ``BatchStream`` takes windows
+    of seq_len+1 bytes (inputs and shifted targets) at one of ``length − seq_len − 1`` starts,
+    so a range must be longer than seq_len+1."""
+    return seq_len + 2
+
+
+def _windows(ranges: np.ndarray, unit: int) -> np.ndarray:
+    """How many whole ``unit``-byte windows each range holds."""
+    return (ranges[:, 1] - ranges[:, 0]) // unit
+
+
+def partition_natural(shard: Shard, n_clients: int, seed: int, seq_len: int) -> list[Shard]:
     """Split by group (top-level package): with fewer clients than groups each client gets
     whole groups (in a seeded order, each to the client holding the fewest bytes); with
-    more clients, each group gets clients in proportion to its size and is cut into
-    contiguous pieces, so every client's data still comes from one package."""
+    more clients, each group gets clients in proportion to its training windows (pieces of
+    ``window_bytes(seq_len)`` bytes inside one document) and is cut into contiguous pieces at
+    window boundaries, so every client's data still comes from one package and holds at least
+    one whole window: 100,000 devices on 10 MB of text each get ~100 bytes they can train on,
+    where cuts at arbitrary bytes left some only fragments shorter than a window."""
     groups = shard.corpus.groups(shard)
     names = sorted(groups)
     rng = np.random.default_rng(seed)
     rng.shuffle(names)
-    sizes = {g: int((groups[g][:, 1] - groups[g][:, 0]).sum()) for g in names}
     if n_clients <= len(names):
+        sizes = {g: int((groups[g][:, 1] - groups[g][:, 0]).sum()) for g in names}
         load, owned = np.zeros(n_clients), [[] for _ in range(n_clients)]
         for g in names:
             c = int(np.argmin(load))
             owned[c].append(groups[g])
             load[c] += sizes[g]
         return [Shard(shard.corpus, np.concatenate(o)) for o in owned]
-    total = sum(sizes.values())
-    groups, names, sizes = _merge_small(groups, names, sizes, total / n_clients / 2)
-    if n_clients < len(names):
-        raise UserError(f"corpus too small for {n_clients} clients")
-    share = {g: 1 + (n_clients - len(names)) * sizes[g] / total for g in names}
-    alloc = {g: int(share[g]) for g in names}
-    for g in sorted(names, key=lambda g: alloc[g] - share[g])[: n_clients - sum(alloc.values())]:
-        alloc[g] += 1
+    unit = window_bytes(seq_len)
+    wins = {g: int(_windows(groups[g], unit).sum()) for g in names}
+    total = sum(wins.values())
+    if total < n_clients:
+        raise UserError(f"the text holds {total:,} training windows of {unit} bytes, fewer than the "
+                        f"{n_clients:,} devices to deal it to: use fewer devices or more text")
+    groups, names, wins = _merge_small(groups, names, wins, max(1.0, total / n_clients / 2))
     out = []
-    for g in names:
+    for g, count in _allocate(n_clients, names, wins).items():
         r = groups[g]
         cum = np.concatenate([[0], np.cumsum(r[:, 1] - r[:, 0])])
-        cuts = np.linspace(0, cum[-1], alloc[g] + 1).astype(np.int64)
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        wcum = np.concatenate([[0], np.cumsum(_windows(r, unit))])
+        cuts = np.linspace(0, wins[g], count + 1).astype(np.int64)  # in windows: each piece gets >= 1
+        i = np.searchsorted(wcum, cuts[:-1], side="right") - 1  # the range each cut's window lies in
+        at = np.append(cum[i] + (cuts[:-1] - wcum[i]) * unit, cum[-1])
+        at[0] = 0
+        for a, b in zip(at[:-1], at[1:]):
             out.append(Shard(shard.corpus, _slice_ranges(r, cum, a, b)))
     return out
 
 
+def _allocate(n_clients: int, names: list[str], wins: dict[str, int]) -> dict[str, int]:
+    """Clients per group: at least one and at most one per window each, the rest in proportion
+    to windows (largest remainder). Groups whose share would exceed their windows get exactly
+    their windows, and the others share what is left."""
+    fixed: dict[str, int] = {}
+    while True:
+        rest = [g for g in names if g not in fixed]
+        left, total = n_clients - sum(fixed.values()), sum(wins[g] for g in rest)
+        share = {g: 1 + (left - len(rest)) * wins[g] / total for g in rest}
+        over = [g for g in rest if share[g] > wins[g]]
+        if not over:
+            break
+        fixed.update({g: wins[g] for g in over})
+    alloc = {g: int(share[g]) for g in rest}
+    for g in sorted(rest, key=lambda g: alloc[g] - share[g])[: left - sum(alloc.values())]:
+        alloc[g] += 1
+    return {g: fixed.get(g, alloc.get(g)) for g in names}
+
+
 def _merge_small(groups: dict, names: list, sizes: dict, floor: float):
-    """Pool groups smaller than ``floor`` bytes (in the seeded order) until each pool
-    reaches it, so no client of a fine partition is left with a few hundred bytes."""
+    """Pool groups smaller than ``floor`` windows (in the seeded order) until each pool
+    reaches it, so no client of a fine partition is left with a few hundred bytes and every
+    group left holds a window."""
     out_groups, out_names, out_sizes, pool, pool_size = {}, [], {}, [], 0
     for g in names:
         if sizes[g] >= floor:
@@ -401,12 +439,22 @@ def partition_dirichlet(shard: Shard, n_clients: int, seed: int, alpha: float = 
 PARTITIONS = {"natural": partition_natural, "iid": partition_iid, "dirichlet": partition_dirichlet}
 
 
-def partition(shard: Shard, n_clients: int, how: str, seed: int) -> list[Shard]:
+def partition(shard: Shard, n_clients: int, how: str, seed: int, *, seq_len: int) -> list[Shard]:
+    """``shard`` dealt to ``n_clients`` by ``how``. Every client gets text it can train on (a
+    range longer than seq_len+1 bytes): a source that cannot give each one that is refused here,
+    at start-up, not by a batch stream mid-run."""
     if how not in PARTITIONS:
         raise UserError(f"unknown partition {how!r}: use one of {', '.join(PARTITIONS)}")
     if n_clients < 1:
         raise UserError(f"number of clients must be at least 1, got {n_clients}")
-    return PARTITIONS[how](shard, n_clients, seed)
+    parts = (partition_natural(shard, n_clients, seed, seq_len) if how == "natural"
+             else PARTITIONS[how](shard, n_clients, seed))
+    unit = window_bytes(seq_len)
+    bare = sum(not (_windows(p.ranges, unit) > 0).any() for p in parts)
+    if bare:
+        raise UserError(f"the {how} partition leaves {bare:,} of {n_clients:,} clients no text longer than "
+                        f"seq_len+1 = {seq_len + 1} bytes: use fewer clients, more text or partition = \"natural\"")
+    return parts
 
 
 def cached_corpus(source: str, folder: Path) -> Corpus:

@@ -145,7 +145,8 @@ class Simulation:
         # the embeddings overfit it, and validation loss jumped by nats between versions.
         gpu_text, device_text, domains = text_split(config, corpus, train, val)
         n = sum(d.capabilities.role == "device" for d in self.devices)
-        parts = iter(partition(device_text, n, config.partition, config.seed) if n else [])
+        parts = iter(partition(device_text, n, config.partition, config.seed,
+                                       seq_len=fed.training.seq_len) if n else [])
         self.shards: list[Shard] = [next(parts) if d.capabilities.role == "device" else gpu_text
                                     for d in self.devices]
         self.backend = make_backend(config.backend, train.corpus, config.address)

@@ -63,7 +63,7 @@ class Workload:
         return model
 
     def shards(self) -> list[Shard]:
-        return _shards(self.devices, self.partition, self.seed)
+        return _shards(self.devices, self.partition, self.seed, self.seq_len)
 
     def batches(self, device: int):
         return self.shards()[device].batches(self.batch_size, self.seq_len, seed=device)
@@ -74,10 +74,10 @@ class Workload:
 
 
 @functools.lru_cache(maxsize=4)
-def _shards(devices: int, how: str, seed: int) -> list[Shard]:
+def _shards(devices: int, how: str, seed: int, seq_len: int) -> list[Shard]:
     """Loaded once per process: a Ray actor pays for the corpus once, not per message."""
     train, _ = stdlib_corpus().split()
-    return partition(train, devices, how, seed)
+    return partition(train, devices, how, seed, seq_len=seq_len)
 
 
 client_app = ClientApp()

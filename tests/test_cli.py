@@ -133,6 +133,22 @@ def test_simulate_bad_config_is_one_line(tmp_path, body, message):
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_simulate_refuses_at_start_up_a_population_its_text_cannot_feed(tmp_path):
+    """Each device needs a window of seq_len+1 bytes: the 2 training files of 600 bytes (the
+    third is held out) cannot feed 100 devices, which is said in one line after the data's
+    own line, before anything runs (not by a batch stream mid-run)."""
+    for name in ("a", "b", "c"):
+        (tmp_path / "text" / name).mkdir(parents=True)
+        (tmp_path / "text" / name / "f.txt").write_text("x = 1\n" * 100)
+    config = tmp_path / "sim.toml"
+    config.write_text(f"[simulation]\ndata = '{tmp_path / 'text'}'\n")
+    r = stamen("simulate", "--config", str(config), "--devices", "100", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == ("stamen: error: the text holds 18 training windows of 66 bytes, fewer than "
+                                         "the 100 devices to deal it to: use fewer devices or more text")
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--compare", "mixed,phones"], "--compare takes distinct names"),
     (["--compare", "mixed", "--sync-vs-async"], "not allowed with"),

@@ -30,27 +30,47 @@ def test_split_holds_out_whole_files_and_is_stable(stdlib):
 @pytest.mark.parametrize("n", [8, 64, 1000])
 def test_natural_partition_deterministic_and_nonempty(stdlib, n):
     _, train, _ = stdlib
-    a, b = partition(train, n, "natural", seed=3), partition(train, n, "natural", seed=3)
+    a, b = partition(train, n, "natural", seed=3, seq_len=64), partition(train, n, "natural", seed=3, seq_len=64)
     assert len(a) == n
     assert all(np.array_equal(x.ranges, y.ranges) for x, y in zip(a, b))
     assert min(s.n_bytes for s in a) > 1000
     assert sum(s.n_bytes for s in a) == train.n_bytes  # every byte goes to exactly one client
-    c = partition(train, n, "natural", seed=4)
+    c = partition(train, n, "natural", seed=4, seq_len=64)
     assert any(not np.array_equal(x.ranges, y.ranges) for x, y in zip(a, c))
+
+
+def test_natural_partition_feeds_100k_devices_a_window_each(stdlib):
+    """Cut at window boundaries, 10 MB of text feeds 100,000 devices: each holds a range a
+    batch can draw from (at byte cuts some held only fragments and failed mid-run)."""
+    _, train, _ = stdlib
+    parts = partition(train, 100_000, "natural", seed=0, seq_len=64)
+    assert len(parts) == 100_000
+    assert all(((p.ranges[:, 1] - p.ranges[:, 0]) > 65).any() for p in parts)
+    assert sum(p.n_bytes for p in parts) == train.n_bytes  # every byte still goes to exactly one client
+    x, y = next(parts[-1].batches(4, 64, seed=0))
+    assert x.shape == (4, 64) and (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_a_partition_that_cannot_feed_every_client_is_refused_up_front(stdlib):
+    _, train, _ = stdlib
+    with pytest.raises(UserError, match="training windows of 66 bytes, fewer than the 200,000 devices"):
+        partition(train, 200_000, "natural", seed=0, seq_len=64)
+    with pytest.raises(UserError, match="no text longer than seq_len\\+1 = 4097 bytes"):
+        partition(train, 1000, "iid", seed=0, seq_len=4096)  # iid deals 4 KiB chunks: none holds a window
 
 
 def test_natural_partition_is_visibly_non_iid(stdlib):
     _, train, _ = stdlib
-    natural = tv_distances(partition(train, 16, "natural", seed=0))
-    iid = tv_distances(partition(train, 16, "iid", seed=0))
-    dirichlet = tv_distances(partition(train, 16, "dirichlet", seed=0))
+    natural = tv_distances(partition(train, 16, "natural", seed=0, seq_len=64))
+    iid = tv_distances(partition(train, 16, "iid", seed=0, seq_len=64))
+    dirichlet = tv_distances(partition(train, 16, "dirichlet", seed=0, seq_len=64))
     assert natural > 4 * iid
     assert dirichlet > 2 * iid
 
 
 def test_batches_are_windows_of_the_corpus(stdlib):
     corpus, train, _ = stdlib
-    shard = partition(train, 8, "natural", seed=0)[0]
+    shard = partition(train, 8, "natural", seed=0, seq_len=64)[0]
     x, y = next(shard.batches(4, 32, seed=1))
     assert x.shape == y.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all()
     x2, _ = next(shard.batches(4, 32, seed=1))
@@ -82,7 +102,7 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="bad.jsonl:1"):
         jsonl_corpus(bad)
     with pytest.raises(UserError, match="unknown partition"):
-        partition(bad_source_shard(tmp_path), 2, "zipf", 0)
+        partition(bad_source_shard(tmp_path), 2, "zipf", 0, seq_len=64)
 
 
 def bad_source_shard(tmp_path) -> Shard:

@@ -71,7 +71,7 @@ def test_ray_summary_equals_local(setup, tmp_path):
 def test_a_group_trains_the_same_on_a_ray_worker(stdlib):
     """Across chunks of max_group devices, each device's tensors and losses equal in-process ones."""
     corpus, train, _ = stdlib
-    shards = partition(train, 5, "iid", seed=0)
+    shards = partition(train, 5, "iid", seed=0, seq_len=16)
     model_cfg = ModelSpec("gpt-tiny").gpt_config()
     plan = Plan("half", blocks=(0,), width=0.5)
     torch.manual_seed(0)
