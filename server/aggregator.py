@@ -7,6 +7,21 @@ S_j += w_i Δ_i[j] and W_j += w_i. A flush (K updates, a token budget, or a max 
 quorum) forms g_j = S_j / W_j where W_j > 0, steps the outer optimizer only there, and
 publishes version v + 1. With K = cohort size and τ_max = 0 this is synchronous FedAvg/DiLoCo.
 
+``combine = "add"`` (issue 11): unequal work adds up instead of diluting. A GPU node's update
+is 10 warm AdamW steps; a phone's is 4 fresh ones on a quarter of the batch. Under the mean, a
+flush of one GPU update and nine device updates moves the model by 5/14 of the GPU's step plus
+the devices' small, noisy ones, so adding devices shrinks the GPU nodes' progress (measured: a
+mixed federation below its GPU nodes alone). "add" treats updates of one plan as estimates of
+one step, averaged as DiLoCo's workers are, and different plans as different work, added: per
+element g_j = Σ_i w_i Δ_i[j] / N_j with N_j = max_p T_p over the plans p covering j, where
+T_p = Σ tokens_i^a over p's updates in the buffer (w_i = tokens_i^a · s(τ_i) as above). The
+heaviest plan there moves the element by its mean (discounted by staleness, as FedBuff's
+Σ s(τ_i) Δ_i / K is); every other plan adds its own mean at its tokens' share of the heaviest
+plan's. With one plan and nothing stale it is the mean exactly, so the synchronous FedAvg and
+DiLoCo equivalences hold; each plan's share is at most 1, so |g_j| ≤ (plans) · max ‖Δ_i‖, the
+bound the finite guard uses. The robust rules reduce every update of an element to one
+statistic, so "add" takes the mean rule only.
+
 Why W can be stored per slice rather than per element: a plan covers a tensor either whole or
 along exactly one dimension (heads/hidden-unit prefixes; see ``core.plan``), and that dimension
 is the same for every plan (c_attn/c_fc rows, c_proj columns). So the set of updates covering
@@ -54,6 +69,9 @@ from stamen.server.privacy import PrivacyConfig, add_noise_, epsilon
 from stamen.server.robust import SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, cosine, norm, step_bound
 
 
+COMBINE = ("mean", "add")
+
+
 class StaleUpdate(UserError):
     """τ > τ_max: the client must fetch the current version and redo its task (HTTP 409)."""
 
@@ -72,6 +90,7 @@ class AggregatorConfig:
     tau_max: int = 4  # largest staleness accepted
     token_exponent: float = 1.0
     staleness_exponent: float = 0.5
+    combine: str = "mean"  # "mean": g = S / W; "add": plans add up (see ``flush``)
     max_tokens: int | None = None  # flush once the buffer holds this many tokens
     max_wait_s: float | None = None  # flush after this long since the buffer's first update...
     min_quorum: int = 1  # ...if it holds at least this many
@@ -82,6 +101,11 @@ class AggregatorConfig:
     def __post_init__(self) -> None:
         if self.buffer_k < 1 or self.tau_max < 0 or self.min_quorum < 1:
             raise UserError("buffer_k and min_quorum must be >= 1 and tau_max >= 0")
+        if self.combine not in COMBINE:
+            raise UserError(f"unknown combine rule {self.combine!r}: use one of {', '.join(COMBINE)}")
+        if self.combine == "add" and self.defence.rule != "mean":
+            raise UserError(f'combine = "add" needs the mean defence rule: {self.defence.rule!r} '
+                            "reduces every update of an element to one statistic")
 
 
 @dataclass(frozen=True)
@@ -137,6 +161,7 @@ class _Buffer:
     task_ids: list[str] = field(default_factory=list)
     g_max: float = 0.0  # the largest clipped norm buffered: bounds every |g_j| of the flush
     kept: list[tuple[Update, float, float]] = field(default_factory=list)  # (update, w, c): robust rules only
+    plan_w: dict[Plan, float] = field(default_factory=dict)  # Σ tokens^a per plan: combine = "add" only
 
 
 class Aggregator:
@@ -205,7 +230,7 @@ class Aggregator:
             parts.append((n, None if g == 1 else shapes[n][:dim] + (g, k) + shapes[n][dim + 1:]))
             cuts.append((dim, g, k))
             S.append(_cut(self.S[n], dim, g, k))
-            W.append(self.W[n].view(g, size // g)[:, :k])
+            W.append(_wcut(self.W[n], (dim, g, k)))
         numel = sum(math.prod(shapes[n]) for n in names)
         lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, cuts, S, W, numel)
         return lay
@@ -260,9 +285,17 @@ class Aggregator:
                     raise BadUpdate(f"update norm {size:.4g} exceeds the bound {bound:.4g} "
                                     f"({d.norm_multiple:g}x the recent median for its plan)")
                 scale = bound / size
-        if self._theta_max + self._next_step(max(self.buffer.g_max, scale * size)) > SAFE_MAX:
+        if self._theta_max + self._next_step(self._g_bound(max(self.buffer.g_max, scale * size), update.plan)) > SAFE_MAX:
             raise BadUpdate(f"update norm {scale * size:.4g} could make the next version non-finite")
         return Admission(tau, weight, size, scale)
+
+    def _g_bound(self, g_max: float, plan: Plan | None = None) -> float:
+        """A bound on every |g_j| of the next flush, given the largest buffered norm: g_max
+        itself for the mean; for "add", g_j sums the plans' weighted means, each weighted by at
+        most 1 (W_p ≤ N_j), so it is at most the number of distinct plans times g_max."""
+        if self.config.combine != "add":
+            return g_max
+        return g_max * len(set(self.buffer.plan_w) | ({plan} if plan is not None else set()))
 
     def _next_step(self, g_max: float) -> float:
         o = self.config.outer
@@ -283,6 +316,9 @@ class Aggregator:
         b = self.buffer
         b.count, b.tokens, b.staleness_sum = b.count + 1, b.tokens + update.tokens, b.staleness_sum + adm.staleness
         b.g_max = max(b.g_max, adm.scale * adm.norm)
+        if self.config.combine == "add":
+            fresh = 1.0 if self.config.privacy.enabled else float(update.tokens) ** self.config.token_exponent
+            b.plan_w[update.plan] = b.plan_w.get(update.plan, 0.0) + fresh
         if self.config.defence.rule != "mean":
             b.kept.append((update, adm.weight, adm.scale))
         b.opened_at = now if b.opened_at is None else b.opened_at
@@ -312,7 +348,7 @@ class Aggregator:
         covered) is the only new memory: the new version."""
         if self.config.defence.rule != "mean":
             self._robust()
-        regions = self._covered()
+        regions = self._covered(self._divisor())
         touched = list(dict.fromkeys(n for n, *_ in regions))
 
         def cut(group: dict[str, torch.Tensor], prefix: str = "") -> list[torch.Tensor]:
@@ -338,7 +374,7 @@ class Aggregator:
         b = self.buffer
         report = FlushReport(self.version + 1, b.count, b.tokens, covered / self._numel,
                              b.staleness_sum / max(1, b.count), moved, reason)
-        self._advance_bounds(b.g_max)
+        self._advance_bounds(self._g_bound(b.g_max))
         self.version += 1
         self._weights = new
         self.history[self.version] = new
@@ -404,18 +440,31 @@ class Aggregator:
             W = self.W[n] if dim is None else _along(self.W[n], dim, stat.dim())
             self.S[n].copy_(stat * W.float())
 
-    def _covered(self) -> list[tuple[str, int | None, int, int, torch.Tensor]]:
-        """The regions some buffered update covered, as (name, dim, start, stop, W there shaped
-        to broadcast over them): runs of W > 0 along a sliced dimension, or a whole tensor
-        (dim None, with its scalar W)."""
+    def _divisor(self) -> dict[str, torch.Tensor]:
+        """What a flush divides S by, per element: W for the mean; for "add", the largest
+        undiscounted weight any one plan put on the element (N_j = max_p T_p, T_p = Σ tokens^a
+        over the plan's updates, one scalar over the elements the plan covers)."""
+        if self.config.combine != "add":
+            return self.W
+        N = {n: torch.zeros_like(W) for n, W in self.W.items()}
+        for plan, w in self.buffer.plan_w.items():
+            lay = self._layout(plan)
+            for (n, _), cut in zip(lay.parts, lay.cuts):
+                _wcut(N[n], cut).clamp_(min=w)
+        return N
+
+    def _covered(self, div: dict[str, torch.Tensor]) -> list[tuple[str, int | None, int, int, torch.Tensor]]:
+        """The regions some buffered update covered, as (name, dim, start, stop, the divisor
+        ``div`` there shaped to broadcast over them): runs of W > 0 along a sliced dimension,
+        or a whole tensor (dim None, with its scalar)."""
         out = []
         for n, W in self.W.items():
             dim = self._wdim[n]
             if dim is None:
                 if bool(W > 0):
-                    out.append((n, None, 0, 0, W))
+                    out.append((n, None, 0, 0, div[n]))
             else:
-                out += [(n, dim, a, b, _along(W[a:b], dim, self.S[n].dim())) for a, b in _runs(W > 0)]
+                out += [(n, dim, a, b, _along(div[n][a:b], dim, self.S[n].dim())) for a, b in _runs(W > 0)]
         return out
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -435,7 +484,8 @@ class Aggregator:
         meta = {"version": self.version, "history": sorted(self.history), "count": b.count, "tokens": b.tokens,
                 "staleness_sum": b.staleness_sum, "opened_at": b.opened_at, "task_ids": b.task_ids,
                 "seen": self.seen, "g_max": b.g_max, "dp_flushes": self.dp_flushes, "dp_seed": self.dp_seed, "norms": self.norms.state(),
-                "kept": [[u.task_id, u.base_version, u.plan.to_json(), u.tokens, w, c] for u, w, c in b.kept]}
+                "kept": [[u.task_id, u.base_version, u.plan.to_json(), u.tokens, w, c] for u, w, c in b.kept],
+                "plan_w": [[p.to_json(), w] for p, w in b.plan_w.items()]}
         return tensors, meta
 
     @classmethod
@@ -456,7 +506,8 @@ class Aggregator:
                         tokens), w, c)
                 for i, (tid, base, plan, tokens, w, c) in enumerate(meta.get("kept", []))]
         agg.buffer = _Buffer(meta["count"], meta["tokens"], meta["staleness_sum"], meta["opened_at"],
-                             list(meta["task_ids"]), meta.get("g_max", 0.0), kept)
+                             list(meta["task_ids"]), meta.get("g_max", 0.0), kept,
+                             {Plan.from_json(p): w for p, w in meta.get("plan_w", [])})
         agg.seen = dict(meta["seen"])
         agg.norms = NormHistory(config.defence, meta.get("norms"))
         agg.dp_flushes, agg.dp_seed = meta.get("dp_flushes", 0), meta.get("dp_seed", agg.dp_seed)
@@ -480,6 +531,14 @@ def _cut(t: torch.Tensor, dim: int, g: int, k: int) -> torch.Tensor:
     if g == 1:
         return t.narrow(dim, 0, k)
     return t.unflatten(dim, (g, t.shape[dim] // g)).narrow(dim + 1, 0, k)
+
+
+def _wcut(W: torch.Tensor, cut: tuple[int, int, int] | None) -> torch.Tensor:
+    """A plan's part of a weight vector W along its sliced dimension (all of a scalar W)."""
+    if cut is None:
+        return W
+    _, g, k = cut
+    return W.view(g, W.shape[0] // g)[:, :k]
 
 
 def _max_abs(tensors) -> float:

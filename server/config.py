@@ -44,6 +44,10 @@ class AggregationSettings:
     """Update weight = tokens^token_exponent · (1 + staleness)^−staleness_exponent."""
     staleness_exponent: float = 0.5
     """See ``token_exponent`` (½: FedBuff's 1/√(1+τ))."""
+    combine: str = "mean"
+    """How a flush combines its updates: ``mean`` (the weighted mean: FedBuff, FedAvg, DiLoCo)
+    or ``add`` (each plan's updates averaged, different plans' progress added, each at its
+    weight relative to the heaviest plan's; see ``server.aggregator``)."""
     max_tokens: int = 0
     """Also publish once the buffer holds this many tokens (0: never)."""
     max_wait_s: float = 0.0
@@ -68,7 +72,7 @@ class AggregationSettings:
 
     def aggregator_config(self) -> AggregatorConfig:
         return AggregatorConfig(buffer_k=self.buffer_k, tau_max=self.tau_max, token_exponent=self.token_exponent,
-                                staleness_exponent=self.staleness_exponent, max_tokens=self.max_tokens or None,
+                                staleness_exponent=self.staleness_exponent, combine=self.combine, max_tokens=self.max_tokens or None,
                                 max_wait_s=self.max_wait_s or None, min_quorum=self.min_quorum,
                                 outer=OuterConfig(self.outer, self.outer_lr, self.momentum))
 
