@@ -58,9 +58,16 @@ class CausalLM(nn.Module):
         logits = self.hf(input_ids=idx, use_cache=False).logits
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                               ignore_index=IGNORE)
-        return logits, loss
+        return logits, lm_loss(logits.float(), targets)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not ``IGNORE``; 0 (with a zero gradient)
+    when none is, as for a batch of instructions whose prompts fill the whole window: such a
+    batch trains nothing, where the plain mean over no targets is NaN and poisons the weights."""
+    flat = targets.reshape(-1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), flat, ignore_index=IGNORE, reduction="sum")
+    return loss / (flat != IGNORE).sum().clamp(min=1)
 
 
 def build_hf(path: Path, weights: bool = True) -> CausalLM:

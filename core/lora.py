@@ -80,6 +80,11 @@ class LoraSpace(Mapping):
     def __len__(self) -> int:
         return len(self._shapes)
 
+    def describe(self) -> dict[str, Any]:
+        """What a client needs to build this very space over its copy of the base (the join
+        answer carries it; a state folder records it): exact module names, not patterns."""
+        return {"rank": self.r_max, "alpha": self.alpha, "targets": list(self.targets)}
+
     @property
     def rank_dims(self) -> dict[str, int]:
         """The dimension a rank-r plan slices: A's rows, B's columns."""
@@ -155,6 +160,19 @@ def lora_space(model: nn.Module, r_max: int = 16, alpha: float | None = None,
     return LoraSpace(found, r_max, 2.0 * r_max if alpha is None else alpha, base_stats(model))
 
 
+def described_space(model: nn.Module, described: dict[str, Any]) -> LoraSpace:
+    """The space ``LoraSpace.describe()`` wrote, rebuilt over ``model`` (a client's copy of the
+    base, or its meta-device architecture); refused if the base does not have those modules."""
+    try:
+        rank, alpha, targets = int(described["rank"]), float(described["alpha"]), tuple(described["targets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"bad LoRA description {described!r:.200}: {e}") from None
+    space = lora_space(model, rank, alpha, targets)
+    if sorted(space.targets) != sorted(targets):
+        raise UserError("this base does not have the modules the federation adapts: is it the server's base?")
+    return space
+
+
 class LoraLinear(nn.Module):
     """A frozen linear layer plus a rank-r adapter: y = base(x) + s · (x Aᵀ) Bᵀ. The adapter
     computes in its own dtype (fp32) whatever the base's (bf16, int8)."""
@@ -197,6 +215,8 @@ class LoraPlan:
     train: tuple[str, ...] = TRAIN["fedavg"]
     checkpointing: bool = False
 
+    runtimes = ("torch",)  # the runtimes this plan kind exports to (core.wire.RUNTIMES names)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "train", tuple(self.train))
         if not (isinstance(self.rank, int) and self.rank >= 1):
@@ -208,6 +228,20 @@ class LoraPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "lora", "name": self.name, "rank": self.rank, "base": self.base, "train": list(self.train),
                 "checkpointing": self.checkpointing}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraPlan":
+        keys = {"kind", "name", "rank", "base", "train", "checkpointing"}
+        if not isinstance(d, dict) or set(d) != keys:
+            raise UserError(f"a LoRA plan needs exactly the keys {', '.join(sorted(keys))}; got {d!r:.200}")
+        train, ckpt = d["train"], d["checkpointing"]
+        if not isinstance(train, list) or not all(isinstance(p, str) and p for p in train) or not train:
+            raise UserError(f"bad LoRA plan {d!r:.200}: train must be a list of name patterns")
+        if not isinstance(ckpt, bool):
+            raise UserError(f"bad LoRA plan {d!r:.200}: checkpointing must be true or false")
+        return cls(str(d["name"]), d["rank"], str(d["base"]), tuple(train), ckpt)
+
+    to_json = Plan.to_json
 
     @property
     def hash(self) -> str:

@@ -29,6 +29,7 @@ import torch
 
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, GPTConfig, ModelSpec
+from stamen.core.wire import RUNTIMES
 
 Shapes = dict[str, tuple[int, ...]]
 Model = GPTConfig | Shapes  # a GPT's config, or a user module's global tensor shapes
@@ -81,6 +82,8 @@ class Plan:
         if not self.train or not all(isinstance(p, str) and p for p in self.train):
             raise UserError(f"plan {self.name!r}: train needs at least one non-empty pattern")
 
+    runtimes = RUNTIMES  # every runtime trains a submodel
+
     # --- identity -------------------------------------------------------------------------
     @property
     def hash(self) -> str:
@@ -92,6 +95,14 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        """A plan of either kind from its record: a submodel (no ``kind`` key, the original
+        record, so existing ledgers, journals and devices read unchanged) or ``kind: "lora"``
+        (``core.lora.LoraPlan``). Every reader (ledger, journal, bundles, the client) goes
+        through here, so LoRA is one more plan kind, not a parallel path."""
+        if isinstance(d, dict) and d.get("kind") == "lora":
+            from stamen.core.lora import LoraPlan  # lora builds on this module
+
+            return LoraPlan.from_dict(d)
         if not isinstance(d, dict) or set(d) != {"name", "blocks", "width", "train"}:
             raise UserError(f"a plan needs exactly the keys name, blocks, width, train; got {d!r:.200}")
         try:

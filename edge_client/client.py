@@ -36,7 +36,10 @@ from stamen.compression.downlink import decode_download
 from stamen.compression.feedback import ErrorFeedback
 from stamen.core.data import Shard, load_corpus
 from stamen.core.errors import UserError
+from stamen.core.instruct import base_encoding, load_instructions
+from stamen.core.lora import LoraSpace, described_space
 from stamen.core.model import ModelSpec
+from stamen.core.plan import Model
 from stamen.core.records import Capabilities, Task
 from stamen.core.train import default_device
 from stamen.core.wire import LONG_POLL_S, RUNTIMES
@@ -44,7 +47,7 @@ from stamen.edge_client.bundle_runtime import available_runtimes
 from stamen.edge_client.executorch_runtime import ExecuTorchRuntime
 from stamen.edge_client.ort_runtime import OrtRuntime
 from stamen.edge_client.probe import capabilities, measure_flops, probe
-from stamen.edge_client.runtime import Runtime, TorchRuntime
+from stamen.edge_client.runtime import Batches, Runtime, TorchRuntime
 from stamen.edge_client.session import ServerRefused, Session
 from stamen.mobile_bridge.manifest import BundleError, read_bundle
 
@@ -117,8 +120,8 @@ class EdgeClient:
 
     async def run_async(self) -> list[TaskLog]:
         declared = declared_runtimes(self.runtime, self.role, torch.cuda.is_available())
-        corpus = load_corpus(self.data)
-        shard = Shard(corpus, corpus.doc_bounds)
+        if self.data != "stdlib" and not Path(self.data).expanduser().exists():  # before joining: a typo changes nothing
+            raise UserError(f"data not found: {self.data}")
         state = Path(self.state_dir) if self.state_dir else None
         if state:
             state.mkdir(parents=True, exist_ok=True)
@@ -132,7 +135,7 @@ class EdgeClient:
             me = await self._join(session, state, declared)
             session.token = me["token"]
             spec = ModelSpec(me["model"])
-            cfg = spec.gpt_config()
+            cfg, batches = self._model_and_data(spec, me.get("lora"))
             log.info(f"joined {self.server} as {me['client_id']} ({self.role}, tier {me['tier']}, "
                       f"runtimes {', '.join(declared)})")
             stop_at = time.time() + 60 * self.budget_minutes if self.budget_minutes else None
@@ -148,14 +151,15 @@ class EdgeClient:
                     runtimes[key] = self.runtime_factory(spec, task)
                 elif key not in runtimes:
                     if task.runtime == "torch":
-                        runtimes[key] = TorchRuntime(cfg, task.plan, default_device(), keep_optimizer=self.role == "gpu")
+                        runtimes[key] = TorchRuntime(cfg, task.plan, default_device(), keep_optimizer=self.role == "gpu",
+                                                     base=spec.build() if isinstance(cfg, LoraSpace) else None)
                     else:
                         folder, downloads = await self._bundle(session, task, spec.hash, bundles)
                         runtimes[key] = BUNDLE_TRAINERS[task.runtime](folder, spec.hash, task.plan.hash)
                 try:
                     sub = await self._weights(session, task, held)
                     held[task.plan.hash] = (task.base_version, sub)
-                    self.log.append(await self._train_and_upload(session, task, runtimes[key], sub, shard, ef,
+                    self.log.append(await self._train_and_upload(session, task, runtimes[key], sub, batches, ef,
                                                                  me["tier"], downloads))
                 except BaseException:  # stopped (cancelled, Ctrl-C) or failed with the task open
                     await self._release(session, task)
@@ -169,6 +173,22 @@ class EdgeClient:
             if self.log:
                 log.info(self.summary(time.monotonic() - started))
         return self.log
+
+    def _model_and_data(self, spec: ModelSpec, lora: dict | None) -> tuple[Model, Callable[[Task], Batches]]:
+        """The global model's shapes and the task's batch stream: a GPT and its text; or, when
+        the federation fine-tunes with LoRA, the adapter space over this client's copy of the
+        base (``hf:PATH`` must be on this machine: only adapters travel) and instruction data
+        (``stdlib``: the built-in set's training split, or a JSONL file) in the base's tokens."""
+        if lora is None:
+            corpus = load_corpus(self.data)
+            shard = Shard(corpus, corpus.doc_bounds)
+            return spec.gpt_config(), lambda t: shard.batches(t.batch_size, t.seq_len, t.seed)
+        space = described_space(spec.build(weights=False), lora)
+        examples = load_instructions(self.data)
+        if self.data == "stdlib":
+            examples = examples.split()[0]  # the held-out split is the server's to score on
+        encode, eos = base_encoding(spec.name)
+        return space, lambda t: examples.batches(t.batch_size, t.seq_len, t.seed, encode, eos)
 
     def summary(self, wall_s: float) -> str:
         """The one line a client leaves at exit: what it contributed."""
@@ -246,7 +266,8 @@ class EdgeClient:
         return decode_download(data, base=have[1], base_version=have[0])[1]  # whole weights ignore the base
 
     async def _train_and_upload(self, session: Session, task: Task, rt: Runtime, sub: dict[str, torch.Tensor],
-                                shard: Shard, ef: ErrorFeedback, tier: str, downloads: int) -> TaskLog:
+                                batches: Callable[[Task], Batches], ef: ErrorFeedback, tier: str,
+                                downloads: int) -> TaskLog:
         rt.set_weights(sub)
         bar = tqdm(total=task.steps, desc=f"{task.task_id} v{task.base_version}", disable=not self.progress,
                    leave=False, unit="step")
@@ -261,7 +282,7 @@ class EdgeClient:
 
         # Training is compute-bound: run it off the event loop so the connection pool stays alive.
         try:
-            result = await asyncio.to_thread(rt.train, shard.batches(task.batch_size, task.seq_len, task.seed),
+            result = await asyncio.to_thread(rt.train, batches(task),
                                              task.steps, task.train, task.step_offset, on_step)
         except asyncio.CancelledError:  # Ctrl-C: the thread stops at its next step
             stop.set()

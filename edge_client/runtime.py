@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stamen.core.model import GPTConfig, load_weights
+from stamen.core.lora import LoraSpace, load_adapter
+from stamen.core.model import load_weights
 from stamen.core.train import TrainConfig, TrainResult, make_optimizer, train_steps
 
 if TYPE_CHECKING:
-    from stamen.core.plan import Plan
+    from stamen.core.lora import LoraPlan
+    from stamen.core.plan import Model, Plan
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 OnStep = Callable[[int, float], None]
@@ -55,17 +57,22 @@ class TorchRuntime(Runtime):
 
     name = "torch"
 
-    def __init__(self, cfg: GPTConfig, plan: "Plan", device: torch.device | str = "cpu",
-                 keep_optimizer: bool = False) -> None:
+    def __init__(self, cfg: "Model", plan: "Plan | LoraPlan", device: torch.device | str = "cpu",
+                 keep_optimizer: bool = False, base: torch.nn.Module | None = None) -> None:
+        """``cfg`` is a GPT's config for a submodel plan, or the global adapter's ``LoraSpace``
+        for a LoRA plan, which then adapts ``base`` (the pretrained model, changed in place)."""
         self.plan = plan
-        self.model = plan.build(cfg).to(device)
+        self.lora = isinstance(cfg, LoraSpace)
+        if self.lora and base is None:
+            raise ValueError("a LoRA plan needs the base model it adapts")
+        self.model = (plan.build(base, cfg) if self.lora else plan.build(cfg)).to(device)
         self.trainable = plan.trainable(cfg)
         self.keep_optimizer = keep_optimizer
         self.optimizer: torch.optim.Optimizer | None = None
         self._optimizer_cfg: TrainConfig | None = None
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        load_weights(self.model, weights)
+        (load_adapter if self.lora else load_weights)(self.model, weights)
 
     def _optimizer_for(self, cfg: TrainConfig) -> torch.optim.Optimizer:
         """A fresh optimizer per task, unless kept; a changed optimizer setting starts afresh."""

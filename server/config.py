@@ -15,8 +15,10 @@ from pathlib import Path
 from stamen.compression.spec import parse as parse_codec
 from stamen.core.config import from_table, read_toml
 from stamen.core.errors import UserError
-from stamen.core.model import GPTConfig
-from stamen.core.plan import Plan, tier_plans
+from stamen.core.hf import is_hf
+from stamen.core.lora import BASES, TRAIN, LoraPlan, LoraSpace, lora_space, tier_lora_plans
+from stamen.core.model import ModelSpec
+from stamen.core.plan import Model, Plan, tier_plans
 from stamen.core.train import TrainConfig
 from stamen.server.aggregator import AggregatorConfig
 from stamen.server.outer import OuterConfig
@@ -165,6 +167,37 @@ class EvaluationSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """``[lora]``: fine-tune a pretrained base (``--model hf:PATH``) with LoRA plans. The
+    federation's global tensors are then the adapter (``core.lora``); each tier trains its rank
+    prefix (``core.lora.TIER_LORA``: phones 1/8 of ``rank``, GPU nodes all of it)."""
+
+    rank: int = 0
+    """The global adapter's rank r_max, GPU nodes' rank (0: no LoRA, train the model itself)."""
+    alpha: float = 0.0
+    """LoRA alpha; the adapter is scaled by alpha / rank (0: 2 x rank, FlowerTune's 64 at 32)."""
+    targets: tuple[str, ...] = ()
+    """Module names (or fnmatch patterns) to adapt; empty: PEFT's defaults for the model type."""
+    rule: str = "fedavg"
+    """``fedavg``: A and B train and are averaged (FlowerTune); ``exact``: A stays frozen at its
+    seeded init (FFA-LoRA), so the averaged adapter's product is the clients' average product."""
+    base: str = ""
+    """Every tier's base precision (fp32, bf16, int8, nf4); empty: the tier table's."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "rank must be >= 0 (0: no LoRA)")
+        _require(self.alpha >= 0, "alpha must be >= 0 (0: 2 x rank)")
+        _require(self.rule in TRAIN, f"rule must be one of {', '.join(TRAIN)}")
+        _require(self.base == "" or self.base in BASES, f"base must be empty or one of {', '.join(BASES)}")
+
+    def space(self, spec: ModelSpec) -> LoraSpace:
+        """The global adapter over ``spec``'s architecture (read on the meta device: no weights)."""
+        _require(is_hf(spec.name), f"[lora] fine-tunes a pretrained base: pass --model hf:PATH (a stamen "
+                                   f"model folder from `stamen baseline` or `export-model` is one), not {spec.name!r}")
+        return lora_space(spec.build(weights=False), self.rank, self.alpha or None, self.targets or None)
+
+
+@dataclass(frozen=True)
 class TierSettings:
     """``[tiers.NAME]``: one tier's local work and, optionally, its plan. A tier the packaged
     table lacks starts from ``NEW_TIER_BASE``'s settings and plan."""
@@ -204,6 +237,7 @@ class FederationConfig:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     defence: DefenceConfig = field(default_factory=DefenceConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def train_config(self, tier: str) -> TrainConfig:
         """The inner optimizer of a tier, on the federation's one global lr schedule."""
@@ -215,8 +249,15 @@ class FederationConfig:
     def aggregator_config(self) -> AggregatorConfig:
         return replace(self.aggregation.aggregator_config(), defence=self.defence, privacy=self.privacy)
 
-    def plans(self, cfg: GPTConfig) -> dict[str, Plan]:
-        """Each tier's plan: the default tier table with this file's overrides."""
+    def plans(self, cfg: Model) -> dict[str, Plan | LoraPlan]:
+        """Each tier's plan: the default tier table with this file's overrides; over a LoRA
+        space, each tier's LoRA plan (a new tier takes the laptop's)."""
+        if isinstance(cfg, LoraSpace):
+            lora = tier_lora_plans(cfg, self.lora.rule, self.lora.base or None)
+            for name, t in self.tiers.items():
+                _require((t.blocks, t.width, t.train) == (None, None, None),
+                         f"[tiers.{name}] blocks/width/train shape submodels; a LoRA federation's plans are ranks")
+            return {name: lora.get(name) or replace(lora[NEW_TIER_BASE], name=f"lora-{name}") for name in self.tiers}
         defaults = tier_plans(cfg)
         out = {}
         for name, t in self.tiers.items():
@@ -234,7 +275,7 @@ def _default_text() -> str:
 NEW_TIER_BASE = "laptop"  # what a tier the packaged table lacks starts from, settings and plan alike
 SECTIONS = {"aggregation": AggregationSettings, "training": TrainingSettings, "scheduler": SchedulerSettings,
             "server": ServerSettings, "evaluation": EvaluationSettings, "defence": DefenceConfig,
-            "privacy": PrivacyConfig}
+            "privacy": PrivacyConfig, "lora": LoraSettings}
 
 
 def load_config(path: str | Path | None = None) -> FederationConfig:

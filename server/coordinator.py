@@ -28,6 +28,7 @@ from stamen.compression.codecs import decode
 from stamen.compression.downlink import encode_delta, encode_weights
 from stamen.core.errors import UserError
 from stamen.core.model import GPTConfig
+from stamen.core.lora import LoraSpace
 from stamen.core.plan import Plan, full_plan
 from stamen.core.records import Capabilities, Task, Update
 from stamen.core.wire import Limits
@@ -124,7 +125,8 @@ class Coordinator:
         for task in open_tasks:
             self._scheduler.restore_task(task)
         self._plans: dict[str, Plan] = {p.hash: p for p in self._scheduler.plans.values()}
-        self._plans.setdefault(full_plan(cfg).hash, full_plan(cfg))
+        if not isinstance(cfg, LoraSpace):  # a LoRA federation has only its tiers' rank plans
+            self._plans.setdefault(full_plan(cfg).hash, full_plan(cfg))
 
     # --- reads ------------------------------------------------------------------------------
     @property

@@ -102,7 +102,11 @@ class Scheduler:
             raise UserError(f"unknown role {caps.role!r}: use device or gpu")
         if not any(r in RUNTIMES for r in caps.runtimes):
             raise UserError(f"no supported runtime among {list(caps.runtimes)}: use one of {', '.join(RUNTIMES)}")
-        return self.tier_for(caps)
+        tier = self.tier_for(caps)
+        runs_on = self.plans[tier].runtimes
+        if not any(r in runs_on for r in caps.runtimes):
+            raise UserError(f"tier {tier}'s plan runs on {', '.join(runs_on)}, not on {', '.join(caps.runtimes)}")
+        return tier
 
     def register(self, client_id: str, caps: Capabilities) -> Assignment:
         tier = self.admit(caps)
@@ -140,7 +144,7 @@ class Scheduler:
         self.next_seq += 1
         task = Task(
             task_id=f"t{seq:09d}", client_id=client_id, base_version=version, plan=a.plan,
-            runtime=next(r for r in a.caps.runtimes if r in RUNTIMES), steps=self.steps_for(a.tier, a.caps),
+            runtime=next(r for r in a.caps.runtimes if r in a.plan.runtimes), steps=self.steps_for(a.tier, a.caps),
             batch_size=tier.batch_size, seq_len=self.fed.training.seq_len,
             train=self.fed.train_config(a.tier), step_offset=self.global_step, codec=tier.codec,
             deadline=now + self.fed.scheduler.task_deadline_s, seed=self.seed * 1_000_003 + seq)

@@ -63,21 +63,26 @@ class Federation:
     def __init__(self, model: str, state_dir: str | Path, fed: FederationConfig, seed: int = 0,
                  eval_data: str = "stdlib") -> None:
         spec = ModelSpec(model)
-        cfg = spec.gpt_config()
+        # With [lora] the federation's global tensors are the adapter over the frozen base.
+        self.lora = fed.lora.space(spec) if fed.lora.rank else None
+        cfg = self.lora or spec.gpt_config()
         if cfg is None:
-            raise UserError(f"model {model!r} is not a GPT: the HTTP federation serves GPT-family models")
+            raise UserError(f"model {model!r} is not a GPT: the HTTP federation serves GPT-family models, "
+                            "or fine-tunes a pretrained base with LoRA ([lora] rank)")
         self.spec, self.cfg, self.fed = spec, cfg, fed
         e = fed.evaluation  # the held-out set is read before the state folder is touched: bad data changes nothing
-        self.evaluator = Evaluator(cfg, eval_data, e.batches, e.batch_size, fed.training.seq_len) if e.every else None
+        self.evaluator = (Evaluator(cfg, eval_data, e.batches, e.batch_size, fed.training.seq_len)
+                          if e.every and self.lora is None else None)
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state(state)  # before anything in the folder is opened
-        bind_model(state, model)
+        bind_model(state, model, self.lora.describe() if self.lora else None)
         self.auth = Auth(state, JoinRate(fed.server.joins_per_minute, fed.server.join_burst))
         self.ledger = Ledger(state)
         self.store = Store(state, checkpoint_every=fed.server.checkpoint_every)
         torch.manual_seed(seed)  # the initial model of a new federation; a resumed one ignores it
-        agg = self.store.start(cfg, weights(spec.build()), fed.aggregator_config())
+        agg = self.store.start(cfg, self.lora.init(seed) if self.lora else weights(spec.build()),
+                               fed.aggregator_config())
         self.ledger.reconcile(set(self.store.journaled_task_ids()))
         self.coord = Coordinator(cfg, fed, agg, seed, global_step=self.ledger.get_meta("global_step"),
                                  next_seq=self.ledger.next_seq(), open_tasks=[t for t, _ in self.ledger.open_tasks()])
@@ -106,8 +111,11 @@ class Federation:
         a = self.coord.register(principal.client_id, c)
         log.info(f"client {principal.client_id} joined: {principal.role}, tier {a.tier}, "
                  f"{c.memory_bytes / 2**20:,.0f} MiB, runtimes {', '.join(c.runtimes)}")
-        return {"client_id": principal.client_id, "token": token, "tier": a.tier, "plan": a.plan.to_dict(),
-                "model": self.spec.name}
+        answer = {"client_id": principal.client_id, "token": token, "tier": a.tier, "plan": a.plan.to_dict(),
+                  "model": self.spec.name}
+        if self.lora is not None:
+            answer["lora"] = self.lora.describe()  # the client builds the same adapter over its copy of the base
+        return answer
 
     def principal(self, bearer: str | None, now: float) -> Principal:
         p = self.auth.principal(bearer)

@@ -326,18 +326,22 @@ def _seq_of(path: Path) -> int:
 MODEL_FILE = "model.json"
 
 
-def bind_model(state_dir: str | Path, model: str) -> None:
-    """Record which model a state folder's federation trains, or check it is the one recorded:
-    a restart with another ``--model`` would misread every checkpoint."""
+def bind_model(state_dir: str | Path, model: str, lora: dict | None = None) -> None:
+    """Record which model a state folder's federation trains (and, fine-tuning with LoRA, the
+    adapter's space: ``LoraSpace.describe()``), or check it is the one recorded: a restart with
+    another ``--model`` or ``[lora]`` would misread every checkpoint."""
     path = Path(state_dir) / MODEL_FILE
     if path.is_file():
-        recorded = json.loads(path.read_text())["model"]
-        if recorded != model:
-            raise UserError(f"{state_dir} holds a federation of {recorded!r}, not {model!r}: "
-                            f"pass --model {recorded} or another --state")
+        recorded = json.loads(path.read_text())
+        if recorded["model"] != model:
+            raise UserError(f"{state_dir} holds a federation of {recorded['model']!r}, not {model!r}: "
+                            f"pass --model {recorded['model']} or another --state")
+        if recorded.get("lora") != lora:
+            raise UserError(f"{state_dir} holds a federation with LoRA {recorded.get('lora')}, not {lora}: "
+                            "use its [lora] settings or another --state")
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": model}) + "\n")
+    tmp.write_text(json.dumps({"model": model, **({"lora": lora} if lora else {})}) + "\n")
     os.replace(tmp, path)
 
 
@@ -347,6 +351,12 @@ def state_model(state_dir: str | Path) -> str:
     if not path.is_file():
         raise UserError(f"{state_dir} holds no federation (no {MODEL_FILE}): pass the server's --state folder")
     return json.loads(path.read_text())["model"]
+
+
+def state_lora(state_dir: str | Path) -> dict | None:
+    """The adapter space a LoRA federation's state folder records (``bind_model``), or None."""
+    state_model(state_dir)
+    return json.loads((Path(state_dir) / MODEL_FILE).read_text()).get("lora")
 
 
 def checkpointed_weights(state_dir: str | Path, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:

@@ -135,13 +135,29 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_export_model(args: argparse.Namespace) -> None:
     from stamen.core.gpt2 import save_model
     from stamen.core.model import ModelSpec
-    from stamen.server.store import checkpointed_weights, state_model
+    from stamen.server.store import checkpointed_weights, state_lora, state_model
 
     spec = ModelSpec(state_model(args.state))
     version, state = checkpointed_weights(args.state, args.version)
+    lora = state_lora(args.state)
+    if lora is not None:
+        _export_adapter(spec, lora, version, state, Path(args.out))
+        return
     out = save_model(spec, state, args.out, extra={"version": version})
     layout = "GPT-2 (transformers' AutoModelForCausalLM)" if spec.gpt_config() is not None else "stamen"
     print(f"{spec.name} version {version} in {out}/ ({layout} layout, bytes tokenizer)")
+
+
+def _export_adapter(spec, lora: dict, version: int, adapter: dict, out: Path) -> None:
+    """A LoRA federation's version: the adapter in PEFT's format and the merged model."""
+    from stamen.core.lora import described_space
+    from stamen.core.lora_out import save_merged, save_peft_adapter
+
+    space = described_space(spec.build(weights=False), lora)
+    save_peft_adapter(space, adapter, out / "adapter", spec.name)
+    save_merged(space, adapter, spec.name, out / "merged")
+    print(f"{spec.name} + LoRA adapter version {version}: {out / 'adapter'}/ (PEFT's format: "
+          f"PeftModel.from_pretrained, or stamen generate --adapter) and {out / 'merged'}/ (the merged model)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -194,7 +210,8 @@ def register(sub, formatter) -> None:
 
     s = sub.add_parser("export-model", formatter_class=formatter,
                        help="write a server's model as a standard folder (config.json + model.safetensors; "
-                            "GPT-2 layout that transformers loads)")
+                            "GPT-2 layout that transformers loads); a LoRA federation's as OUT/adapter (PEFT's "
+                            "format) and OUT/merged")
     s.add_argument("--state", required=True, help="the server's state folder")
     s.add_argument("--version", type=int,
                    help="a version the newest checkpoint keeps (default: the checkpointed one; the server "

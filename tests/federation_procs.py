@@ -18,8 +18,8 @@ import sys
 from stamen.cli import setup_logging
 from stamen.server.app import run_server
 setup_logging(0)
-run_server("gpt-tiny", sys.argv[1], sys.argv[2] if sys.argv[2] != "-" else None, "127.0.0.1", int(sys.argv[3]),
-           *sys.argv[4:6])
+run_server(sys.argv[4], sys.argv[1], sys.argv[2] if sys.argv[2] != "-" else None, "127.0.0.1", int(sys.argv[3]),
+           *sys.argv[5:7])
 """
 CLIENT = """
 import sys, json
@@ -46,10 +46,10 @@ def free_port() -> int:
 
 
 def start_server(state: Path, config: Path | None = None, port: int = 0,
-                 tls: tuple[Path, Path] | None = None) -> tuple[subprocess.Popen, str]:
+                 tls: tuple[Path, Path] | None = None, model: str = "gpt-tiny") -> tuple[subprocess.Popen, str]:
     """A server process; ``tls`` = (certificate, key) PEM files serves https. What it printed
     before serving is kept as ``proc.startup`` (start-up log lines)."""
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(state), str(config or "-"), str(port),
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(state), str(config or "-"), str(port), model,
                              *map(str, tls or ())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     deadline = time.time() + 180  # a deadline, not a timing: start-up took > 60 s on 2 shared cores at load 28
     proc.startup = ""

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 
-def save_tiny(kind: str, folder: Path, seed: int = 0) -> Path:
+def save_tiny(kind: str, folder: Path, seed: int = 0, positions: int = 128) -> Path:
     """A tiny Llama or GPT-2 with stamen's byte tokenizer, saved to ``folder``."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -14,9 +14,9 @@ def save_tiny(kind: str, folder: Path, seed: int = 0) -> Path:
 
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions)
     elif kind == "gpt2":
-        cfg = GPT2Config(vocab_size=257, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+        cfg = GPT2Config(vocab_size=257, n_embd=32, n_layer=2, n_head=4, n_positions=positions)
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)

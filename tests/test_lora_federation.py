@@ -1,0 +1,139 @@
+"""LoRA as a plan kind the server issues, end to end on loopback (issue 14, acceptance 2): a real
+server process fine-tuning a saved tiny GPT-2 base with ``[lora]``, a gpu-role client and two
+device clients that get different ranks, adapters uploaded through the tiers' usual codecs,
+versions published; then ``stamen export-model`` writes the adapter in PEFT's format, which
+``peft`` loads with the same logits as stamen's merged model."""
+
+import json
+import urllib.request
+
+import pytest
+import torch
+
+from federation_procs import stamen, start_client, start_server
+from hf_models import save_tiny
+from stamen.compression.codecs import decode
+from stamen.core.lora import LoraPlan, described_space, load_adapter, merge
+from stamen.core.model import ModelSpec
+from stamen.core.plan import Plan
+from stamen.server.auth import create_token
+from stamen.server.config import load_config
+from stamen.server.store import checkpointed_weights, state_lora
+
+FED = """
+[lora]
+rank = 8
+base = "fp32"             # one precision for every tier: memory then grows with the rank
+[aggregation]
+buffer_k = 2
+tau_max = 8
+[training]
+seq_len = 192             # the stdlib prompts are ~100-150 bytes: the response must fit after them
+warmup_steps = 2
+total_steps = 100
+[evaluation]
+every = 0
+[tiers.gpu]
+steps = 6
+batch_size = 4
+[tiers.laptop]
+steps = 4
+batch_size = 4
+[tiers.jetson]
+steps = 4
+batch_size = 4
+[tiers.phone-high]
+steps = 4
+batch_size = 4
+[tiers.phone-low]
+steps = 4
+batch_size = 4
+"""
+TASKS = 2
+
+
+def get(url, token):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+
+
+def tasks_of(out):
+    return [json.loads(line[5:]) for line in out.splitlines() if line.startswith("TASK ")]
+
+
+def test_plan_records_carry_the_lora_kind():
+    plan = LoraPlan("lora-phone-low", 2, "int8", ("*.lora_B",))
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.hash == plan.hash and isinstance(again, LoraPlan)
+    assert Plan.from_dict(Plan("p", (0, 1), 0.5).to_dict()) == Plan("p", (0, 1), 0.5)
+    with pytest.raises(Exception, match="checkpointing"):
+        Plan.from_dict({**plan.to_dict(), "checkpointing": "yes"})
+
+
+@pytest.mark.timeout(600)
+def test_lora_federation_over_http(tmp_path):
+    base = save_tiny("gpt2", tmp_path / "base", positions=256)
+    model = f"hf:{base}"
+    (tmp_path / "fed.toml").write_text(FED)
+    fed = load_config(tmp_path / "fed.toml")
+    space = fed.lora.space(ModelSpec(model))
+    plans = fed.plans(space)
+    seq = fed.training.seq_len
+    memory = {t: plans[t].cost(space, fed.tiers[t].batch_size, seq).memory_bytes for t in plans}
+    state = tmp_path / "state"
+    server, url = start_server(state, tmp_path / "fed.toml", model=model)
+    try:
+        admin, gpu_tok, dev_tok = (create_token(state, r) for r in ("admin", "gpu", "device"))
+        clients = [start_client(url, gpu_tok, "stdlib", "gpu", 2**30, tmp_path / "gpu", TASKS),
+                   start_client(url, dev_tok, "stdlib", "device", memory["phone-low"] + 1, tmp_path / "d1", TASKS),
+                   start_client(url, dev_tok, "stdlib", "device", memory["laptop"] + 1, tmp_path / "d2", TASKS)]
+        logs = []
+        for c in clients:
+            out, _ = c.communicate(timeout=500)
+            assert c.returncode == 0, out
+            logs.append(tasks_of(out))
+        status = json.loads(get(f"{url}/v1/status", admin))
+        assert status["version"] >= 2  # 6 updates at K = 2
+        tiers = {c["client_id"]: c["tier"] for c in status["clients"]}
+        ranks = sorted(plans[t].rank for t in tiers.values())
+        assert len(set(ranks)) == 3 and ranks[-1] == 8 and ranks[0] == 1, tiers
+        for entries in logs:
+            assert len(entries) == TASKS
+            assert all(e["outcome"] in ("accepted", "duplicate") and e["runtime"] == "torch" for e in entries)
+        # An update is only the adapter's slice, under the tier's codec: far below the base.
+        base_bytes = sum(p.numel() * 4 for p in ModelSpec(model).build(weights=False).parameters())
+        assert max(e["upload_bytes"] for entries in logs for e in entries) < base_bytes / 10
+        gpu_plan = plans["gpu"]
+        published = decode(get(f"{url}/v1/weights/{status['version']}?plan={gpu_plan.hash}", admin)).tensors
+        assert set(published) == set(space) and any(t.abs().sum() > 0 for n, t in published.items()
+                                                     if n.endswith("lora_B"))
+    finally:
+        server.terminate()
+        server.communicate(timeout=120)
+
+    # The final checkpoint holds the last version; export-model writes it in PEFT's format.
+    assert state_lora(state) == space.describe()
+    version, adapter = checkpointed_weights(state)
+    assert version == status["version"]
+    assert all(torch.equal(adapter[n], published[n]) for n in space)
+    r = stamen("export-model", "--state", state, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    ours = LoraPlan("merged", space.r_max).build(ModelSpec(model).build(), described_space(
+        ModelSpec(model).build(weights=False), state_lora(state)))
+    load_adapter(ours, adapter)
+    with torch.no_grad():
+        expected = merge(ours)(idx)
+        hf = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+        peft_logits = PeftModel.from_pretrained(hf, tmp_path / "out" / "adapter").eval()(input_ids=idx).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged", local_files_only=True)
+        merged_logits = merged(input_ids=idx).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)(input_ids=idx).logits
+    torch.testing.assert_close(peft_logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_logits, expected, rtol=1e-5, atol=1e-5)
+    assert (expected - base_logits).abs().max() > 1e-4  # the federation changed the model
