@@ -116,7 +116,7 @@ def loop_rate(work: Workload, base: dict, n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=1000)
-    ap.add_argument("--group", type=int, default=100, help="devices trained together in one vmap")
+    ap.add_argument("--group", type=int, default=100, help="devices trained together in one batched step")
     ap.add_argument("--flower-devices", type=int, default=None, help="nodes Flower runs (default: --devices)")
     ap.add_argument("--loop-devices", type=int, default=50)
     ap.add_argument("--long-steps", type=int, default=64, help="local steps of the long-task workload")

@@ -65,7 +65,7 @@ class SimConfig:
     max_versions: int = 40  # ...or once this many versions are published
     eval_every: int = 4  # versions between validation evaluations
     eval_batches: int = 8
-    max_group: int = 128  # devices trained together in one vmap (bounds memory)
+    max_group: int = 128  # devices trained together in one batched step (bounds memory)
     baseline: bool = True  # the report also trains centrally on as many tokens
     backend: str = "local"  # where devices train: "local" (this process) or "ray" (ray_backend.py)
     address: str = ""  # the Ray cluster's head, HOST:6379 ("" = start a local Ray)

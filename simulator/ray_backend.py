@@ -47,7 +47,7 @@ class GroupWork:
     steps: int
     train: TrainConfig
     step_offset: int
-    max_group: int  # devices per vmap: bounds memory, not results
+    max_group: int  # devices per batched step: bounds memory, not results
 
 
 def train_group(work: GroupWork, corpus: Corpus) -> list[BatchedResult]:
