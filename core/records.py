@@ -35,7 +35,7 @@ class Task:
     seed: int = 0  # for the client's batch sampling
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it deep-copies the plan
         d["plan"] = self.plan.to_dict()
         d["train"] = asdict(self.train)
         return d

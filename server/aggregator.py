@@ -56,6 +56,7 @@ from typing import Any
 
 import math
 import secrets
+import weakref
 
 import torch
 
@@ -186,7 +187,7 @@ class Aggregator:
         # Scalar bounds on |θ_j| and on each optimizer state |k_j|, for the finite guard.
         self._theta_max = _max_abs(self._weights.values())
         self._state_max = {k: 0.0 for k in STATE[config.outer.kind]}
-        self._judged: tuple[Update, int, Admission] | None = None
+        self._measured: dict[int, tuple[weakref.ref, float]] = {}  # id(update) → (the update, its norm)
         p = config.privacy
         self.dp_flushes = 0  # flushes that added noise: the accountant's composition count
         self._epsilon: dict[int, float] = {}  # flushes → ε, so the per-request check costs nothing
@@ -235,27 +236,16 @@ class Aggregator:
         lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, cuts, S, W, numel)
         return lay
 
-    def check(self, update: Update) -> Admission:
-        """Judge an update's structure, staleness and norm without changing any state: raises
-        StaleUpdate or BadUpdate. Non-finite values are rejected at the boundary (every update
-        reaches the aggregator through the wire decoder, ``core.wire.decode_frame``); here one
-        pass takes the update's norm, for the norm bound and the finite guard. The verdict is
-        remembered for the same update object at the same version, so the store's and
-        ``submit``'s own calls after the server's do not read the update again."""
-        if self._judged is not None and self._judged[0] is update and self._judged[1] == self.version:
-            return self._judged[2]
-        adm = self._judge(update)
-        self._judged = (update, self.version, adm)
-        return adm
-
-    def _judge(self, update: Update) -> Admission:
-        tau = self.version - update.base_version
-        if tau < 0:
-            raise BadUpdate(f"base version {update.base_version} is newer than the current {self.version}")
-        if tau > self.config.tau_max:
-            raise StaleUpdate(tau, self.config.tau_max)
-        if not (isinstance(update.tokens, int) and update.tokens > 0):
-            raise BadUpdate(f"tokens must be a positive integer, got {update.tokens!r}")
+    def measure(self, update: Update) -> float:
+        """Check an update's structure against its plan and return its norm: the part of the
+        judgement that does not depend on the current version, and the only part that reads
+        the update's values. Pure and thread-safe, so the server runs it on the decode worker;
+        remembered per update object (weakly), so ``check`` and ``submit`` on the event loop
+        do not read the update again. Raises BadUpdate."""
+        key = id(update)
+        known = self._measured.get(key)
+        if known is not None and known[0]() is update:
+            return known[1]
         shapes = self._layout(update.plan).shapes
         if not shapes:
             raise BadUpdate(f"plan {update.plan.name!r} trains no tensor of this model")
@@ -267,11 +257,28 @@ class Aggregator:
                 raise BadUpdate(f"{n}: shape {tuple(d.shape)} but plan {update.plan.name!r} needs {shapes[n]}")
             if not d.is_floating_point():
                 raise BadUpdate(f"{n}: dtype {d.dtype} is not floating point")
-        weight = update.tokens ** self.config.token_exponent * (1 + tau) ** -self.config.staleness_exponent
-        lay = self._layout(update.plan)
-        size = norm(lay.pieces(update.delta))
+        size = norm(self._layout(update.plan).pieces(update.delta))
         if not math.isfinite(size):
             raise BadUpdate("the update's norm overflows float32: its values are far too large")
+        measured = self._measured  # the entry goes when the update is freed (its id cannot be reused before)
+        measured[key] = (weakref.ref(update, lambda _: measured.pop(key, None)), size)
+        return size
+
+    def check(self, update: Update) -> Admission:
+        """Judge an update's structure, staleness and norm without changing any state: raises
+        StaleUpdate or BadUpdate. Non-finite values are rejected at the boundary (every update
+        reaches the aggregator through the wire decoder, ``core.wire.decode_frame``); here the
+        update's norm (``measure``) feeds the norm bound and the finite guard."""
+        tau = self.version - update.base_version
+        if tau < 0:
+            raise BadUpdate(f"base version {update.base_version} is newer than the current {self.version}")
+        if tau > self.config.tau_max:
+            raise StaleUpdate(tau, self.config.tau_max)
+        if not (isinstance(update.tokens, int) and update.tokens > 0):
+            raise BadUpdate(f"tokens must be a positive integer, got {update.tokens!r}")
+        size = self.measure(update)
+        weight = update.tokens ** self.config.token_exponent * (1 + tau) ** -self.config.staleness_exponent
+        lay = self._layout(update.plan)
         scale, d, p = 1.0, self.config.defence, self.config.privacy
         if p.enabled:  # DP-FedBuff: clip to C, weigh 1 (a device's share of S is then at most C)
             if self.privacy_spent:

@@ -269,6 +269,7 @@ class Coordinator:
         update = Update(task.task_id, task.base_version, task.plan,
                         {n: t.to(torch.float32) for n, t in payload.tensors.items()}, tokens,
                         {} if loss is None else {"loss": loss})
+        self._agg.measure(update)  # the values' pass, here on the worker rather than in ``judge``
         return update, loss
 
     def judge(self, update: Update, loss: float | None = None) -> Admitted:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -42,7 +43,17 @@ class Evaluator:
         self.model = GPT(cfg).eval()
 
     def score(self, version: int, weights: dict[str, torch.Tensor]) -> Evaluation:
+        return self.prepare(version, weights)()
+
+    def prepare(self, version: int, weights: dict[str, torch.Tensor]) -> Callable[[], Evaluation]:
+        """Copy ``weights`` into the evaluator's own model now, and return the scoring of them,
+        to run later on any thread: the caller may change ``weights`` meanwhile (the server
+        keeps publishing while a worker scores). One scoring at a time per evaluator."""
         start = time.perf_counter()
         load_weights(self.model, weights)
-        loss = evaluate(self.model, self.batches)
-        return Evaluation(version, loss, self.tokens, time.perf_counter() - start, time.time())
+
+        def run() -> Evaluation:
+            loss = evaluate(self.model, self.batches)
+            return Evaluation(version, loss, self.tokens, time.perf_counter() - start, time.time())
+
+        return run

@@ -61,12 +61,10 @@ class Ledger:
         row = self.db.execute("SELECT body, tier, status FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return None if row is None else Entry(Task.from_dict(json.loads(row[0])), row[1], row[2])
 
-    def claim(self, task_id: str, tokens: int, loss: float | None) -> None:
-        """Record an upload's figures before the store journals it (the task stays open)."""
-        self.db.execute("UPDATE tasks SET tokens = ?, loss = ? WHERE id = ?", (tokens, loss, task_id))
-
-    def done(self, task_id: str) -> None:
-        self.db.execute("UPDATE tasks SET status = 'done', closed = ? WHERE id = ?", (time.time(), task_id))
+    def done(self, task_id: str, tokens: int, loss: float | None) -> None:
+        """The task's update was applied: record it with its figures."""
+        self.db.execute("UPDATE tasks SET status = 'done', tokens = ?, loss = ?, closed = ? WHERE id = ?",
+                        (tokens, loss, time.time(), task_id))
 
     def lapsed(self, task_ids: list[str]) -> None:
         self.db.executemany("UPDATE tasks SET status = 'lapsed', closed = ? WHERE id = ? AND status = 'open'",
@@ -81,12 +79,12 @@ class Ledger:
         rows = self.db.execute("SELECT body, tier FROM tasks WHERE status = 'open' ORDER BY id").fetchall()
         return [(Task.from_dict(json.loads(b)), tier) for b, tier in rows]
 
-    def reconcile(self, journaled: set[str]) -> None:
-        """Mark done every open task whose update the store journaled: the process died
-        between the store's commit and ours (``claim`` had already saved the figures)."""
+    def reconcile(self, journaled: dict[str, tuple[int, float | None]]) -> None:
+        """Mark done, with the figures the store journaled, every open task whose update the
+        store journaled: the process died between the store's commit and ours."""
         for task, _ in self.open_tasks():
             if task.task_id in journaled:
-                self.done(task.task_id)
+                self.done(task.task_id, *journaled[task.task_id])
 
     def tokens_by(self, column: str) -> dict[str, tuple[int, int]]:
         """(updates, tokens) of done tasks per ``client_id`` or ``tier``."""

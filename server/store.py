@@ -193,6 +193,11 @@ class Store:
                 log.warning("checkpoint failed (%s); the journal keeps every update since the last one", e)
         return report
 
+    def journaled_figures(self) -> dict[str, tuple[int, float | None]]:
+        """Each journaled update's task id → (tokens, reported loss or None)."""
+        rows = self.db.execute("SELECT task_id, tokens, metrics FROM journal WHERE kind = 'update'")
+        return {t: (n, json.loads(m).get("loss")) for t, n, m in rows}
+
     def journaled_task_ids(self) -> list[str]:
         return [r for (r,) in self.db.execute("SELECT task_id FROM journal WHERE kind = 'update' ORDER BY seq")]
 

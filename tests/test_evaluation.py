@@ -5,6 +5,7 @@ a folder transformers loads with stamen's logits, and ``stamen generate`` prints
 
 import json
 import re
+import time
 import urllib.request
 
 import pytest
@@ -80,8 +81,13 @@ def test_federation_evaluates_exports_and_generates(tmp_path):
         client = start_client(url, create_token(state, "gpu"), data, "gpu", 2**30, tmp_path / "c", 3)
         out = client.communicate(timeout=300)[0]
         assert client.returncode == 0, out
-        status = json.loads(get(url + "/v1/status", create_token(state, "admin")))
-        metrics = get(url + "/metrics", create_token(state, "admin")).decode()
+        admin = create_token(state, "admin")
+        for _ in range(300):  # scoring runs on its own thread: the newest version's score follows it
+            status = json.loads(get(url + "/v1/status", admin))
+            if status["evaluations"][-1]["version"] == status["version"]:
+                break
+            time.sleep(0.1)
+        metrics = get(url + "/metrics", admin).decode()
     finally:
         server.terminate()
         log = server.communicate(timeout=60)[0]
@@ -90,8 +96,9 @@ def test_federation_evaluates_exports_and_generates(tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2, evals  # the federation learned something
     for e in evals:
         assert f'stamen_val_loss{{version="{e["version"]}"}} {e["val_loss"]:g}' in metrics
-        if e["version"]:  # one log line per published version, with its score
-            assert re.search(rf"version {e['version']}: 1 updates, .* validation loss {e['val_loss']:.4f}", log), log
+        if e["version"]:  # one log line per published version, and one for its score
+            assert re.search(rf"version {e['version']}: 1 updates, ", log), log
+            assert re.search(rf"version {e['version']}: validation loss {e['val_loss']:.4f} on 384 held-out tokens", log), log
     assert f"stamen_val_loss_latest {evals[-1]['val_loss']:g}" in metrics
 
     exported = stamen("export-model", "--state", state, "--out", tmp_path / "model")

@@ -70,6 +70,19 @@ def version(url: str, state: Path) -> int:
     return json.loads(urllib.request.urlopen(request, timeout=60).read())["version"]
 
 
+def scored(url: str, state: Path) -> None:
+    """Wait until the server has scored its current version (on its evaluation thread): only
+    then does it stay idle."""
+    admin = create_token(state, "admin")
+    for _ in range(600):
+        request = urllib.request.Request(url + "/v1/status", headers={"Authorization": f"Bearer {admin}"})
+        status = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        if status["evaluations"] and status["evaluations"][-1]["version"] == status["version"]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"version {status['version']} was never scored")
+
+
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     proc.send_signal(sig)
     proc.communicate(timeout=60)
@@ -107,6 +120,7 @@ def test_a_second_server_on_the_same_state_folder_is_refused_and_touches_nothing
     try:
         token = join(url, state)
         assert train_once(url, token)[1] == 202
+        scored(url, state)
         before = contents(state)
         second = subprocess.run([sys.executable, "-m", "stamen", "server", "--state", str(state), "--port", "0",
                                  "--config", str(tmp_path / "fed.toml")],
