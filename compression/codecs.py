@@ -271,7 +271,8 @@ def decode(data: bytes, limits: Limits = Limits()) -> Payload:
     values = reconstruct(frame)
     if limits.finite or limits.max_norm is not None:
         check_values({n: t.view(-1).numpy() for n, t in values.items()}, limits)
-    tensors = {r.name: from_numpy(values[r.name].view(-1).numpy(), r.dtype, r.shape) for r in frame.tensors}
+    tensors = {r.name: values[r.name] if r.dtype == "float32" else  # already itself: no round trip
+               from_numpy(values[r.name].view(-1).numpy(), r.dtype, r.shape) for r in frame.tensors}
     return Payload(frame.kind, frame.codec, frame.meta, tensors)
 
 
