@@ -179,6 +179,10 @@ class Coordinator:
     def is_open(self, task_id: str) -> bool:
         return task_id in self._scheduler.in_flight
 
+    def open_task(self, task_id: str) -> Task | None:
+        """The task if it is in flight."""
+        return self._scheduler.in_flight.get(task_id)
+
     def kept(self, version: int | None) -> bool:
         """Whether ``version``'s weights are still held (a delta can be built from it)."""
         return version is not None and version in self._agg.history

@@ -163,23 +163,26 @@ class Federation:
         """Admit (every rule is the coordinator's; the decode on a worker thread), journal with
         the next group commit, then apply and acknowledge. The task is looked at again after
         the decode: it may have lapsed, or a re-send of it may have been committed meanwhile."""
-        entry = self.ledger.get(task_id)
-        if entry is None:
-            raise RequestError(f"unknown task {task_id!r}", 404)
-        if entry.status == "done":
-            if entry.task.client_id != p.client_id:
-                raise RequestError(f"task {task_id!r} belongs to another client", 403)
-            return {"status": "duplicate", "version": self.coord.version}
+        task = self.coord.open_task(task_id)  # an open task is in memory: no ledger read on the hot path
+        if task is None:
+            entry = self.ledger.get(task_id)
+            if entry is None:
+                raise RequestError(f"unknown task {task_id!r}", 404)
+            if entry.status == "done":
+                if entry.task.client_id != p.client_id:
+                    raise RequestError(f"task {task_id!r} belongs to another client", 403)
+                return {"status": "duplicate", "version": self.coord.version}
+            task = entry.task
         self._expire(now)
         try:
-            if not self.coord.open(p.client_id, entry.task):
+            if not self.coord.open(p.client_id, task):
                 return {"status": "duplicate", "version": self.coord.version}
             update, loss = await asyncio.get_running_loop().run_in_executor(
-                self._decoders, self.coord.decode, entry.task, body)
+                self._decoders, self.coord.decode, task, body)
             if task_id in self._committing:  # a re-send raced the first upload: answer as it is answered
                 await asyncio.shield(self._committing[task_id])
                 return {"status": "duplicate", "version": self.coord.version}
-            if not self.coord.open(p.client_id, entry.task):
+            if not self.coord.open(p.client_id, task):
                 return {"status": "duplicate", "version": self.coord.version}
             admitted = self.coord.judge(update, loss)
         except StaleUpdate:
