@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import types
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -40,16 +41,25 @@ class _TiedHead(nn.Module):
 
 
 @torch.no_grad()
-def make_weights_distinct(model: nn.Module, seed: int = 0) -> None:
-    """Fill every parameter with seeded random values, in place.
+def make_weights_distinct(model: nn.Module, names: Collection[str] | None = None, seed: int = 0) -> None:
+    """Fill the parameters named ``names`` (None: every one) with seeded random values, in place.
 
-    The program's weights are replaced by every version's weights at run time, so the
-    values exported do not matter -- but the ExecuTorch data writer stores identical
-    tensors once (fresh LayerNorms are all ones, biases all zeros), and a shared slot
-    cannot later hold two different tensors."""
+    The program's travelling weights are replaced by every version's weights at run time, so
+    the values exported do not matter -- but the ExecuTorch data writer stores identical
+    tensors once (fresh LayerNorms are all ones, biases all zeros, a LoRA B all zeros), and a
+    shared slot cannot later hold two different tensors. A LoRA plan's frozen base is not
+    among ``names``: it keeps its pretrained values, which the bundle carries."""
     gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    for n, p in model.named_parameters():
+        if names is None or n in names:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def travelling(model: nn.Module) -> set[str] | None:
+    """The parameters a new version overwrites: a LoRA model's adapter (its base is frozen for
+    good and baked into the bundle), or None for a submodel, all of whose tensors travel."""
+    names = {n for n in canonical_names(model).values() if n.endswith((".lora_A", ".lora_B"))}
+    return names or None
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:

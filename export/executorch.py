@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stamen.export.common import (Exported, ParamSlot, canonical_names, input_specs, loss_module,
-                                  make_weights_distinct)
+                                  make_weights_distinct, travelling)
 
 PROGRAM, WEIGHTS = "program.pte", "weights.ptd"
 
@@ -30,7 +30,8 @@ def export_executorch(model: nn.Module, out_dir: Path, batch_size: int, seq_len:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    make_weights_distinct(model)
+    travel = travelling(model)
+    make_weights_distinct(model, travel)
     example = (torch.zeros(batch_size, seq_len, dtype=torch.long),
                torch.zeros(batch_size, seq_len, dtype=torch.long))
     with sdpa_kernel(SDPBackend.MATH):
@@ -48,12 +49,14 @@ def export_executorch(model: nn.Module, out_dir: Path, batch_size: int, seq_len:
     if len(written) != 1:
         raise RuntimeError(f"expected one .ptd from the ExecuTorch writer, found {written}")
     written[0].rename(out_dir / WEIGHTS)
-    params = _ptd_layout(out_dir / WEIGHTS, model)
+    params = _ptd_layout(out_dir / WEIGHTS, model, travel)
     return Exported("executorch", (PROGRAM, WEIGHTS), input_specs(batch_size, seq_len), params, WEIGHTS)
 
 
-def _ptd_layout(path: Path, model: nn.Module) -> tuple[ParamSlot, ...]:
-    """Every weight's byte range inside the ``.ptd`` file, read back from its own header."""
+def _ptd_layout(path: Path, model: nn.Module, travel: set[str] | None) -> tuple[ParamSlot, ...]:
+    """The byte range inside the ``.ptd`` file, read back from its own header, of every weight
+    a new version overwrites (``travel``; None: all). Frozen weights that never travel (a LoRA
+    plan's base) may share storage: nothing ever writes them."""
     from executorch.extension.flat_tensor.serialize.serialize import (FlatTensorHeader,
                                                                       _deserialize_to_flat_tensor)
 
@@ -64,6 +67,8 @@ def _ptd_layout(path: Path, model: nn.Module) -> tuple[ParamSlot, ...]:
     slots, seen = [], {}
     for entry in flat.named_data:
         seg = flat.segments[entry.segment_index]
+        if travel is not None and aliases[entry.key] not in travel:
+            continue
         if entry.segment_index in seen:
             raise RuntimeError(f"{entry.key} shares storage with {seen[entry.segment_index]}: weights must be distinct")
         seen[entry.segment_index] = entry.key
@@ -72,6 +77,7 @@ def _ptd_layout(path: Path, model: nn.Module) -> tuple[ParamSlot, ...]:
             raise RuntimeError(f"{entry.key}: {seg.size} bytes in the .ptd, {p.numel() * p.element_size()} expected")
         slots.append(ParamSlot(aliases[entry.key], entry.key, tuple(p.shape), str(p.dtype).removeprefix("torch."),
                                header.segment_base_offset + seg.offset, seg.size, p.requires_grad))
-    if {s.name for s in slots} != set(params):
-        raise RuntimeError(f"the .ptd misses weights: {sorted(set(params) - {s.name for s in slots})[:3]}")
+    want = set(params) if travel is None else travel
+    if {s.name for s in slots} != want:
+        raise RuntimeError(f"the .ptd misses weights: {sorted(want - {s.name for s in slots})[:3]}")
     return tuple(slots)

@@ -17,7 +17,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from stamen.export.common import Exported, ParamSlot, canonical_names, input_specs, loss_module
+from stamen.export.common import Exported, ParamSlot, canonical_names, input_specs, loss_module, travelling
 
 OPSET = 16
 FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
@@ -49,12 +49,14 @@ def export_ort(model: nn.Module, out_dir: Path) -> Exported:
         artifacts.generate_artifacts(proto, requires_grad=trainable, frozen_params=frozen, loss=None,
                                      optimizer=artifacts.OptimType.SGD, artifact_directory=str(out_dir))
     order = _parameter_order(out_dir / "training_model.onnx", keys)
+    travel = travelling(model)  # a LoRA plan's frozen base stays in the checkpoint for good
     slots, offset = [], 0
     for key in order:
         p = params[aliases[key]]
         nbytes = p.numel() * p.element_size()
-        slots.append(ParamSlot(aliases[key], key, tuple(p.shape), str(p.dtype).removeprefix("torch."),
-                               offset, nbytes, key in trainable))
+        if travel is None or aliases[key] in travel:
+            slots.append(ParamSlot(aliases[key], key, tuple(p.shape), str(p.dtype).removeprefix("torch."),
+                                   offset, nbytes, key in trainable))
         offset += nbytes
     return Exported("ort", FILES, input_specs("batch", "seq"), tuple(slots), "contiguous")
 

@@ -14,6 +14,7 @@ import torch
 
 from stamen.core.errors import UserError
 from stamen.core.model import ModelSpec
+from stamen.core.lora import LoraPlan
 from stamen.core.plan import Plan
 from stamen.core.wire import BUNDLE_RUNTIMES
 from stamen.mobile_bridge.manifest import Manifest, file_entries, read_bundle, write_manifest
@@ -90,8 +91,13 @@ def cached_bundle(spec: ModelSpec, plan: Plan, runtime: str, batch_size: int = 8
 
 def _export(spec: ModelSpec, plan: Plan, runtime: str, folder: Path, batch_size: int, seq_len: int,
             xnnpack: bool) -> None:
-    cfg = spec.gpt_config()
-    model = plan.build(cfg)
+    write_bundle(plan.build(spec.gpt_config()), spec, plan, runtime, folder, batch_size, seq_len, xnnpack)
+
+
+def write_bundle(model: torch.nn.Module, spec: ModelSpec, plan: Plan | LoraPlan, runtime: str, folder: Path,
+                 batch_size: int, seq_len: int, xnnpack: bool = True) -> None:
+    """Export ``model``, ``plan`` built (a submodel; or a LoRA plan over its base, whose frozen
+    weights the bundle then carries and only the adapter travels), with its manifest."""
     if runtime == "ort":
         from stamen.export.ort import export_ort
 
