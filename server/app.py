@@ -297,7 +297,18 @@ def run_server(model: str, state_dir: str | Path, config_path: str | Path | None
             loop.add_signal_handler(sig, stop.set)
         await serve(federation, state, sock, tls, stop)
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
+
+
+def _loop_factory():
+    """uvloop's event loop (libuv) where it is installed, asyncio's own elsewhere (Windows):
+    the same aiohttp server answers small requests with less CPU per request on it."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def fetch_status(url: str, token: str | None = None, ca_file: str | None = None) -> dict:
