@@ -179,16 +179,18 @@ def encode_frame(frame: Frame, zstd_level: int | None) -> bytes:
 
 
 def _check_depth(obj, max_depth: int) -> None:
-    """Iterative walk: the object is already length-bounded, so this is cheap and cannot recurse."""
-    stack = [(obj, 0)]
-    while stack:
-        o, d = stack.pop()
-        if d > max_depth:
-            raise TooDeep(f"msgpack nesting deeper than max_depth={max_depth}")
-        if isinstance(o, dict):
-            stack.extend((v, d + 1) for v in o.values())
-        elif isinstance(o, list):
-            stack.extend((v, d + 1) for v in o)
+    """No value deeper than ``max_depth`` (the root is at 0). Level by level over the containers
+    only: the object is already length-bounded, so this is cheap and cannot recurse, and the
+    scalars (most of a header: names, shapes, sizes) are never visited one by one."""
+    level, depth = [obj] if isinstance(obj, (dict, list)) else [], 0
+    while level:
+        below = []
+        for o in level:
+            children = o.values() if isinstance(o, dict) else o
+            if children and depth + 1 > max_depth:
+                raise TooDeep(f"msgpack nesting deeper than max_depth={max_depth}")
+            below.extend(c for c in children if isinstance(c, (dict, list)))
+        level, depth = below, depth + 1
 
 
 def _unpack(data: bytes, limits: Limits) -> tuple[dict, memoryview]:
