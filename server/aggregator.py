@@ -107,6 +107,11 @@ class AggregatorConfig:
         if self.combine == "add" and self.defence.rule != "mean":
             raise UserError(f'combine = "add" needs the mean defence rule: {self.defence.rule!r} '
                             "reduces every update of an element to one statistic")
+        if self.privacy.enabled and self.defence.rule != "mean":
+            # A rule that reads every update (median, trim, filter) lets one device decide
+            # whether another's update counts: its share of S is then no longer bounded by C.
+            raise UserError(f'[privacy] enabled needs [defence] rule = "mean", not {self.defence.rule!r}: '
+                            "a robust rule breaks the noise's bound on one device's share")
 
 
 @dataclass(frozen=True)

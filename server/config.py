@@ -304,4 +304,8 @@ def load_config(path: str | Path | None = None) -> FederationConfig:
             cfg.train_config(name)  # TrainConfig checks optimizer and lr
         except UserError as e:
             raise UserError(f"federation config [tiers.{name}]: {e}") from None
+    try:
+        cfg.aggregator_config()  # settings of different sections that must agree ([privacy], [defence])
+    except UserError as e:
+        raise UserError(f"federation config: {e}") from None
     return cfg

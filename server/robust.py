@@ -52,7 +52,7 @@ class DefenceConfig:
     norm_window: int = 64  # accepted updates per plan remembered
     norm_min_history: int = 4  # fewer than this of a plan: borrow every plan's history
     norm_absolute: float = 0.0  # a cap on ‖Δ‖ whatever the history (0: none)
-    rule: str = "mean"  # "mean", "trimmed", "median" or "filter"
+    rule: str = "filter"  # "mean", "trimmed", "median" or "filter"; central DP needs "mean"
     trim: float = 0.2  # trimmed: the share cut from each end at every element
     min_cosine: float = 0.0  # filter: updates less aligned with the median than this are dropped
 

@@ -12,6 +12,7 @@ from stamen.core.plan import Plan, full_plan
 from stamen.core.records import Update
 from stamen.server.aggregator import Aggregator, AggregatorConfig, BadUpdate, StaleUpdate
 from stamen.server.outer import OuterConfig
+from stamen.server.robust import DefenceConfig
 
 CFG = PRESETS["gpt-tiny"]
 TOL = dict(rtol=0, atol=1e-6)
@@ -305,7 +306,7 @@ def test_add_sums_plans_each_relative_to_the_heaviest(outer):
     gpu = full_plan(CFG)
     narrow, half = Plan("w25", (0,), 0.25, ("*",)), Plan("w50", (0, 1), 0.5, ("blocks.*",))
     oc = OuterConfig(outer, lr=0.7, momentum=0.9)
-    agg = Aggregator(CFG, w0, AggregatorConfig(buffer_k=7, tau_max=2, combine="add", outer=oc))
+    agg = Aggregator(CFG, w0, AggregatorConfig(buffer_k=7, tau_max=2, combine="add", outer=oc, defence=DefenceConfig(rule="mean")))
     theta = {n: t.clone() for n, t in w0.items()}
     m = {n: torch.zeros_like(t) for n, t in w0.items()}
     # Version 0 -> 1 mixes three plans; 1 -> 2 has no GPU update: the narrow devices' plan is
@@ -336,7 +337,7 @@ def test_add_with_one_plan_is_exactly_the_mean():
     absolute discount, Σ s(τ_i) Δ_i over the undiscounted total, where "mean" renormalizes.)"""
     w0 = init_weights()
     plan = full_plan(CFG)
-    aggs = [Aggregator(CFG, w0, AggregatorConfig(buffer_k=3, tau_max=0, combine=c)) for c in ("mean", "add")]
+    aggs = [Aggregator(CFG, w0, AggregatorConfig(buffer_k=3, tau_max=0, combine=c, defence=DefenceConfig(rule="mean"))) for c in ("mean", "add")]
     for rnd in range(3):
         for i in range(3):
             u = make_update(f"{rnd}-{i}", rnd, plan, 64 * (i + 1), seed=10 * rnd + i)
@@ -349,7 +350,7 @@ def test_add_with_one_plan_is_exactly_the_mean():
 def test_add_survives_a_checkpoint_mid_buffer():
     w0 = init_weights()
     plans = [full_plan(CFG), Plan("w25", (0,), 0.25, ("*",))]
-    cfg = AggregatorConfig(buffer_k=4, tau_max=1, combine="add")
+    cfg = AggregatorConfig(buffer_k=4, tau_max=1, combine="add", defence=DefenceConfig(rule="mean"))
     ups = [make_update(f"u{i}", 0, plans[i % 2], 16 * (i + 1), seed=i) for i in range(4)]
     straight = Aggregator(CFG, w0, cfg)
     for u in ups:
@@ -365,7 +366,6 @@ def test_add_survives_a_checkpoint_mid_buffer():
 
 
 def test_add_refuses_a_robust_rule():
-    from stamen.server.robust import DefenceConfig
     with pytest.raises(UserError, match="mean defence rule"):
         AggregatorConfig(combine="add", defence=DefenceConfig(rule="median"))
     with pytest.raises(UserError, match="unknown combine"):

@@ -1,10 +1,11 @@
 """Issue 13, acceptance 1: the poisoning table rerun through the server's own federation
 service (``Federation``: auth, SQLite ledger and store, coordinator; everything but the socket)
 with gpt-tiny, four honest GPU nodes training for real, and one more update per row. Every
-row's next version is finite; with the default defences (norm clip, mean) a boosted honest
-update moves the validation loss by no more than the honest controls vary, and a sign-flipped
-one, clipped to 3x the median norm, by less than 1 % (measured: +0.044 nats over a control
-spread of 0.006; the issue's table had +0.72). A robust rule is what removes the rest."""
+row's next version is finite, and with the packaged defences (norm clip at 3x the recent
+median, outlier filter) no row's update moves the validation loss of the next version further
+from the controls' mean than the controls spread (four honest fifth updates trained on
+different batches). Measured: sign-flipped x 1e3 within 0.0015 nats of the controls' mean,
+spread 0.006 (the clip alone left +0.044; the issue's table had +0.72)."""
 
 import asyncio
 import math
@@ -26,8 +27,9 @@ from stamen.server.service import Federation
 
 CFG = PRESETS["gpt-tiny"]
 FED = "[aggregation]\nbuffer_k = 5\n[tiers.gpu]\nsteps = 3\nbatch_size = 4\n[training]\nseq_len = 32\n"
+CONTROL_SEEDS = {"control-b": 7, "control-c": 13, "control-d": 19}  # the honest fifth update's batches
 ROWS = {  # what the fifth update of round 2 is, made from an honest update h
-    "control-a": None, "control-b": None, "control-c": None,
+    "control-a": None, "control-b": None, "control-c": None, "control-d": None,
     "honest x 1e3": lambda h: {n: t * 1e3 for n, t in h.items()},
     "sign-flipped x 1e3": lambda h: {n: t * -1e3 for n, t in h.items()},
     "honest x 1e6": lambda h: {n: t * 1e6 for n, t in h.items()},
@@ -70,8 +72,7 @@ async def _run_row(tmp, name, forge, data):
         for rnd in range(2):
             for i, me in enumerate(clients):
                 task = fed.task(me, 0.0)
-                delta, tokens = honest(fed, me, task, train, seed=100 * rnd + i + (7 if name == "control-b" else 0)
-                                       + (13 if name == "control-c" else 0))
+                delta, tokens = honest(fed, me, task, train, seed=100 * rnd + i + CONTROL_SEEDS.get(name, 0))
                 if rnd == 1 and i == 4 and forge is not None:
                     delta = forge(delta)
                 body = encode(delta, "fp32+zstd(1)", meta={"tokens": tokens})
@@ -94,14 +95,12 @@ def test_poisoning_table(tmp_path, data):
     for name, (version, finite, loss, last) in rows.items():
         print(f"{name:>20}: version {version}, finite {finite}, val loss {loss:.4f}, fifth update {last}")
     controls = [rows[n][2] for n in ROWS if n.startswith("control")]
-    spread = max(controls) - min(controls)
+    centre, spread = sum(controls) / len(controls), max(controls) - min(controls)
+    print(f"controls: mean {centre:.4f}, spread {spread:.4f}")
     for name, (version, finite, loss, last) in rows.items():
         assert finite and math.isfinite(loss), name
         if name == "every value 3e38":
             assert last == "BadUpdate" and version == 1  # refused: the buffer went on without it
             continue
         assert version == 2
-        if name.startswith("sign-flipped"):
-            assert loss / (sum(controls) / len(controls)) - 1 < 0.01, (name, loss, controls)
-        else:
-            assert min(controls) - spread <= loss <= max(controls) + spread, (name, loss, controls)
+        assert abs(loss - centre) <= spread, (name, loss, controls)

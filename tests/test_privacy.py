@@ -11,9 +11,12 @@ from opacus.accountants import RDPAccountant
 from stamen.core.model import GPT, PRESETS, weights
 from stamen.core.plan import Plan
 from stamen.core.records import Update
+from stamen.core.errors import UserError
 from stamen.server.aggregator import Aggregator, AggregatorConfig, BadUpdate
+from stamen.server.config import load_config
 from stamen.server.outer import OuterConfig
 from stamen.server.privacy import ORDERS, PrivacyConfig, epsilon
+from stamen.server.robust import DefenceConfig
 
 CFG = PRESETS["gpt-tiny"]
 LN = Plan("ln", (0,), 1.0, ("ln_f.bias",))
@@ -42,7 +45,7 @@ def dp_agg(k, **privacy):
     torch.manual_seed(0)
     w0 = {n: t.clone() for n, t in weights(GPT(CFG)).items()}
     cfg = AggregatorConfig(buffer_k=k, tau_max=4, outer=OuterConfig("fedavg", lr=1.0),
-                           privacy=PrivacyConfig(enabled=True, seed=7, **privacy))
+                           defence=DefenceConfig(rule="mean"), privacy=PrivacyConfig(enabled=True, seed=7, **privacy))
     return w0, Aggregator(CFG, w0, cfg)
 
 
@@ -73,3 +76,14 @@ def test_training_stops_when_the_budget_is_spent():
     with pytest.raises(BadUpdate, match="privacy budget is spent"):
         a.submit(const("t3", 0.1, base=3), now=0.0)
     assert a.epsilon() <= budget
+
+
+def test_privacy_with_a_robust_rule_stops_at_load(tmp_path):
+    """The packaged federation filters outliers; with DP on that would let one device decide
+    whether another's update counts, so the file must say rule = "mean" (one line, no start)."""
+    path = tmp_path / "fed.toml"
+    path.write_text("[privacy]\nenabled = true\n")
+    with pytest.raises(UserError, match='needs \\[defence\\] rule = "mean", not \'filter\''):
+        load_config(path)
+    path.write_text('[privacy]\nenabled = true\n[defence]\nrule = "mean"\n')
+    assert load_config(path).aggregator_config().privacy.enabled
