@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import IO
 
@@ -164,9 +164,7 @@ class Store:
         """Apply a durable row: the update (StaleUpdate if a flush ahead of it in the journal made
         it too stale: replay refuses it the same way), or the max-wait flush if still due."""
         self.applied_seq = row.seq
-        if row.update is None:
-            return agg.poll(row.at)
-        return agg.submit(row.update, row.at)
+        return _apply(agg, row)
 
     def accept(self, agg: Aggregator, update: Update, now: float) -> FlushReport | None:
         """Judge, journal durably, apply and checkpoint when due, one update at a time (the
@@ -290,20 +288,33 @@ class Store:
 
     def _replay(self, cfg: Model, config: AggregatorConfig, tensors: dict[str, torch.Tensor],
                 meta: dict[str, str], seq: int) -> Aggregator:
-        seen = {r for (r,) in self.db.execute("SELECT task_id FROM journal WHERE kind = 'update' AND seq <= ?", (seq,))}
-        agg = Aggregator.from_state(cfg, config, tensors, json.loads(meta["meta"]), seen)
-        self._ckpt_version = agg.version
-        self.applied_seq = seq
-        rows = self.db.execute("SELECT seq, kind, task_id, base_version, plan, tokens, metrics, payload, at "
-                               "FROM journal WHERE seq > ? ORDER BY seq", (seq,))
-        for seq, kind, task_id, base, plan, tokens, metrics, payload, at in rows:
-            update = None if kind == "flush" else Update(task_id, base, Plan.from_json(plan), _delta(payload),
-                                                         tokens, json.loads(metrics))
-            try:
-                self.apply(agg, Row(seq, at, update))
-            except StaleUpdate:
-                pass  # refused when it was applied live, too (see the module docstring)
+        self._ckpt_version = json.loads(meta["meta"])["version"]
+        agg, self.applied_seq = _resume(self.db, cfg, config, tensors, meta, seq)
         return agg
+
+
+def _apply(agg: Aggregator, row: Row) -> FlushReport | None:
+    return agg.poll(row.at) if row.update is None else agg.submit(row.update, row.at)
+
+
+def _resume(db: sqlite3.Connection, cfg: Model, config: AggregatorConfig, tensors: dict[str, torch.Tensor],
+            meta: dict[str, str], seq: int) -> tuple[Aggregator, int]:
+    """The aggregator a checkpoint (taken at journal row ``seq``) describes, with every journal
+    row after it applied: (that aggregator, the last row applied)."""
+    seen = {r for (r,) in db.execute("SELECT task_id FROM journal WHERE kind = 'update' AND seq <= ?", (seq,))}
+    agg = Aggregator.from_state(cfg, config, tensors, json.loads(meta["meta"]), seen)
+    rows = db.execute("SELECT seq, kind, task_id, base_version, plan, tokens, metrics, payload, at "
+                      "FROM journal WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+    for seq, kind, task_id, base, plan, tokens, metrics, payload, at in rows:
+        if kind == "update" and payload is None:  # two newer checkpoints were written meanwhile
+            raise UserError("the server checkpointed twice while the journal was being read: run again")
+        update = None if kind == "flush" else Update(task_id, base, Plan.from_json(plan), _delta(payload),
+                                                     tokens, json.loads(metrics))
+        try:
+            _apply(agg, Row(seq, at, update))
+        except StaleUpdate:
+            pass  # refused when it was applied live, too (see the module docstring)
+    return agg, seq
 
 
 def _delta(payload: bytes) -> dict[str, torch.Tensor]:
@@ -364,23 +375,51 @@ def state_lora(state_dir: str | Path) -> dict | None:
     return json.loads((Path(state_dir) / MODEL_FILE).read_text()).get("lora")
 
 
-def checkpointed_weights(state_dir: str | Path, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
-    """A version's global weights as the newest checkpoint holds them, read without opening
-    the ledger (a running server keeps writing it): the checkpointed version by default, or
-    ``version`` if it is one the checkpoint keeps. The server checkpoints every
-    ``checkpoint_every`` versions and when it stops."""
-    ckpt_dir = Path(state_dir) / "checkpoints"
-    done = sorted(ckpt_dir.glob("ckpt-*.safetensors")) if ckpt_dir.is_dir() else []
-    if not done:
-        raise UserError(f"no checkpoint in {ckpt_dir}: is {state_dir} a server's state folder?")
-    with safe_open(str(done[-1]), framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("weights/", "hist/"))}
-    versions = versions_in_state(tensors, meta)
-    chosen = meta["version"] if version is None else version
-    if chosen not in versions:
-        raise UserError(f"version {chosen} is not in the newest checkpoint (it keeps {sorted(versions)})")
-    return chosen, versions[chosen]
+def published_weights(state_dir: str | Path, cfg: Model,
+                      version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+    """A version's global weights as a server's state folder holds them: the newest readable
+    checkpoint with the journal after it replayed, as a restart would (so the newest published
+    version by default, not only the last checkpointed one), or ``version`` if the aggregator
+    still keeps it. Read-only: a running server keeps writing the folder."""
+    root = Path(state_dir)
+    paths = sorted((root / "checkpoints").glob("ckpt-*.safetensors"), reverse=True)
+    if not paths or not (root / "state.db").is_file():
+        raise UserError(f"no checkpoint in {root / 'checkpoints'}: is {state_dir} a server's state folder?")
+    db = sqlite3.connect(f"file:{root / 'state.db'}?mode=ro", uri=True)
+    try:
+        db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
+        for path in paths:
+            try:
+                tensors, meta = _read(path)
+            except (SafetensorError, OSError, ValueError, KeyError) as e:
+                log.warning("checkpoint %s cannot be read (%s): using the previous one", path.name, e)
+                continue
+            agg, _ = _resume(db, cfg, _config_of(json.loads(meta["config"])), tensors, meta, int(meta["seq"]))
+            break
+        else:
+            raise UserError(f"no readable checkpoint in {root / 'checkpoints'}")
+    finally:
+        db.close()
+    chosen = agg.version if version is None else version
+    if chosen not in agg.history:
+        raise UserError(f"version {chosen} is not kept in {state_dir} (it keeps {sorted(agg.history)})")
+    return chosen, agg.history[chosen]
+
+
+def _config_of(d: dict, cls: type = AggregatorConfig) -> AggregatorConfig:
+    """The ``AggregatorConfig`` a checkpoint's ``config`` JSON was written from (nested
+    dataclasses and tuples rebuilt from their defaults' types)."""
+    defaults = cls()
+    kw = {}
+    for f in fields(cls):
+        default = getattr(defaults, f.name)
+        value = d.get(f.name, default)
+        if is_dataclass(default) and isinstance(value, dict):
+            value = _config_of(value, type(default))
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        kw[f.name] = value
+    return cls(**kw)
 
 
 def _config_json(config: AggregatorConfig) -> str:

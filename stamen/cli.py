@@ -124,7 +124,9 @@ def setup_logging(verbose: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if verbose else logging.ERROR)
-    logging.getLogger("torch").setLevel(logging.WARNING if verbose else logging.ERROR)  # torch has its own handler
+    library = logging.WARNING if verbose else logging.ERROR
+    logging.getLogger("torch").setLevel(library)  # torch has its own handler...
+    logging.getLogger("torch.utils._pytree").setLevel(library)  # ...and resets "torch" to WARNING when imported
     logging.getLogger("stamen").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
     if not verbose:
         for category in (FutureWarning, DeprecationWarning):

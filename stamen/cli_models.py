@@ -135,25 +135,28 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_export_model(args: argparse.Namespace) -> None:
     from stamen.core.gpt2 import save_model
     from stamen.core.model import ModelSpec
-    from stamen.server.store import checkpointed_weights, state_lora, state_model
+    from stamen.server.store import published_weights, state_lora, state_model
 
     spec = ModelSpec(state_model(args.state))
-    version, state = checkpointed_weights(args.state, args.version)
     lora = state_lora(args.state)
+    space = None
     if lora is not None:
-        _export_adapter(spec, lora, version, state, Path(args.out))
+        from stamen.core.lora import described_space
+
+        space = described_space(spec.build(weights=False), lora)
+    version, state = published_weights(args.state, space or spec.gpt_config(), args.version)
+    if space is not None:
+        _export_adapter(spec, space, version, state, Path(args.out))
         return
     out = save_model(spec, state, args.out, extra={"version": version})
     layout = "GPT-2 (transformers' AutoModelForCausalLM)" if spec.gpt_config() is not None else "stamen"
     print(f"{spec.name} version {version} in {out}/ ({layout} layout, bytes tokenizer)")
 
 
-def _export_adapter(spec, lora: dict, version: int, adapter: dict, out: Path) -> None:
+def _export_adapter(spec, space, version: int, adapter: dict, out: Path) -> None:
     """A LoRA federation's version: the adapter in PEFT's format and the merged model."""
-    from stamen.core.lora import described_space
     from stamen.core.lora_out import save_merged, save_peft_adapter
 
-    space = described_space(spec.build(weights=False), lora)
     save_peft_adapter(space, adapter, out / "adapter", spec.name)
     save_merged(space, adapter, spec.name, out / "merged")
     print(f"{spec.name} + LoRA adapter version {version}: {out / 'adapter'}/ (PEFT's format: "
@@ -214,8 +217,8 @@ def register(sub, formatter) -> None:
                             "format) and OUT/merged")
     s.add_argument("--state", required=True, help="the server's state folder")
     s.add_argument("--version", type=int,
-                   help="a version the newest checkpoint keeps (default: the checkpointed one; the server "
-                        "checkpoints every [server] checkpoint_every versions and when it stops)")
+                   help="an older version the server still keeps (the last tau_max + 1; default: the newest "
+                        "published, the newest checkpoint plus its journal, even while the server runs)")
     s.add_argument("--out", required=True, help="model folder to write")
     s.set_defaults(func=cmd_export_model)
 

@@ -20,7 +20,7 @@ from stamen.server.auth import create_token
 from stamen.server.config import load_config
 from stamen.server.evaluation import Evaluator
 from stamen.server.service import Federation
-from stamen.server.store import checkpointed_weights
+from stamen.server.store import published_weights
 
 CFG = PRESETS["gpt-tiny"]
 FED = """
@@ -105,7 +105,7 @@ def test_federation_evaluates_exports_and_generates(tmp_path):
     assert exported.returncode == 0 and "version 3" in exported.stdout, exported.stderr
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
-    version, w = checkpointed_weights(state)
+    version, w = published_weights(state, CFG)
     ours = GPT(CFG).eval()
     load_weights(ours, w)
     ev = Evaluator(CFG, "stdlib", 3, 4, 32)  # the server's held-out batches (same source, sizes, seed)

@@ -18,7 +18,7 @@ from stamen.core.model import ModelSpec
 from stamen.core.plan import Plan
 from stamen.server.auth import create_token
 from stamen.server.config import load_config
-from stamen.server.store import checkpointed_weights, state_lora
+from stamen.server.store import published_weights, state_lora
 
 FED = """
 [lora]
@@ -114,7 +114,7 @@ def test_lora_federation_over_http(tmp_path):
 
     # The final checkpoint holds the last version; export-model writes it in PEFT's format.
     assert state_lora(state) == space.describe()
-    version, adapter = checkpointed_weights(state)
+    version, adapter = published_weights(state, space)
     assert version == status["version"]
     assert all(torch.equal(adapter[n], published[n]) for n in space)
     r = stamen("export-model", "--state", state, "--out", tmp_path / "out")

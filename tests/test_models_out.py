@@ -10,10 +10,12 @@ from federation_procs import stamen
 from stamen.core.errors import UserError
 from stamen.core.gpt2 import load_model, save_model
 from stamen.core.model import GPT, GPTConfig, ModelSpec, load_weights, weights
+from stamen.core.plan import full_plan
+from stamen.core.records import Update
 from stamen.core.sample import generate
 from stamen.server.config import load_config
 from stamen.server.service import Federation
-from stamen.server.store import checkpointed_weights
+from stamen.server.store import Store, bind_model, published_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,15 +63,40 @@ def test_export_model_from_a_server_state(tmp_path):
     r = stamen("export-model", "--state", state, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert "gpt-tiny version 0" in r.stdout
-    version, w = checkpointed_weights(state)
+    version, w = published_weights(state, ModelSpec("gpt-tiny").gpt_config())
     x = torch.randint(0, 256, (2, 40))
     torch.testing.assert_close(hf_logits(tmp_path / "out", x), stamen_logits(ModelSpec("gpt-tiny").gpt_config(), w, x),
                                rtol=0, atol=1e-5)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["stamen"]["version"] == 0
 
 
+def test_export_model_takes_the_newest_version_not_the_last_checkpoint(tmp_path):
+    """A running server checkpoints every ``checkpoint_every`` versions; the versions after the
+    newest checkpoint live in its journal, and export-model replays them as a restart would."""
+    from stamen.server.config import load_config as federation
+
+    cfg = ModelSpec("gpt-tiny").gpt_config()
+    state = tmp_path / "state"
+    store = Store(state, checkpoint_every=100)
+    bind_model(state, "gpt-tiny")
+    agg = store.start(cfg, weights(GPT(cfg)), federation(None).aggregator_config())  # checkpoints v0 only
+    full = full_plan(cfg)
+    for i in range(3 * agg.config.buffer_k):
+        gen = torch.Generator().manual_seed(i)
+        delta = {n: 1e-3 * torch.randn(s, generator=gen) for n, s in full.shapes(cfg).items()}
+        store.accept(agg, Update(f"t{i}", agg.version, full, delta, 100), float(i))
+    assert agg.version == 3 and len(list((state / "checkpoints").glob("*.safetensors"))) == 1
+    r = stamen("export-model", "--state", state, "--out", tmp_path / "out")  # the store stays open
+    assert r.returncode == 0 and "gpt-tiny version 3 in" in r.stdout, r.stderr
+    back, _ = load_model(tmp_path / "out")
+    assert all(torch.equal(back.state_dict()[n], t) for n, t in agg.weights.items())
+    version, older = published_weights(state, cfg, 2)
+    assert version == 2 and all(torch.equal(older[n], t) for n, t in agg.history[2].items())
+    store.close()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--version", "7"], "version 7 is not in the newest checkpoint"),
+    (["--version", "7"], "version 7 is not kept in"),
     (["--state", "{nostate}"], "holds no federation"),
 ])
 def test_export_model_mistakes_are_one_line(args, message, tmp_path):

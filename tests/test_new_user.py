@@ -109,6 +109,7 @@ def test_help_describes_every_flag_and_shows_defaults():
 
 def test_library_chatter_is_hidden_and_ours_is_not():
     code = ("from stamen.cli import setup_logging; import logging, warnings; setup_logging(0); "
+            "import torch; "  # imported after set-up, as the commands do: its import resets its loggers
             "logging.getLogger('torchao').warning('Failed to load a kernel'); "
             "logging.getLogger('torch.utils._pytree').warning('Enum subclass'); "
             "warnings.warn('to_edge is deprecated', FutureWarning); "
