@@ -176,12 +176,12 @@ class Coordinator:
         """When the first of the current version's tasks lapses (None if none is out)."""
         return self._scheduler.round_deadline(self._agg.version)
 
-    def is_open(self, task_id: str) -> bool:
-        return task_id in self._scheduler.in_flight
-
     def open_task(self, task_id: str) -> Task | None:
         """The task if it is in flight."""
         return self._scheduler.in_flight.get(task_id)
+
+    def is_open(self, task_id: str) -> bool:
+        return self.open_task(task_id) is not None
 
     def kept(self, version: int | None) -> bool:
         """Whether ``version``'s weights are still held (a delta can be built from it)."""
