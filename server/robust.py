@@ -127,7 +127,13 @@ def step_bound(kind: str, lr: float, momentum: float, betas: tuple[float, float]
 
 def coordinatewise(values: torch.Tensor, rule: str, trim: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``values``: (k, ...) with NaN where update i did not cover the element. Returns the
-    rule's statistic per element (0 where nobody covered it) and the covering count n_j."""
+    rule's statistic per element (0 where nobody covered it) and the covering count n_j.
+    The median of a NaN-free matrix (every update covered every element) is numpy's, by
+    partition rather than sort: the same values (the middle one, or the mean of the two middle
+    ones), several times faster."""
+    if rule == "median" and values.shape[0] and not bool(values.isnan().any()):
+        med = np.asarray(np.median(values.numpy(), axis=0))
+        return torch.from_numpy(med), torch.full(values.shape[1:], values.shape[0], dtype=torch.long)
     n = (~values.isnan()).sum(0)
     ordered, _ = values.sort(0)  # NaN sorts last, so rank r < n_j is a real value
     rank = torch.arange(values.shape[0]).view(-1, *[1] * (values.dim() - 1))

@@ -146,3 +146,56 @@ def test_a_checkpoint_mid_buffer_keeps_the_buffered_updates(rule):
     for x in (a, b):
         x.submit(const("t2", LN, 10.0), now=0.0)
     assert torch.equal(a.weights["ln_f.bias"], b.weights["ln_f.bias"])
+
+
+def test_filter_over_unequal_plans_matches_a_full_model_oracle():
+    """The filter's median is taken over the region the buffer's plans covered (one matrix);
+    the oracle takes it per whole tensor, NaN where an update did not cover an element, as the
+    rule is defined. Updates of three widths and depths (c_attn's q|k|v groups included), weak
+    signal (of either sign) plus noise, so which updates pass depends on every element's median."""
+    from stamen.core.plan import tier_plans
+    plans = tier_plans(CFG)
+    mix = [plans["phone-low"], plans["phone-high"], plans["jetson"], plans["laptop"]] * 3
+    gen = torch.Generator().manual_seed(5)
+    ups = []
+    for i, plan in enumerate(mix):
+        shapes, names = plan.shapes(CFG), plan.trainable(CFG)
+        ups.append(Update(f"t{i}", 0, plan, {n: 0.3 * ((7 * i) % 5 - 1) + torch.randn(shapes[n], generator=gen) for n in names}, 10 + i))
+    a = agg(k=len(ups), rule="filter", min_cosine=0.25, norm_bound="off")
+    for u in ups:
+        a.submit(u, now=0.0)
+    w = w0()
+    full = {n: torch.full((len(ups), *t.shape), math.nan) for n, t in w.items()}
+    lays = [a._layout(u.plan) for u in ups]
+    for i, (u, lay) in enumerate(zip(ups, lays)):
+        torch._foreach_copy_(lay.views({n: full[n][i] for n in w}), lay.pieces(u.delta))
+    med = {n: coordinatewise(v, "median", 0.0)[0] for n, v in full.items()}
+    S, W = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}, {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}
+    kept = 0
+    centres = a._centres([(u, 1.0, 1.0) for u in ups])
+    for u, lay, got in zip(ups, lays, centres):
+        mine = torch.cat([t.flatten() for t in lay.pieces(u.delta)]).double()
+        centre = torch.cat([v.flatten() for v in lay.views(med)])
+        assert torch.equal(got, centre)
+        centre = centre.double()
+        if float(mine @ centre) / float(mine.norm() * centre.norm()) >= 0.25:
+            kept += 1
+            for s, x in zip(lay.views(S), lay.pieces(u.delta)):
+                s += u.tokens * x.double()
+            for s in lay.views(W):
+                s += u.tokens
+    assert 0 < kept < len(ups)  # the threshold splits the buffer: the test can tell the medians apart
+    for n in w:
+        expect = torch.where(W[n] > 0, S[n] / W[n].clamp_min(1e-300), 0.0).float()
+        torch.testing.assert_close(w[n] - a.weights[n], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_median_without_gaps_is_the_sorted_rule():
+    """numpy's partition (the NaN-free path) and the sort give the same values, even and odd k."""
+    gen = torch.Generator().manual_seed(4)
+    for k in (1, 4, 7, 50):
+        x = torch.randn(k, 300, generator=gen)
+        fast, n = coordinatewise(x, "median", 0.0)
+        x_gap = torch.cat([x, torch.full((1, 300), math.nan)])  # one NaN row: the sorting path, same values
+        slow, m = coordinatewise(x_gap, "median", 0.0)
+        assert torch.equal(fast, slow) and torch.equal(n, m)
