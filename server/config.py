@@ -70,13 +70,17 @@ class AggregationSettings:
                  'mode = "rounds" needs tau_max = 0: a round merges only its own updates')
         _require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
         _require(self.max_tokens >= 0 and self.max_wait_s >= 0, "max_tokens and max_wait_s must be >= 0")
-        self.aggregator_config()  # the aggregator's and the outer optimizer's own checks
+        # The aggregator's and the outer optimizer's own checks; whether this section agrees
+        # with [defence] and [privacy] is judged where all three are known (``load_config``).
+        self.aggregator_config(DefenceConfig(rule="mean"))
 
-    def aggregator_config(self) -> AggregatorConfig:
+    def aggregator_config(self, defence: DefenceConfig | None = None,
+                          privacy: PrivacyConfig | None = None) -> AggregatorConfig:
         return AggregatorConfig(buffer_k=self.buffer_k, tau_max=self.tau_max, token_exponent=self.token_exponent,
                                 staleness_exponent=self.staleness_exponent, combine=self.combine, max_tokens=self.max_tokens or None,
                                 max_wait_s=self.max_wait_s or None, min_quorum=self.min_quorum,
-                                outer=OuterConfig(self.outer, self.outer_lr, self.momentum))
+                                outer=OuterConfig(self.outer, self.outer_lr, self.momentum),
+                                defence=defence or DefenceConfig(), privacy=privacy or PrivacyConfig())
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ class FederationConfig:
                            weight_decay=s.weight_decay, grad_clip=s.grad_clip)
 
     def aggregator_config(self) -> AggregatorConfig:
-        return replace(self.aggregation.aggregator_config(), defence=self.defence, privacy=self.privacy)
+        return self.aggregation.aggregator_config(self.defence, self.privacy)
 
     def plans(self, cfg: Model) -> dict[str, Plan | LoraPlan]:
         """Each tier's plan: the default tier table with this file's overrides; over a LoRA

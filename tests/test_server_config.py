@@ -46,11 +46,19 @@ def test_max_tokens_reaches_the_aggregator(tmp_path):
     ("[tiers.gpu]\noptimizer = 'lion'\n", "unknown optimizer"),
     ("[tiers.gpu]\nsteps = 0\n", "steps and batch_size"),
     ("[server\n", "federation config"),
+    ("[aggregation]\ncombine = 'add'\n", 'combine = "add" needs the mean defence rule'),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(UserError, match=message) as e:
         load_config(write(tmp_path, text))
     assert "\n" not in str(e.value)
+
+
+def test_add_loads_with_the_mean_defence_rule(tmp_path):
+    # [aggregation] is judged on its own and against [defence] once both are read: a file that
+    # sets combine = "add" and rule = "mean" loads whatever the packaged rule is.
+    cfg = load_config(write(tmp_path, "[aggregation]\ncombine = 'add'\n[defence]\nrule = 'mean'\n"))
+    assert cfg.aggregator_config().combine == "add" and cfg.aggregator_config().defence.rule == "mean"
 
 
 def test_missing_file():
