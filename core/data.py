@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from stamen.core.errors import UserError
+from stamen.core.names import check_source
 
 log = logging.getLogger(__name__)
 VOCAB_SIZE = 256
@@ -251,12 +252,11 @@ def jsonl_corpus(path: str | Path, text_field: str = "text", group_field: str | 
 
 def load_corpus(source: str) -> Corpus:
     """``stdlib`` (the built-in corpus), a ``.jsonl`` file, a text file, or a folder of them."""
+    check_source(source)
     if source == "stdlib":
         return stdlib_corpus()
     if source.endswith(".jsonl"):
         return jsonl_corpus(source)
-    if not Path(source).exists():
-        raise UserError(f"data source not found: {source}")
     return folder_corpus(source)
 
 

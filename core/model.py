@@ -23,27 +23,8 @@ from torch.nn import functional as F
 
 from stamen.core.errors import UserError
 from stamen.core.hf import build_hf, folder_hash, hf_folder, is_hf
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 256
-    block_size: int = 128  # longest context the position table holds
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 64
-    head_dim: int = 0  # 0 means n_embd // n_head
-    mlp_hidden: int = 0  # 0 means 4 * n_embd
-    bias: bool = True
-    tie_weights: bool = True
-
-    def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            if self.n_embd % self.n_head:
-                raise UserError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
-        if self.mlp_hidden == 0:
-            object.__setattr__(self, "mlp_hidden", 4 * self.n_embd)
+from stamen.core.names import check_model_name
+from stamen.core.presets import PRESETS, GPTConfig, gpt_param_count  # re-exported
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,33 +124,6 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def gpt_param_count(cfg: GPTConfig, n_layer: int | None = None, n_head: int | None = None,
-                    mlp_hidden: int | None = None) -> int:
-    """Closed-form parameter count (the test holds the module to it)."""
-    L = cfg.n_layer if n_layer is None else n_layer
-    a = (cfg.n_head if n_head is None else n_head) * cfg.head_dim
-    m = cfg.mlp_hidden if mlp_hidden is None else mlp_hidden
-    d, b = cfg.n_embd, int(cfg.bias)
-    ln = d * (1 + b)
-    block = 2 * ln + (3 * a * d + 3 * a * b) + (a * d + d * b) + (m * d + m * b) + (m * d + d * b)
-    head = 0 if cfg.tie_weights else cfg.vocab_size * d
-    return cfg.vocab_size * d + cfg.block_size * d + L * block + ln + head
-
-
-PRESETS: dict[str, GPTConfig] = {
-    # Trains on two CPU cores in minutes; the simulator's and the tests' workhorse.
-    "gpt-tiny": GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=64),
-    # nanoGPT's shakespeare-char shape, ~10.7M parameters.
-    "gpt-small": GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384),
-    # GPT-2 / GPT-3 shapes under their usual names. The vocabulary is the bytes tokenizer's 256
-    # (the only tokenizer stamen's data speaks), so the counts sit below the names' (GPT-2's
-    # 50,304-row embedding alone is 38.6M of gpt-125m's 124M).
-    "gpt-125m": GPTConfig(vocab_size=256, block_size=1024, n_layer=12, n_head=12, n_embd=768),
-    "gpt-350m": GPTConfig(vocab_size=256, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
-    "gpt-1.3b": GPTConfig(vocab_size=256, block_size=2048, n_layer=24, n_head=32, n_embd=2048),
-}
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A named model configuration. ``name`` is a preset, a user factory ``"pkg.mod:fn"``
@@ -180,10 +134,9 @@ class ModelSpec:
     name: str
 
     def __post_init__(self) -> None:
+        check_model_name(self.name)
         if is_hf(self.name):
             hf_folder(self.name)
-        elif self.name not in PRESETS and ":" not in self.name:
-            raise UserError(f"unknown model {self.name!r}: use one of {', '.join(PRESETS)}, 'pkg.module:function' or 'hf:PATH'")
 
     def _factory(self):
         mod_name, _, fn_name = self.name.partition(":")

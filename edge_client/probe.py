@@ -91,17 +91,3 @@ def device_class(hw: Hardware, role: str) -> str:
     if role == "gpu" and hw.cuda_device:
         return "gpu"
     return "jetson" if hw.jetson else "laptop"
-
-
-def parse_size(text: str) -> int:
-    """``"512M"``, ``"4G"``, ``"1.5GB"`` or a plain byte count → bytes."""
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (s[:-1], s[-1]) if s and s[-1] in units else (s, "")
-    try:
-        value = float(num) * units[unit]
-    except ValueError:
-        raise UserError(f"not a memory size: {text!r} (use e.g. 512M or 4G)") from None
-    if value <= 0:
-        raise UserError(f"memory size must be positive, got {text!r}")
-    return int(value)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stamen.cli_models import MODEL_HELP, positive_float, positive_int
 from stamen.core.errors import UserError
+from stamen.core.names import check_model_name
 from stamen.core.wire import BUNDLE_RUNTIMES, RUNTIMES
 
 def port_number(text: str) -> int:
@@ -36,13 +37,18 @@ def server_url(text: str) -> str:
 
 
 def memory_size(text: str) -> int:
-    """``512M``, ``2G``, ... in bytes (one spelling for ``client`` and ``device-emulator``)."""
-    from stamen.edge_client.probe import parse_size
-
+    """``512M``, ``4G``, ``1.5GB`` or a plain byte count, in bytes (one spelling for ``client``
+    and ``device-emulator``)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (s[:-1], s[-1]) if s and s[-1] in units else (s, "")
     try:
-        return parse_size(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        value = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (use e.g. 512M or 4G)") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"memory size must be positive, got {text!r}")
+    return int(value)
 
 
 CA_HELP = "PEM certificate(s) to trust for an https server (e.g. its self-signed one)"
@@ -50,12 +56,13 @@ DATA_HELP = "'stdlib', a text file, a folder of text files, or a .jsonl file"
 
 
 def cmd_server(args: argparse.Namespace) -> None:
+    if bool(args.tls_cert) != bool(args.tls_key):  # mistakes are answered before torch loads
+        raise UserError("--tls-cert and --tls-key go together")
+    check_model_name(args.model)
     from stamen.core.model import ModelSpec
     from stamen.server.app import run_server
 
     ModelSpec(args.model)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UserError("--tls-cert and --tls-key go together")
     run_server(args.model, args.state, args.config, args.host, args.port, args.tls_cert, args.tls_key, args.eval_data)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from stamen.core.errors import UserError
+from stamen.core.names import check_model_name, check_source
 from stamen.core.wire import BUNDLE_RUNTIMES
 
 
@@ -91,10 +92,12 @@ def _lora_plans(args: argparse.Namespace) -> None:
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
+    check_model_name(args.model)  # a mistake is answered before torch loads
+    check_source(args.data)
     from stamen.core.baseline import BaselineConfig, run_baseline
     from stamen.core.model import ModelSpec
 
-    ModelSpec(args.model)  # fail on a bad name before loading any data
+    ModelSpec(args.model)  # an hf: folder or a factory is checked before loading any data
     cfg = BaselineConfig(model=args.model, data=args.data, tokens=args.tokens, batch_size=args.batch_size,
                          seq_len=args.seq_len, lr=args.lr, seed=args.seed)
     summary = run_baseline(cfg, Path(args.out), progress=not args.quiet and sys.stderr.isatty())
@@ -113,13 +116,14 @@ def resolve_plan(spec, text: str):
         return tiers[text]
     path = Path(text)
     if path.suffix == ".json":
-        if not path.is_file():
-            raise UserError(f"plan file not found: {path}")
         return Plan.from_json(path.read_text())
     raise UserError(f"unknown plan {text!r}: use a tier ({', '.join(tiers)}) or a plan .json file")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    check_model_name(args.model)  # a mistake is answered before torch loads
+    if args.plan.endswith(".json") and not Path(args.plan).is_file():
+        raise UserError(f"plan file not found: {args.plan}")
     from stamen.core.model import ModelSpec
     from stamen.mobile_bridge.bundle import export_bundle
 

@@ -1,12 +1,13 @@
 """The CLI as a user meets it: real subprocesses, one-line errors, exit code 2."""
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
-from federation_procs import stamen
+from federation_procs import ENV, stamen
 
 
 def test_models_lists_every_preset_with_its_count():
@@ -77,6 +78,40 @@ def test_token_create_prints_a_token_for_the_role(tmp_path):
 def test_operator_and_client_mistakes_are_one_line(args, message, tmp_path):
     r = stamen(*args)
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_memory_sizes():
+    from stamen.cli_federation import memory_size
+
+    assert memory_size("512M") == 512 * 2**20 and memory_size("1.5GiB") == int(1.5 * 2**30)
+    assert memory_size("4096") == 4096 and memory_size("2g") == 2 * 2**30
+    for bad in ("lots", "0", "-1G", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            memory_size(bad)
+
+
+MISTAKES_BEFORE_TORCH = [
+    ["frobnicate"],
+    ["baseline", "--model", "gpt-huge", "--out", "x"],
+    ["baseline", "--data", "/no/such/dir", "--out", "x"],
+    ["server", "--model", "gpt-huge", "--state", "s"],
+    ["server", "--state", "s", "--tls-cert", "c.pem"],
+    ["client", "--server", "http://127.0.0.1:9", "--token", "x", "--data", "stdlib", "--max-memory", "lots"],
+    ["device-emulator", "--server", "http://127.0.0.1:9", "--token", "t", "--runtime", "tflite", "--data", "d"],
+    ["export", "--plan", "missing.json", "--runtime", "ort", "--out", "x"],
+    ["export", "--model", "gpt-huge", "--plan", "gpu", "--runtime", "ort", "--out", "x"],
+]
+
+
+def test_mistakes_are_answered_before_torch_loads():
+    """A mistake costs its user a fraction of a second, not the seconds (minutes on a busy
+    machine) of importing torch: each of these exits 2 with torch still unloaded."""
+    code = ("import sys\nfrom stamen.cli import main\n"
+            f"for argv in {MISTAKES_BEFORE_TORCH!r}:\n"
+            "    print(main(argv), 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.stdout.splitlines() == ["2 False"] * len(MISTAKES_BEFORE_TORCH), r.stdout + r.stderr
+    assert r.stderr.count("\n") == len(MISTAKES_BEFORE_TORCH) and "Traceback" not in r.stderr, r.stderr
 
 
 def test_export_writes_a_verified_bundle(tmp_path):

@@ -7,7 +7,7 @@ from stamen.core.data import stdlib_corpus
 from stamen.core.model import GPT, PRESETS, load_weights, weights
 from stamen.core.plan import tier_plans
 from stamen.core.train import TrainConfig, make_optimizer, train_steps
-from stamen.edge_client.probe import Hardware, capabilities, jetson_board, parse_size
+from stamen.edge_client.probe import Hardware, capabilities, jetson_board
 from stamen.edge_client.runtime import TorchRuntime
 
 CFG = PRESETS["gpt-tiny"]
@@ -91,4 +91,3 @@ def test_capabilities_device_class():
     assert capabilities(gpu, "device", ("torch",), 1e14).device_class == "laptop"  # a CUDA box training as a device
     assert capabilities(plain, "gpu", ("torch",), 1e9).device_class == "laptop"  # no CUDA: not a gpu-class node
     assert capabilities(plain, "device", ("torch",), 1e9).device_class == "laptop"
-    assert parse_size("512M") == 512 * 2**20 and parse_size("1.5GiB") == int(1.5 * 2**30)
