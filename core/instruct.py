@@ -18,6 +18,7 @@ import ast
 import functools
 import hashlib
 import json
+import logging
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from stamen.core.hf import IGNORE
 
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+log = logging.getLogger(__name__)
 EOS_BYTE = 0  # the byte vocabulary has no end token; NUL never occurs in text
 DOCSTRING_TASK = "Write the docstring of this Python function."
 
@@ -90,6 +92,23 @@ class InstructionSet:
         while True:
             pick = rng.integers(0, len(self.examples), batch_size)
             yield tensorize([self.examples[i] for i in pick], seq_len, encode, eos)
+
+    def check_fits(self, seq_len: int, encode: Callable[[str], list[int]] = encode_bytes, sample: int = 1000) -> None:
+        """Refuse a ``seq_len`` no prompt leaves room in for a response token (every batch
+        would carry no loss and train nothing), and warn when it cuts a tenth of them or more.
+        Judged on an evenly spaced sample of at most ``sample`` examples."""
+        if not self.examples:
+            raise UserError("this instruction set is empty")
+        picked = self.examples[:: max(1, len(self.examples) // sample)]
+        lengths = sorted(len(encode(ex.prompt())) for ex in picked)
+        cut = sum(n > seq_len for n in lengths) / len(lengths)
+        median = lengths[len(lengths) // 2]
+        if cut == 1.0:
+            raise UserError(f"seq_len {seq_len} is shorter than every instruction prompt ({lengths[0]}-{lengths[-1]} "
+                            f"tokens, median {median}): nothing would train; raise [training] seq_len")
+        if cut >= 0.1:
+            log.warning(f"seq_len {seq_len} leaves no room for the response after {cut:.0%} of the instruction "
+                        f"prompts (median {median} tokens): those examples train nothing; raise [training] seq_len")
 
     def fixed_batches(self, n_batches: int, batch_size: int, seq_len: int, seed: int = 0,
                       encode: Callable[[str], list[int]] = encode_bytes, eos: int = EOS_BYTE) -> list:

@@ -215,7 +215,14 @@ class LoraPlan:
     train: tuple[str, ...] = TRAIN["fedavg"]
     checkpointing: bool = False
 
-    runtimes = ("torch",)  # the runtimes this plan kind exports to (core.wire.RUNTIMES names)
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes a server issues this plan for (``core.wire.RUNTIMES`` names): over an
+        fp32 base also ExecuTorch, whose bundle carries the base (a quantized or bf16 base is
+        torch's alone). Not ORT: a Hugging Face base's mask code uses ``aten::diff``, which
+        the opset-16 training exporter cannot express (a stamen GPT base does export to ORT,
+        ``mobile_bridge.bundle.write_bundle``)."""
+        return ("torch", "executorch") if self.base == "fp32" else ("torch",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train", tuple(self.train))

@@ -188,7 +188,15 @@ class EdgeClient:
         if self.data == "stdlib":
             examples = examples.split()[0]  # the held-out split is the server's to score on
         encode, eos = base_encoding(spec.name)
-        return space, lambda t: examples.batches(t.batch_size, t.seq_len, t.seed, encode, eos)
+        fits: set[int] = set()
+
+        def batches(t: Task) -> Batches:
+            if t.seq_len not in fits:  # a window the prompts fill would train nothing: say so, once
+                examples.check_fits(t.seq_len, encode)
+                fits.add(t.seq_len)
+            return examples.batches(t.batch_size, t.seq_len, t.seed, encode, eos)
+
+        return space, batches
 
     def summary(self, wall_s: float) -> str:
         """The one line a client leaves at exit: what it contributed."""

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 
 def loss_module(model: nn.Module) -> nn.Module:
-    """A shallow copy of a stamen GPT whose forward returns only the training loss.
+    """A shallow copy of a stamen GPT (or a ``core.hf.CausalLM``, a LoRA plan's Hugging Face
+    base) whose forward returns only the training loss.
 
     Both tool chains want the loss as the (first) output. A shallow copy shares the
     parameters, so the exported tensor names stay the global names (``blocks.3.mlp...``)
@@ -24,7 +25,7 @@ def loss_module(model: nn.Module) -> nn.Module:
     ``lm_head.weight``) and give the second name no gradient."""
     out = copy.copy(model)
     out._modules = dict(model._modules)
-    if model.lm_head.weight is model.wte.weight:
+    if hasattr(model, "lm_head") and model.lm_head.weight is model.wte.weight:
         out.lm_head = _TiedHead(model.wte)
     full_forward = type(model).forward
     out.forward = types.MethodType(lambda self, idx, targets: full_forward(self, idx, targets)[1], out)

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from stamen.core.data import Shard, load_corpus
 from stamen.core.errors import UserError
+from stamen.core.instruct import EOS_BYTE, encode_bytes, load_instructions
 from stamen.core.train import TrainConfig
 from stamen.core.wire import BUNDLE_RUNTIMES, LONG_POLL_S, WEIGHTS_CODEC, Frame, Limits, TensorRecord, decode_frame, encode_frame
 from stamen.mobile_bridge.loop import train_loop
@@ -41,9 +43,28 @@ RETRY_STATUS = (502, 503, 504)
 
 def plan_hash(plan: dict) -> str:
     """A plan's identity as the server computes it (sha256 of its blocks, width and train
-    patterns): it names the plan's bundle and weights. Kept in step with ``Plan.hash`` by a test."""
-    ident = {"blocks": list(plan["blocks"]), "width": float(plan["width"]), "train": list(plan["train"])}
+    patterns; of a LoRA plan's record less its name): it names the plan's bundle and weights.
+    Kept in step with ``Plan.hash`` and ``LoraPlan.hash`` by tests."""
+    if plan.get("kind") == "lora":
+        ident = {k: v for k, v in plan.items() if k != "name"}
+    else:
+        ident = {"blocks": list(plan["blocks"]), "width": float(plan["width"]), "train": list(plan["train"])}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bundle_encoding(folder: Path, manifest: Manifest) -> tuple[Callable[[str], list[int]], int]:
+    """(encode, end id) of a LoRA bundle's base: the tokenizer the bundle carries (read with
+    the ``tokenizers`` library, as an app would with its bindings), or bytes for a byte-level base."""
+    if "tokenizer.json" not in manifest.files:
+        return encode_bytes, EOS_BYTE
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
+    eos_id = tok.token_to_id(eos["content"] if isinstance(eos, dict) else eos) if eos else None
+    if eos_id is None:
+        raise BundleError(f"bundle {folder}: its tokenizer names no end token")
+    return (lambda text: tok.encode(text).ids), eos_id
 
 
 class HttpError(Exception):
@@ -69,7 +90,7 @@ class ReferenceDevice:
     server: str
     join_token: str
     runtime: str  # "ort" or "executorch"
-    data: str  # a folder of text files, a .jsonl file, or "stdlib"
+    data: str  # a folder of text files, a .jsonl file, or "stdlib" (a LoRA federation: instructions)
     cache_dir: str | Path  # downloaded bundles, one folder per (plan, runtime)
     memory_bytes: int = 8 << 20
     max_tasks: int | None = None
@@ -178,13 +199,13 @@ class ReferenceDevice:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> list[DeviceLog]:
-        corpus = load_corpus(self.data)
-        shard = Shard(corpus, corpus.doc_bounds)
+        if self.data != "stdlib" and not Path(self.data).exists():
+            raise UserError(f"data source not found: {self.data}")
         me = self.join()
         log.info(f"joined {self.server} as {me['client_id']} (device, tier {me['tier']}, {self.runtime}, "
                  f"{self.memory_bytes / 2**20:.0f} MiB declared)")
         try:
-            self._loop(shard)
+            self._loop(self._instruction_batches() if "lora" in me else self._text_batches())
         except KeyboardInterrupt:
             log.warning("interrupted: the open task's update is not sent (the server hands it out again after "
                         "its deadline)")
@@ -197,7 +218,29 @@ class ReferenceDevice:
                          "in the last task")
         return self.log
 
-    def _loop(self, shard: Shard) -> None:
+    def _text_batches(self) -> Callable[[dict, Path, Manifest], Iterator]:
+        corpus = load_corpus(self.data)
+        shard = Shard(corpus, corpus.doc_bounds)
+        return lambda task, folder, manifest: shard.batches(task["batch_size"], task["seq_len"], task["seed"])
+
+    def _instruction_batches(self) -> Callable[[dict, Path, Manifest], Iterator]:
+        """A LoRA federation's: instruction data (``stdlib``: the built-in set's training split,
+        or a JSONL file), loss on the response only, in the tokens of the bundle's base."""
+        examples = load_instructions(self.data)
+        if self.data == "stdlib":
+            examples = examples.split()[0]  # the held-out split is the server's to score on
+        fits: set[int] = set()
+
+        def batches(task: dict, folder: Path, manifest: Manifest) -> Iterator:
+            encode, eos = bundle_encoding(folder, manifest)
+            if task["seq_len"] not in fits:
+                examples.check_fits(task["seq_len"], encode)
+                fits.add(task["seq_len"])
+            return examples.batches(task["batch_size"], task["seq_len"], task["seed"], encode, eos)
+
+        return batches
+
+    def _loop(self, batches: Callable[[dict, Path, Manifest], Iterator]) -> None:
         trainers: dict[str, object] = {}
         while self.max_tasks is None or len(self.log) < self.max_tasks:
             status, raw = self._call("GET", "/v1/task", params={"wait": LONG_POLL_S})
@@ -213,8 +256,8 @@ class ReferenceDevice:
             base = self.weights(task["base_version"], plan, manifest)
             trainer.load(base)
             train = dict(task["train"], betas=tuple(task["train"]["betas"]))
-            result = train_loop(trainer, shard.batches(task["batch_size"], task["seq_len"], task["seed"]),
-                                task["steps"], TrainConfig(**train), task["step_offset"])
+            result = train_loop(trainer, batches(task, folder, manifest), task["steps"], TrainConfig(**train),
+                                task["step_offset"])
             trained = trainer.trained_weights()
             delta = {n: base[n] - w for n, w in trained.items()}
             outcome = self.upload(task["task_id"], delta, result.tokens, result.mean_loss)

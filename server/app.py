@@ -195,7 +195,8 @@ def make_app(federation: Federation, state_dir: Path) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=federation.fed.server.max_body_mib << 20)
     app[FEDERATION], app[REQUESTS] = federation, Counter()
     tiers = {name: (plan, federation.fed.tiers[name].batch_size) for name, plan in federation.coord.tier_plans.items()}
-    app[BUNDLES] = BundlePublisher(federation.spec, tiers, federation.fed.training.seq_len, state_dir / "bundles")
+    app[BUNDLES] = BundlePublisher(federation.spec, tiers, federation.fed.training.seq_len, state_dir / "bundles",
+                                   federation.lora.describe() if federation.lora else None)
     app.add_routes([
         web.post("/v1/join", join),
         web.get("/v1/task", task),

@@ -15,6 +15,7 @@ already published on disk is verified (checksums, model, plan, runtime) before i
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,10 +33,13 @@ class BundlePublisher:
     job answers at once, a failed one keeps answering its reason (an export that failed
     will fail again; the operator sees why in the server's output)."""
 
-    def __init__(self, spec: ModelSpec, tiers: dict[str, tuple[Plan, int]], seq_len: int, bundles_dir: Path) -> None:
+    def __init__(self, spec: ModelSpec, tiers: dict[str, tuple[Plan, int]], seq_len: int, bundles_dir: Path,
+                 lora: dict | None = None) -> None:
         """``tiers``: tier → (plan, batch size). ExecuTorch programs are traced for the tier's
-        batch x ``seq_len``; tiers sharing a plan at different batch sizes cannot share one."""
-        self.spec, self.seq_len, self.dir = spec, seq_len, bundles_dir
+        batch x ``seq_len``; tiers sharing a plan at different batch sizes cannot share one.
+        ``lora``: a LoRA federation's adapter space (``LoraSpace.describe()``); its plans'
+        bundles carry the frozen base and take only the adapter per version."""
+        self.spec, self.seq_len, self.dir, self.lora = spec, seq_len, bundles_dir, lora
         self.shapes: dict[str, tuple[Plan, int | None]] = {}  # plan hash → (plan, batch size or None)
         for plan, batch_size in tiers.values():
             known = self.shapes.get(plan.hash)
@@ -51,6 +55,9 @@ class BundlePublisher:
             raise RequestError(f"no bundles for runtime {runtime!r}: use one of {', '.join(BUNDLE_RUNTIMES)}", 404)
         if plan_hash not in self.shapes:
             raise RequestError(f"unknown plan {plan_hash!r}", 404)
+        if runtime not in self.shapes[plan_hash][0].runtimes:
+            raise RequestError(f"plan {plan_hash} trains on {', '.join(self.shapes[plan_hash][0].runtimes)}, not on "
+                               f"{runtime} (a LoRA plan's ExecuTorch bundle needs [lora] base = \"fp32\")", 501)
         if runtime == "executorch" and self.shapes[plan_hash][1] is None:
             raise RequestError(f"tiers sharing plan {plan_hash} train at different batch sizes, and an ExecuTorch "
                                "program has one static shape: give them the same batch_size", 501)
@@ -81,7 +88,7 @@ class BundlePublisher:
             start = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "stamen.server.bundles", self.spec.name, plan.to_json(), runtime,
-                str(self.dir), str(batch_size or 1), str(self.seq_len),  # ORT ignores the shape
+                str(self.dir), str(batch_size or 1), str(self.seq_len), json.dumps(self.lora),  # ORT ignores the shape
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             self.exporters.add(proc)
             try:
@@ -107,8 +114,9 @@ class BundlePublisher:
 
 
 def _main(argv: list[str]) -> None:
-    model, plan_json, runtime, bundles_dir, batch_size, seq_len = argv
-    publish_bundle(ModelSpec(model), Plan.from_json(plan_json), runtime, bundles_dir, int(batch_size), int(seq_len))
+    model, plan_json, runtime, bundles_dir, batch_size, seq_len, lora = argv
+    publish_bundle(ModelSpec(model), Plan.from_json(plan_json), runtime, bundles_dir, int(batch_size), int(seq_len),
+                   lora=json.loads(lora))
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ class Federation:
                             "or fine-tunes a pretrained base with LoRA ([lora] rank)")
         self.spec, self.cfg, self.fed = spec, cfg, fed
         e = fed.evaluation  # the held-out set is read before the state folder is touched: bad data changes nothing
-        self.evaluator = (Evaluator(cfg, eval_data, e.batches, e.batch_size, fed.training.seq_len)
-                          if e.every and self.lora is None else None)
+        shape = (eval_data, e.batches, e.batch_size, fed.training.seq_len)
+        self.evaluator = None if not e.every else (Evaluator.instructions(spec, self.lora, *shape) if self.lora
+                                                   else Evaluator.text(cfg, *shape))
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state(state)  # before anything in the folder is opened

@@ -52,7 +52,8 @@ def memory_size(text: str) -> int:
 
 
 CA_HELP = "PEM certificate(s) to trust for an https server (e.g. its self-signed one)"
-DATA_HELP = "'stdlib', a text file, a folder of text files, or a .jsonl file"
+DATA_HELP = ("'stdlib', a text file, a folder of text files, or a .jsonl file (a LoRA federation: instructions, "
+             "'stdlib' or a .jsonl of instruction/input/output)")
 
 
 def cmd_server(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@ edge clients, each its own Python process, plus folders of disjoint stdlib text 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -28,6 +29,14 @@ c = EdgeClient(sys.argv[1], sys.argv[2], sys.argv[3], role=sys.argv[4], max_memo
                state_dir=sys.argv[6], max_tasks=int(sys.argv[7]), progress=False)
 for entry in c.run():
     print("TASK", json.dumps(entry.__dict__), flush=True)
+"""
+DEVICE = """
+import json, sys
+from stamen.mobile_bridge.device import run_device
+log = run_device(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], max_tasks=int(sys.argv[6]),
+                 memory_bytes=int(sys.argv[7]))
+print("LOG", json.dumps([entry.__dict__ for entry in log]))
+print("MODULES", json.dumps(sorted(m for m in sys.modules if m.startswith("stamen"))))
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -82,6 +91,18 @@ def start_client(url: str, token: str, data: Path, role: str, max_memory: int, s
     return subprocess.Popen([sys.executable, "-c", CLIENT, url, token, str(data), role, str(max_memory),
                              str(state), str(max_tasks)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV)
+
+
+def start_device(url: str, token: str, runtime: str, data: str | Path, cache: Path, max_tasks: int = 1,
+                 memory_bytes: int = 8 << 20) -> subprocess.Popen:
+    """A runtime-only reference device (``stamen device-emulator``'s code) in its own process."""
+    return subprocess.Popen([sys.executable, "-c", DEVICE, url, token, runtime, str(data), str(cache), str(max_tasks),
+                             str(memory_bytes)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def tagged(out: str, tag: str):
+    """The JSON a device process printed after ``TAG ``."""
+    return json.loads(next(line[len(tag) + 1:] for line in out.splitlines() if line.startswith(tag + " ")))
 
 
 def stdlib_folders(root: Path, packages: list[list[str]]) -> list[Path]:

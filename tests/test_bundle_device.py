@@ -3,13 +3,9 @@ ORT reference device and an ExecuTorch reference device in one federation; all t
 are aggregated into one version, and the devices never import stamen's model or plan code.
 Then a corrupted cached bundle is refused and downloaded again."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from federation_procs import ENV, start_client, start_server, stdlib_folders
+from federation_procs import start_client, start_device, start_server, stdlib_folders, tagged
 from stamen.core.model import PRESETS, ModelSpec
 from stamen.core.plan import Plan, tier_plans
 from stamen.mobile_bridge.bundle import publish_bundle
@@ -35,24 +31,6 @@ batch_size = 8
 steps = 4
 batch_size = 8
 """
-DEVICE = """
-import json, sys
-from stamen.mobile_bridge.device import run_device
-log = run_device(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], max_tasks=1)
-print("LOG", json.dumps([entry.__dict__ for entry in log]))
-print("MODULES", json.dumps(sorted(m for m in sys.modules if m.startswith("stamen"))))
-"""
-
-
-def start_device(url, token, runtime, data, cache):
-    return subprocess.Popen([sys.executable, "-c", DEVICE, url, token, runtime, str(data), str(cache)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-
-
-def tagged(out: str, tag: str):
-    return json.loads(next(line[len(tag) + 1:] for line in out.splitlines() if line.startswith(tag + " ")))
-
-
 def test_plan_hash_matches_plan():
     for plan in [*tier_plans(CFG).values(), Plan("x", (1, 3), 0.5, ("blocks.3.*",))]:
         assert plan_hash(plan.to_dict()) == plan.hash

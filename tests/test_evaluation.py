@@ -48,7 +48,7 @@ def get(url, token=None):
 def test_the_held_out_score_is_the_one_training_code_computes(tmp_path):
     torch.manual_seed(0)
     model = GPT(CFG)
-    ev = Evaluator(CFG, "stdlib", 2, 4, 32)
+    ev = Evaluator.text(CFG, "stdlib", 2, 4, 32)
     w = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert ev.score(5, w).val_loss == evaluate(model, ev.batches) and ev.tokens == 2 * 4 * 32
 
@@ -108,7 +108,7 @@ def test_federation_evaluates_exports_and_generates(tmp_path):
     version, w = published_weights(state, CFG)
     ours = GPT(CFG).eval()
     load_weights(ours, w)
-    ev = Evaluator(CFG, "stdlib", 3, 4, 32)  # the server's held-out batches (same source, sizes, seed)
+    ev = Evaluator.text(CFG, "stdlib", 3, 4, 32)  # the server's held-out batches (same source, sizes, seed)
     with torch.no_grad():
         for x, _ in ev.batches:
             torch.testing.assert_close(hf(x).logits, ours(x), rtol=0, atol=1e-5)

@@ -239,3 +239,26 @@ def test_generate_cli(tmp_path):
     assert r.stdout == generate(f"hf:{folder}", "import os", 5) + "\n"
     r = stamen("generate", "--model", f"hf:{folder}", "--adapter", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and "not a PEFT adapter folder" in r.stderr.splitlines()[-1]
+
+
+def test_seq_len_the_prompts_fill_is_refused_before_the_state_is_touched(tmp_path, caplog):
+    from stamen.core.instruct import Example, InstructionSet
+    from stamen.server.config import load_config
+    from stamen.server.service import Federation
+
+    data = InstructionSet([Example("g", "Say it.", "x" * n, "done") for n in range(40, 80)])  # prompts 93-132 bytes
+    with pytest.raises(UserError, match="seq_len 64 is shorter than every instruction prompt"):
+        data.check_fits(64)
+    with caplog.at_level("WARNING", logger="stamen.core.instruct"):
+        data.check_fits(120)  # 12 of 40 prompts leave no room
+    assert "leaves no room for the response after 30% of the instruction prompts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stamen.core.instruct"):
+        data.check_fits(132)  # the longest prompt fills the window, its first response token still trains
+    assert caplog.text == ""
+
+    folder = save_tiny("gpt2", tmp_path / "base")
+    (tmp_path / "fed.toml").write_text("[lora]\nrank = 4\n[training]\nseq_len = 64\n")
+    with pytest.raises(UserError, match="shorter than every instruction prompt"):
+        Federation(f"hf:{folder}", tmp_path / "state", load_config(tmp_path / "fed.toml"))  # scores the stdlib set
+    assert not (tmp_path / "state").exists()

@@ -1,21 +1,25 @@
 """LoRA as a plan kind the server issues, end to end on loopback (issue 14, acceptance 2): a real
-server process fine-tuning a saved tiny GPT-2 base with ``[lora]``, a gpu-role client and two
-device clients that get different ranks, adapters uploaded through the tiers' usual codecs,
-versions published; then ``stamen export-model`` writes the adapter in PEFT's format, which
-``peft`` loads with the same logits as stamen's merged model."""
+server process fine-tuning a saved tiny GPT-2 base with ``[lora]``, a gpu-role client, a device
+edge client and a runtime-only reference device on ExecuTorch (the server exports its plan's
+bundle: the frozen base and the tokenizer ride in it, only the adapter travels), at three
+different ranks; adapters uploaded, versions published and scored on held-out instructions;
+then ``stamen export-model`` writes the adapter in PEFT's format, which ``peft`` loads with the
+same logits as stamen's merged model."""
 
 import json
+import math
 import urllib.request
 
 import pytest
 import torch
 
-from federation_procs import stamen, start_client, start_server
+from federation_procs import stamen, start_client, start_device, start_server, tagged
 from hf_models import save_tiny
 from stamen.compression.codecs import decode
-from stamen.core.lora import LoraPlan, described_space, load_adapter, merge
+from stamen.core.lora import TRAIN, LoraPlan, described_space, load_adapter, merge
 from stamen.core.model import ModelSpec
 from stamen.core.plan import Plan
+from stamen.mobile_bridge.device import plan_hash
 from stamen.server.auth import create_token
 from stamen.server.config import load_config
 from stamen.server.store import published_weights, state_lora
@@ -32,7 +36,9 @@ seq_len = 192             # the stdlib prompts are ~100-150 bytes: the response 
 warmup_steps = 2
 total_steps = 100
 [evaluation]
-every = 0
+every = 1                 # held-out instructions: the built-in set's validation split
+batches = 1
+batch_size = 4
 [tiers.gpu]
 steps = 6
 batch_size = 4
@@ -66,6 +72,10 @@ def test_plan_records_carry_the_lora_kind():
     plan = LoraPlan("lora-phone-low", 2, "int8", ("*.lora_B",))
     again = Plan.from_json(plan.to_json())
     assert again == plan and again.hash == plan.hash and isinstance(again, LoraPlan)
+    for p in (plan, LoraPlan("lora-gpu", 16, "fp32", TRAIN["fedavg"], checkpointing=True)):
+        assert plan_hash(json.loads(p.to_json())) == p.hash  # the reference device names bundles alike
+    assert plan.runtimes == ("torch",) and again.runtimes == ("torch",)  # an int8 base is torch's alone
+    assert LoraPlan("x", 2, "fp32").runtimes == ("torch", "executorch")
     assert Plan.from_dict(Plan("p", (0, 1), 0.5).to_dict()) == Plan("p", (0, 1), 0.5)
     with pytest.raises(Exception, match="checkpointing"):
         Plan.from_dict({**plan.to_dict(), "checkpointing": "yes"})
@@ -86,13 +96,16 @@ def test_lora_federation_over_http(tmp_path):
     try:
         admin, gpu_tok, dev_tok = (create_token(state, r) for r in ("admin", "gpu", "device"))
         clients = [start_client(url, gpu_tok, "stdlib", "gpu", 2**30, tmp_path / "gpu", TASKS),
-                   start_client(url, dev_tok, "stdlib", "device", memory["phone-low"] + 1, tmp_path / "d1", TASKS),
                    start_client(url, dev_tok, "stdlib", "device", memory["laptop"] + 1, tmp_path / "d2", TASKS)]
+        device = start_device(url, dev_tok, "executorch", "stdlib", tmp_path / "d1", TASKS, memory["phone-low"] + 1)
         logs = []
         for c in clients:
             out, _ = c.communicate(timeout=500)
             assert c.returncode == 0, out
             logs.append(tasks_of(out))
+        out, _ = device.communicate(timeout=500)
+        assert device.returncode == 0, out[-3000:]
+        device_log, modules = tagged(out, "LOG"), tagged(out, "MODULES")
         status = json.loads(get(f"{url}/v1/status", admin))
         assert status["version"] >= 2  # 6 updates at K = 2
         tiers = {c["client_id"]: c["tier"] for c in status["clients"]}
@@ -101,6 +114,17 @@ def test_lora_federation_over_http(tmp_path):
         for entries in logs:
             assert len(entries) == TASKS
             assert all(e["outcome"] in ("accepted", "duplicate") and e["runtime"] == "torch" for e in entries)
+        # The reference device trained the rank-1 plan's ExecuTorch bundle, exported by the
+        # server, with no stamen model or plan code, and its updates were taken.
+        assert len(device_log) == TASKS and device_log[0]["bundle_downloads"] == 1
+        assert all(e["plan"] == plans["phone-low"].hash and e["outcome"] in ("accepted", "stale") for e in device_log)
+        assert any(e["outcome"] == "accepted" for e in device_log)
+        assert not any(m.startswith(("stamen.core.model", "stamen.core.plan", "stamen.core.lora", "stamen.server"))
+                       for m in modules)
+        # Held-out evaluation of the adapter, from the starting version on.
+        evals = {e["version"]: e["val_loss"] for e in status["evaluations"]}
+        assert 0 in evals and len(evals) >= 2 and all(math.isfinite(v) for v in evals.values())
+        assert "stamen_val_loss_latest" in get(f"{url}/metrics", admin).decode()
         # An update is only the adapter's slice, under the tier's codec: far below the base.
         base_bytes = sum(p.numel() * 4 for p in ModelSpec(model).build(weights=False).parameters())
         assert max(e["upload_bytes"] for entries in logs for e in entries) < base_bytes / 10
