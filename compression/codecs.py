@@ -23,6 +23,8 @@ All arithmetic is vectorized numpy over the flat tensor: no Python loop touches 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -121,27 +123,42 @@ def _encode_values(v: Values, x: np.ndarray) -> tuple[list[np.ndarray], list[str
     return [q.reshape(-1), scale], ["int8", "float32"]
 
 
-def _decode_values(v: Values, parts: list[np.ndarray], dtypes: list[str], n: int) -> np.ndarray:
-    """Float32 values from parts, after checking the parts are what the codec writes for n."""
+def _expected_parts(v: Values, n: int) -> list[tuple[str, int]]:
+    """(dtype, count) of each part the value codec writes for n values."""
     if v.name in ("fp32", "fp16", "bf16"):
-        expect = [({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[v.name], n)]
-    else:
-        nblocks = -(-n // v.block)
-        expect = [("uint8" if v.name == "int4" else "int8", nblocks * v.block // (2 if v.name == "int4" else 1)),
-                  ("float32", nblocks)]
-    got = [(d, p.size) for d, p in zip(dtypes, parts)]
-    if got != expect:
-        raise MalformedPayload(f"{v} parts {got}, expected {expect}")
+        return [({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[v.name], n)]
+    nblocks = -(-n // v.block)
+    return [("uint8" if v.name == "int4" else "int8", nblocks * v.block // (2 if v.name == "int4" else 1)),
+            ("float32", nblocks)]
+
+
+def _decode_values(v: Values, parts: list[list[np.ndarray]], counts: list[int]) -> np.ndarray:
+    """The float32 values of several tensors' parts (already checked against
+    ``_expected_parts``), end to end: every part of a kind concatenated and decoded in one
+    call. The arithmetic is elementwise (a block's scale lies in its own tensor's parts), so
+    each value is what decoding its tensor alone gives; the quantizers' block padding is cut."""
+    first = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.float32)
     if v.name == "fp32":
-        return parts[0]
+        return first.astype(np.float32, copy=False)
     if v.name == "fp16":
-        return _f16(parts[0], torch.float32)
+        return _f16(first, torch.float32)
     if v.name == "bf16":
-        return bf16_to_f32(parts[0])
-    q, scale = parts
+        return bf16_to_f32(first)
+    q, scale = first, np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
     if v.name == "int4":
         q = (np.stack((q & np.uint8(15), q >> np.uint8(4)), axis=1).view(np.int8) - np.int8(8))
-    return np.multiply(q.reshape(-1, v.block), scale[:, None], dtype=np.float32).reshape(-1)[:n]
+    x = np.multiply(q.reshape(-1, v.block), scale[:, None], dtype=np.float32).reshape(-1)
+    padded = [-(-n // v.block) * v.block for n in counts]
+    if padded == counts:
+        return x
+    return x[_segment_positions(padded) < np.repeat(np.asarray(counts, np.int64), padded)]
+
+
+def _segment_positions(lengths: list[int]) -> np.ndarray:
+    """Each element's position inside its own segment, for segments of ``lengths`` end to end:
+    [2, 3] → [0 1 0 1 2]."""
+    starts = np.cumsum([0] + lengths[:-1], dtype=np.int64)
+    return np.arange(sum(lengths), dtype=np.int64) - np.repeat(starts, lengths)
 
 
 # ---- top-k -----------------------------------------------------------------------------------
@@ -208,11 +225,7 @@ def _index_part(idx: np.ndarray, n: int) -> tuple[np.ndarray, str]:
     return gaps.astype(dtype), dtype
 
 
-def _indices(part: np.ndarray, n: int) -> np.ndarray:
-    gaps = part.astype(np.int64)
-    if gaps.size and ((gaps[1:] == 0).any() or int(gaps.sum()) >= n):
-        raise MalformedPayload(f"topk indices repeat or run past the tensor's {n} elements")
-    return np.cumsum(gaps)
+INDEX_DTYPES = ("uint8", "uint16", "uint32")
 
 
 # ---- whole payloads --------------------------------------------------------------------------
@@ -237,25 +250,67 @@ def compress(tensors: dict[str, torch.Tensor], spec: str | CodecSpec, kind: str 
     return Frame(kind, str(spec), dict(meta or {}), records)
 
 
-def reconstruct(frame: Frame) -> dict[str, torch.Tensor]:
-    """The float32 tensors a frame decodes to (shaped, before casting to their own dtype)."""
+@functools.lru_cache(maxsize=64)
+def _spec(codec: str) -> CodecSpec:
     try:
-        spec = parse(frame.codec)
+        return parse(codec)
     except UserError as e:
-        raise BadCodec(f"frame codec {frame.codec!r}: {e}") from None
-    out = {}
-    for r in frame.tensors:
-        n = r.numel
-        if not sparse(spec, r.shape):
-            x = _decode_values(spec.values, r.parts, r.part_dtypes, n)
-        else:
-            if not r.parts or r.part_dtypes[0] not in ("uint8", "uint16", "uint32"):
+        raise BadCodec(f"frame codec {codec!r}: {e}") from None
+
+
+def reconstruct_flat(frame: Frame) -> np.ndarray:
+    """Every tensor of a frame decoded as float32, end to end in frame order, in one pass: one
+    decode of all tensors' values (``_decode_values``), one scatter of them to their positions
+    (a top-k tensor's delta-coded indices, a dense tensor's every position). A phone's update
+    is 14 small tensors: a dozen numpy and torch calls on tiny arrays per tensor had cost more
+    than the arithmetic. Raises MalformedPayload for parts that do not fit the codec."""
+    spec = _spec(frame.codec)
+    v = spec.values
+    offsets = list(itertools.accumulate((r.numel for r in frame.tensors), initial=0))
+    parts, counts, index_parts, sparse_at = [], [], [], []  # sparse_at: (record, value start)
+    start = 0
+    for i, r in enumerate(frame.tensors):
+        n, values, dtypes = r.numel, r.parts, r.part_dtypes
+        if sparse(spec, r.shape):
+            if not values or dtypes[0] not in INDEX_DTYPES:
                 raise MalformedPayload(f"tensor {r.name!r}: topk needs an unsigned index part first")
-            idx = _indices(r.parts[0], n)
-            x = np.zeros(n, dtype=np.float32)
-            x[idx] = _decode_values(spec.values, r.parts[1:], r.part_dtypes[1:], idx.size)
-        out[r.name] = torch.from_numpy(x).view(r.shape)
+            index_parts.append(values[0])
+            sparse_at.append((i, start))
+            n, values, dtypes = values[0].size, values[1:], dtypes[1:]
+        expect = _expected_parts(v, n)
+        if [(d, p.size) for d, p in zip(dtypes, values)] != expect or len(values) != len(expect):
+            raise MalformedPayload(f"{v} parts {[(d, p.size) for d, p in zip(dtypes, values)]}, expected {expect}")
+        parts.append(values)
+        counts.append(n)
+        start += n
+    x = _decode_values(v, parts, counts)
+    if not sparse_at:  # every tensor dense: the values are the tensors, end to end
+        return x
+    # Where each value goes: dense tensors' positions are runs (gaps of 1), top-k ones their
+    # gaps; one cumulative sum within each tensor's segment gives every position at once.
+    gaps = np.ones(start, np.int64)
+    gaps[np.asarray([s for s, n in zip(itertools.accumulate(counts, initial=0), counts) if n], np.int64)] = 0
+    for (i, s), idx in zip(sparse_at, index_parts):
+        gaps[s:s + idx.size] = idx
+    firsts = list(itertools.accumulate(counts[:-1], initial=0))
+    total = np.cumsum(gaps)
+    before = np.concatenate([[0], total])[np.asarray(firsts, np.int64)]
+    local = total - np.repeat(before, counts)
+    for (i, s), idx in zip(sparse_at, index_parts):
+        n = frame.tensors[i].numel
+        if idx.size and ((gaps[s + 1:s + idx.size] == 0).any() or int(local[s + idx.size - 1]) >= n):
+            raise MalformedPayload(f"topk indices repeat or run past the tensor's {n} elements")
+    out = np.zeros(offsets[-1], np.float32)
+    out[local + np.repeat(np.asarray(offsets[:-1], np.int64), counts)] = x
     return out
+
+
+def reconstruct(frame: Frame) -> dict[str, torch.Tensor]:
+    """The float32 tensors a frame decodes to (shaped, before casting to their own dtype):
+    views into one buffer (``reconstruct_flat``)."""
+    flat = torch.from_numpy(reconstruct_flat(frame))
+    pieces = flat.split([r.numel for r in frame.tensors]) if frame.tensors else ()
+    return {r.name: p.view(r.shape) for r, p in zip(frame.tensors, pieces)}
 
 
 def encode(tensors: dict[str, torch.Tensor], spec: str | CodecSpec, kind: str = "update",
@@ -268,11 +323,14 @@ def encode(tensors: dict[str, torch.Tensor], spec: str | CodecSpec, kind: str = 
 def decode(data: bytes, limits: Limits = Limits()) -> Payload:
     """Bounded decode: every limit in ``limits`` is checked; tensors come back in their own dtype."""
     frame = decode_frame(data, limits)
-    values = reconstruct(frame)
+    flat = reconstruct_flat(frame)
+    ends = list(itertools.accumulate(r.numel for r in frame.tensors))
+    arrays = {r.name: flat[end - r.numel:end] for r, end in zip(frame.tensors, ends)}
     if limits.finite or limits.max_norm is not None:
-        check_values({n: t.view(-1).numpy() for n, t in values.items()}, limits)
-    tensors = {r.name: values[r.name] if r.dtype == "float32" else  # already itself: no round trip
-               from_numpy(values[r.name].view(-1).numpy(), r.dtype, r.shape) for r in frame.tensors}
+        check_values(arrays, limits)
+    pieces = torch.from_numpy(flat).split([r.numel for r in frame.tensors]) if frame.tensors else ()
+    tensors = {r.name: p.view(r.shape) if r.dtype == "float32" else  # already itself: no round trip
+               from_numpy(arrays[r.name], r.dtype, r.shape) for r, p in zip(frame.tensors, pieces)}
     return Payload(frame.kind, frame.codec, frame.meta, tensors)
 
 

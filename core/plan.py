@@ -85,8 +85,8 @@ class Plan:
     runtimes = RUNTIMES  # every runtime trains a submodel
 
     # --- identity -------------------------------------------------------------------------
-    @property
-    def hash(self) -> str:
+    @functools.cached_property
+    def hash(self) -> str:  # computed once per plan: the server reads it several times per update
         ident = {"blocks": list(self.blocks), "width": self.width, "train": list(self.train)}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

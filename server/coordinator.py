@@ -127,6 +127,7 @@ class Coordinator:
         self._plans: dict[str, Plan] = {p.hash: p for p in self._scheduler.plans.values()}
         if not isinstance(cfg, LoraSpace):  # a LoRA federation has only its tiers' rank plans
             self._plans.setdefault(full_plan(cfg).hash, full_plan(cfg))
+        self._limits: dict[Plan, Limits] = {}
 
     # --- reads ------------------------------------------------------------------------------
     @property
@@ -249,12 +250,16 @@ class Coordinator:
 
     def limits(self, task: Task) -> Limits:
         """What the decoder accepts for ``task``: its plan's trainable tensors, each at most fp64
-        sized, in a body no larger than the server's cap."""
+        sized, in a body no larger than the server's cap (built once per plan)."""
+        known = self._limits.get(task.plan)
+        if known is not None:
+            return known
         shapes = task.plan.shapes(self.cfg)
         manifest = {n: shapes[n] for n in task.plan.trainable(self.cfg)}
-        return Limits(max_compressed_bytes=self.fed.server.max_body_mib << 20,
+        known = self._limits[task.plan] = Limits(max_compressed_bytes=self.fed.server.max_body_mib << 20,
                       max_decompressed_bytes=8 * sum(math.prod(s) for s in manifest.values()) + 4096,
                       max_tensors=len(manifest), manifest=manifest)
+        return known
 
     def decode(self, task: Task, body: bytes) -> tuple[Update, float | None]:
         """The update in ``body`` for ``task`` and its reported loss (None if absent or not
@@ -271,7 +276,7 @@ class Coordinator:
         loss = payload.meta.get("loss")
         loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
         update = Update(task.task_id, task.base_version, task.plan,
-                        {n: t.to(torch.float32) for n, t in payload.tensors.items()}, tokens,
+                        {n: t if t.dtype == torch.float32 else t.float() for n, t in payload.tensors.items()}, tokens,
                         {} if loss is None else {"loss": loss})
         self._agg.measure(update)  # the values' pass, here on the worker rather than in ``judge``
         return update, loss

@@ -5,7 +5,9 @@ coverage rule exact: an element's statistic sees only the updates that covered i
 
 import math
 import statistics
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,12 +174,13 @@ def test_filter_over_unequal_plans_matches_a_full_model_oracle():
     med = {n: coordinatewise(v, "median", 0.0)[0] for n, v in full.items()}
     S, W = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}, {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}
     kept = 0
-    centres = a._centres([(u, 1.0, 1.0) for u in ups])
-    for u, lay, got in zip(ups, lays, centres):
-        mine = torch.cat([t.flatten() for t in lay.pieces(u.delta)]).double()
+    raw, centres = a._filter_matrix([(u, 1.0, 1.0) for u in ups])
+    for i, (u, lay) in enumerate(zip(ups, lays)):
+        mine = torch.cat([t.flatten() for t in lay.pieces(u.delta)])
         centre = torch.cat([v.flatten() for v in lay.views(med)])
-        assert torch.equal(got, centre)
-        centre = centre.double()
+        covered = ~np.isnan(raw[i])  # the update's columns: its pieces, and their medians, in order
+        assert np.array_equal(raw[i][covered], mine.numpy()) and np.array_equal(centres[covered], centre.numpy())
+        mine, centre = mine.double(), centre.double()
         if float(mine @ centre) / float(mine.norm() * centre.norm()) >= 0.25:
             kept += 1
             for s, x in zip(lay.views(S), lay.pieces(u.delta)):
@@ -190,12 +193,17 @@ def test_filter_over_unequal_plans_matches_a_full_model_oracle():
         torch.testing.assert_close(w[n] - a.weights[n], expect, rtol=1e-5, atol=1e-5)
 
 
-def test_median_without_gaps_is_the_sorted_rule():
-    """numpy's partition (the NaN-free path) and the sort give the same values, even and odd k."""
+def test_median_is_numpys_to_the_bit():
+    """Even and odd k, with and without uncovered (NaN) elements: numpy's median and nanmedian."""
     gen = torch.Generator().manual_seed(4)
     for k in (1, 4, 7, 50):
         x = torch.randn(k, 300, generator=gen)
-        fast, n = coordinatewise(x, "median", 0.0)
-        x_gap = torch.cat([x, torch.full((1, 300), math.nan)])  # one NaN row: the sorting path, same values
-        slow, m = coordinatewise(x_gap, "median", 0.0)
-        assert torch.equal(fast, slow) and torch.equal(n, m)
+        med, n = coordinatewise(x, "median", 0.0)
+        assert np.array_equal(med.numpy(), np.median(x.numpy(), axis=0)) and bool((n == k).all())
+        x[torch.rand(k, 300, generator=gen) < 0.3] = math.nan
+        x[:, 0] = math.nan  # nobody covered it: 0
+        med, n = coordinatewise(x, "median", 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the all-NaN column
+            want = np.nan_to_num(np.nanmedian(x.numpy(), axis=0), nan=0.0)
+        assert np.array_equal(med.numpy(), want) and torch.equal(n, (~x.isnan()).sum(0))

@@ -176,3 +176,11 @@ def test_parts_that_do_not_fit_the_codec():
         decode(frame(repeated, codec="topk(0.5)+fp32", tensors=topk))
     with pytest.raises(BadCodec, match="'int9'"):
         decode(frame(GOOD_BODY, codec="int9"))
+
+
+def test_a_nesting_bomb_inside_a_tensor_entry_is_too_deep():
+    nested = 1
+    for _ in range(900):
+        nested = [nested]
+    with pytest.raises(wire.TooDeep, match="max_depth=6"):
+        decode(frame(GOOD_BODY, tensors=[["w", "float32", [nested], [["float32", 4]]]]))
