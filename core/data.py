@@ -133,17 +133,17 @@ class BatchStream(Iterator):
             raise UserError(f"data shard has no document longer than seq_len+1 = {seq_len + 1} bytes")
         self.starts, self.spans = shard.ranges[ok, 0], lengths[ok]
         self.cum = np.cumsum(self.spans)
+        self.total = int(self.cum[-1])  # a Python int: Generator.integers takes it faster than a numpy scalar
         self.data, self.batch_size, self.seq_len = shard.corpus.data, batch_size, seq_len
         self.rng = np.random.default_rng(seed)
         self.offsets = np.arange(seq_len + 1)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = self.rng.integers(0, self.cum[-1], size=self.batch_size)
+        pos = self.rng.integers(0, self.total, size=self.batch_size)
         r = np.searchsorted(self.cum, pos, side="right")
         within = pos - (self.cum[r] - self.spans[r])
         window = self.data[(self.starts[r] + within)[:, None] + self.offsets].astype(np.int64)
-        w = torch.from_numpy(window)
-        return w[:, :-1], w[:, 1:]
+        return torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])  # numpy slices cost less
 
 
 def _read_text(path: Path) -> bytes:
