@@ -105,7 +105,8 @@ class EdgeClient:
     progress: bool = True
     ca_file: str | None = None
     # A fresh runtime per task, made by the caller: the Flower gateway's runtime hands the task
-    # to a Flower node, which needs the task's own settings (batch, seed), not just its plan.
+    # to a Flower node, which needs the task's own settings (batch, seed), not just its plan,
+    # and trains on the node's text: with a factory the client reads no text of its own.
     runtime_factory: Callable[[ModelSpec, Task], Runtime] | None = None
     # What to declare at join instead of probing this machine: the Flower gateway declares
     # its node's hardware, where the training runs.
@@ -179,6 +180,8 @@ class EdgeClient:
         the federation fine-tunes with LoRA, the adapter space over this client's copy of the
         base (``hf:PATH`` must be on this machine: only adapters travel) and instruction data
         (``stdlib``: the built-in set's training split, or a JSONL file) in the base's tokens."""
+        if lora is None and self.runtime_factory is not None:
+            return spec.gpt_config(), lambda t: iter(())  # the caller's runtime trains on its own text (a Flower node's)
         if lora is None:
             corpus = load_corpus(self.data)
             shard = Shard(corpus, corpus.doc_bounds)

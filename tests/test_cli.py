@@ -187,6 +187,8 @@ def test_simulate_refuses_at_start_up_a_population_its_text_cannot_feed(tmp_path
 @pytest.mark.parametrize("args, message", [
     (["--compare", "mixed,phones"], "--compare takes distinct names"),
     (["--compare", "mixed", "--sync-vs-async"], "not allowed with"),
+    (["--compare", "mixed", "--seeds", "0"], "must be positive"),
+    (["--seeds", "2"], "--seeds applies to --compare and --sync-vs-async"),
 ])
 def test_simulate_compare_mistakes_are_one_line(tmp_path, args, message):
     r = stamen("simulate", *args, "--out", str(tmp_path / "run"))
