@@ -8,6 +8,7 @@ that array, so a thousand clients cost a thousand small lists, never a thousand 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -155,10 +156,13 @@ def held_out(name: str, val_fraction: float = 0.05) -> bool:
     return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
 
 
+@functools.cache
 def stdlib_corpus(validation_only: bool = False) -> Corpus:
     """The Python standard library's own source: real text on every machine, with a natural
     non-IID grouping by top-level package or module. ``validation_only`` reads just the files
-    ``split`` holds out (a server's held-out set without reading the other 95%)."""
+    ``split`` holds out (a server's held-out set without reading the other 95%). Read once per
+    process and shared (its bytes are a read-only array): ``--compare`` and ``--sync-vs-async``
+    run many simulations and centralized runs in one process, each of which read it anew."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
     for p in root.rglob("*.py"):
