@@ -459,10 +459,13 @@ class Aggregator:
         centres = np.where(covered, m, 0)  # row i: the median over update i's elements
         denom = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", centres, centres))
         cos = np.divide(x @ m, denom, out=np.zeros(len(kept)), where=denom > 0)
+        passing = cos >= min_cosine
+        if passing.all():  # S and W already hold exactly these sums, added in this order
+            return
         names = list(dict.fromkeys(n for u, _, _ in kept for n in u.delta))
         torch._foreach_zero_([self.S[n] for n in names])
         torch._foreach_zero_([self.W[n] for n in names])
-        for (u, w, c), passes in zip(kept, cos >= min_cosine):
+        for (u, w, c), passes in zip(kept, passing):
             if passes:
                 lay = self._layout(u.plan)
                 torch._foreach_add_(lay.S, lay.pieces(u.delta), alpha=w * c)
@@ -486,7 +489,11 @@ class Aggregator:
         values = torch.from_numpy(raw)  # torch views of it, to place each update's pieces
         region = {n: r.view(len(kept), *shapes[n]) for n, r in zip(names, values.split(sizes, dim=1))}
         for i, ((u, _, _), lay, cut) in enumerate(zip(kept, lays, cuts)):
-            torch._foreach_copy_([_within(region[n][i], union[n], cut[n]) for n, _ in lay.parts], lay.pieces(u.delta))
+            if len(cut) == len(names) and all(cut[n] == union[n] for n in names):  # it covers the whole row
+                torch.cat([t.reshape(-1) for t in lay.pieces(u.delta)], out=values[i])
+            else:
+                torch._foreach_copy_([_within(region[n][i], union[n], cut[n]) for n, _ in lay.parts],
+                                     lay.pieces(u.delta))
         clipped = raw * np.array([c for _, _, c in kept], np.float32)[:, None]
         return raw, coordinatewise(torch.from_numpy(clipped), "median", 0.0)[0].numpy()
 
