@@ -90,7 +90,8 @@ class TrainingSettings:
     seq_len: int = 64
     """Tokens per training sequence, every tier."""
     warmup_steps: int = 50
-    """The inner lr schedule runs on one global step counter (Photon): its warm-up ..."""
+    """The inner lr schedule runs on one global step counter (Photon; it counts the GPU nodes'
+    steps per round of nodes, see ``server.scheduler``): its warm-up ..."""
     total_steps: int = 20000
     """... and its length, in global steps."""
     min_lr_ratio: float = 0.1

@@ -5,8 +5,14 @@ virtual clock drive the very same object.
 Three rules from the field. GPU nodes train the full model for many inner steps with AdamW
 whose state they keep (DiLoCo, Photon); devices train the largest tier plan their memory
 holds, no larger than their hardware class's tier, for as many steps as fit their compute in
-the task's deadline. One global step counter, advanced by the most steps any merged update
-trained each time a version is published, places every task on the federation's single lr schedule (Photon's server step counter).
+the task's deadline. One global step counter places every task on the federation's single lr
+schedule (Photon's server step counter). It runs on the GPU nodes' work when there are any: a
+round of M nodes that each train s steps is s steps (DiLoCo), so every accepted node update
+adds its steps / M, and device updates, and the versions they alone publish, add nothing. A
+federation with devices then follows the same schedule in time as its nodes alone: when the
+counter advanced by the most steps merged per version, the devices' extra versions ran the
+cosine down about twice as fast as the nodes alone did (issue 11's comparisons were unfair by
+that). Without GPU nodes it advances by the most steps any merged update trained.
 Tasks not uploaded by their deadline lapse, and the work goes to the next client that asks.
 
 Two policies (``[aggregation] mode``). ``async`` (FedBuff): any client that asks gets a task at
@@ -63,6 +69,9 @@ class Scheduler:
         self._costs = {tier: plan.cost(cfg, fed.tiers[tier].batch_size, fed.training.seq_len)
                        for tier, plan in self.plans.items()}
         self._steps_since_publish = 0
+        self._nodes = 0  # registered GPU nodes
+        self._node_steps = 0  # steps of the GPU nodes' updates accepted since the last publish
+        self._step_carry = 0.0  # the counter's fraction of a step (a restart may drop it: < 1 step)
         self._round_done: list[str] = []  # clients whose update was accepted since the last publish
 
     def _cost(self, tier: str):
@@ -111,6 +120,8 @@ class Scheduler:
     def register(self, client_id: str, caps: Capabilities) -> Assignment:
         tier = self.admit(caps)
         a = Assignment(client_id, tier, self.plans[tier], caps)
+        old = self.clients.get(client_id)
+        self._nodes += (caps.role == "gpu") - (old is not None and old.caps.role == "gpu")
         self.clients[client_id] = a
         if client_id in self._held:
             self._count(self._held[client_id])
@@ -219,12 +230,22 @@ class Scheduler:
         if task is None:
             raise KeyError(task_id)
         self._steps_since_publish = max(self._steps_since_publish, task.steps)
+        a = self.clients.get(task.client_id)
+        if a is not None and a.caps.role == "gpu":
+            self._node_steps += task.steps
         self._round_done.append(task.client_id)
         return task
 
     def published(self) -> int:
-        """A version was published: advance the global step counter (Photon) and return it."""
-        self.global_step += self._steps_since_publish
-        self._steps_since_publish = 0
+        """A version was published: advance the global step counter and return it (by the
+        nodes' steps over the number of nodes, or without nodes by the most steps merged)."""
+        if self._nodes:
+            self._step_carry += self._node_steps / self._nodes
+            whole = int(self._step_carry)
+            self.global_step += whole
+            self._step_carry -= whole
+        else:
+            self.global_step += self._steps_since_publish
+        self._steps_since_publish = self._node_steps = 0
         self._round_done.clear()
         return self.global_step

@@ -104,6 +104,28 @@ def test_global_step_counter_and_tasks():
     assert s.next_task("d", 1, now=2.0).step_offset == fed.tiers["gpu"].steps
 
 
+def test_global_step_runs_on_the_nodes_work():
+    # Three GPU nodes and a device. Each accepted node update adds steps / 3 (a round of the
+    # three nodes is one task's steps, as DiLoCo counts), fractions carried to the next
+    # publish; a version the device alone publishes does not move the counter.
+    fed = load_config()
+    s = Scheduler(CFG, fed)
+    for g in "abc":
+        s.register(g, caps(role="gpu"))
+    s.register("d", caps(mem=10**12))
+    steps = fed.tiers["gpu"].steps
+    expect, carry = 0, 0.0
+    for version, merged in enumerate(["a", "d", "bc", "ad", "bc"]):
+        done = [s.next_task(c, version, now=float(version)) for c in merged]
+        for t in done:
+            s.complete(t.task_id)
+        carry += sum(t.steps for t in done if t.client_id != "d") / 3
+        expect, carry = expect + int(carry), carry - int(carry)
+        assert s.published() == expect, merged
+    assert expect == 2 * steps  # six node updates: two rounds of the three nodes
+    assert s.next_task("d", 5, now=9.0).step_offset == 2 * steps
+
+
 def test_deadline_lapses_and_cap():
     fed = load_config()
     s = Scheduler(CFG, fed)
