@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from stamen.core.errors import UserError
 from stamen.core.hf import build_hf, hf_folder, load_tokenizer
+from stamen.core.instruct import base_encoding, encode_bytes
 from stamen.core.lora import A, B, LoraPlan, LoraSpace, load_adapter, merge
 
 HF = "hf."  # module names inside core.hf.CausalLM start with this; PEFT's do not
@@ -71,10 +72,17 @@ def generate(base: str, prompt: str, max_new_tokens: int, adapter: str | None = 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, adapter)
-    tok = load_tokenizer(folder)
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    encode, eos = base_encoding(base)  # a stamen model folder speaks bytes and has no tokenizer files
+    ids = torch.tensor([encode(prompt)], dtype=torch.long)
     if ids.shape[1] == 0:
         raise UserError("the prompt is empty")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and ids.shape[1] + max_new_tokens > context:
+        raise UserError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {max_new_tokens} exceed the "
+                        f"model's context of {context} tokens")
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                         do_sample=False, pad_token_id=eos, eos_token_id=eos)  # the end token fine-tuning taught
+    new = [t for t in out[0, ids.shape[1]:].tolist() if t != eos]
+    if encode is encode_bytes:
+        return bytes(new).decode("utf-8", errors="replace")
+    return load_tokenizer(folder).decode(new, skip_special_tokens=True)
