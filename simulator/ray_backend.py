@@ -105,7 +105,9 @@ class RayBackend:
             _reachable(address)
             ray.init(address=address, log_to_driver=False)
         elif self.owned:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            # "local": a new Ray of our own even when `ray start` runs on this machine (ray.init()
+            # would attach to that cluster, and refuses num_cpus there)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         self.corpus = ray.put(corpus)
         self.train = ray.remote(num_cpus=1)(_train_on_worker)
 

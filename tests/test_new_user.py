@@ -178,7 +178,10 @@ def test_ctrl_c_stops_within_a_step_and_says_so(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "stamen", "client", "--server", url, "--token",
                                  create_token(state, "gpu"), "--data", str(data), "--role", "gpu",
                                  "--state", str(tmp_path / "c")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                # a suite started in the background (`cmd &`) hands its children SIGINT
+                                # ignored; a user's terminal does not
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while time.time() < deadline:  # until the task has trained some steps
             st = json.loads(stamen("status", url, "--json", "--token", create_token(state, "admin")).stdout)
