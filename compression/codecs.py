@@ -288,11 +288,11 @@ def reconstruct_flat(frame: Frame) -> np.ndarray:
         return x
     # Where each value goes: dense tensors' positions are runs (gaps of 1), top-k ones their
     # gaps; one cumulative sum within each tensor's segment gives every position at once.
+    firsts = list(itertools.accumulate(counts[:-1], initial=0))
     gaps = np.ones(start, np.int64)
-    gaps[np.asarray([s for s, n in zip(itertools.accumulate(counts, initial=0), counts) if n], np.int64)] = 0
+    gaps[np.asarray([s for s, n in zip(firsts, counts) if n], np.int64)] = 0
     for (i, s), idx in zip(sparse_at, index_parts):
         gaps[s:s + idx.size] = idx
-    firsts = list(itertools.accumulate(counts[:-1], initial=0))
     total = np.cumsum(gaps)
     before = np.concatenate([[0], total])[np.asarray(firsts, np.int64)]
     local = total - np.repeat(before, counts)
@@ -323,14 +323,12 @@ def encode(tensors: dict[str, torch.Tensor], spec: str | CodecSpec, kind: str = 
 def decode(data: bytes, limits: Limits = Limits()) -> Payload:
     """Bounded decode: every limit in ``limits`` is checked; tensors come back in their own dtype."""
     frame = decode_frame(data, limits)
-    flat = reconstruct_flat(frame)
-    ends = list(itertools.accumulate(r.numel for r in frame.tensors))
-    arrays = {r.name: flat[end - r.numel:end] for r, end in zip(frame.tensors, ends)}
+    values = reconstruct(frame)
+    arrays = {n: t.view(-1).numpy() for n, t in values.items()}  # views of the same one buffer
     if limits.finite or limits.max_norm is not None:
         check_values(arrays, limits)
-    pieces = torch.from_numpy(flat).split([r.numel for r in frame.tensors]) if frame.tensors else ()
-    tensors = {r.name: p.view(r.shape) if r.dtype == "float32" else  # already itself: no round trip
-               from_numpy(arrays[r.name], r.dtype, r.shape) for r, p in zip(frame.tensors, pieces)}
+    tensors = {r.name: values[r.name] if r.dtype == "float32" else  # already itself: no round trip
+               from_numpy(arrays[r.name], r.dtype, r.shape) for r in frame.tensors}
     return Payload(frame.kind, frame.codec, frame.meta, tensors)
 
 
