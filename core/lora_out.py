@@ -49,13 +49,16 @@ def save_peft_adapter(space: LoraSpace, adapter: dict[str, torch.Tensor], folder
 
 def save_merged(space: LoraSpace, adapter: dict[str, torch.Tensor], base: str, out: Path) -> Path:
     """Fold the adapter into an fp32 copy of the base and save it, with the base's tokenizer,
-    as a Hugging Face folder."""
+    as a Hugging Face folder. A byte-level base (a stamen model folder) has no tokenizer files:
+    its config's ``stamen.tokenizer = "bytes"`` carries over, and nothing else is written
+    (transformers would otherwise invent an empty GPT-2 tokenizer for it)."""
     folder = hf_folder(base)
     model = LoraPlan("merge", space.r_max).build(build_hf(folder), space)
     load_adapter(model, adapter)
     merged = merge(model)
     merged.hf.save_pretrained(out)
-    load_tokenizer(folder).save_pretrained(out)
+    if base_encoding(base)[0] is not encode_bytes:
+        load_tokenizer(folder).save_pretrained(out)
     return out
 
 

@@ -203,8 +203,13 @@ class Scheduler:
         return min((t.deadline for t in self.in_flight.values() if t.base_version == version), default=None)
 
     def restore_task(self, task: Task) -> None:
-        """Put back a task issued before a restart (from the durable ledger)."""
+        """Put back a task issued before a restart (from the durable ledger). A client can come
+        back holding two (its older one lapsed, or was abandoned, unjournaled): it works on the
+        newer, so that is the one a re-poll returns; the older stays out until its deadline."""
+        held = self._held.get(task.client_id)
         self._open(task)
+        if held is not None and task.task_id > held:  # ids are zero-padded sequence numbers
+            self._held[task.client_id] = task.task_id
         self.next_seq = max(self.next_seq, int(task.task_id[1:]) + 1)
 
     def expire(self, now: float) -> list[Task]:

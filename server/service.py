@@ -296,6 +296,8 @@ class Federation:
             "tiers": {t: {"updates": n, "tokens": k} for t, (n, k) in sorted(per_tier.items())},
             "client_count": len(clients), "clients": clients,
             "evaluations": self.ledger.evaluations(),
+            # a LoRA federation scores response tokens of its base's tokenizer, not bytes
+            "loss_unit": "nats/response token" if self.lora else "nats/byte",
             "tensors": {"total": len(names), "covered": sum(n in covered for n in names),
                         "uncovered": [n for n in names if n not in covered]},
         }

@@ -146,7 +146,7 @@ def status_table(st: dict, now: float) -> str:
         lines.append("(no client has joined)")
     evals = st.get("evaluations") or []
     if evals:
-        lines += ["", f"{'version':>8}{'val loss':>10}  (held-out text, nats/byte)"]
+        lines += ["", f"{'version':>8}{'val loss':>10}  (held-out text, {st.get('loss_unit', 'nats/byte')})"]
         lines += [f"{e['version']:>8}{e['val_loss']:>10.4f}" for e in evals[-10:]]
     t = st["tensors"]
     lines.append("")

@@ -228,6 +228,28 @@ def test_saved_adapter_loads_with_peft_and_merged_folder_with_transformers(base,
     assert with_adapter == generate(f"hf:{tmp_path / 'merged'}", prompt, 8)
 
 
+def test_merged_stamen_base_speaks_bytes_and_gets_no_invented_tokenizer(tmp_path):
+    """A stamen model folder has no tokenizer files; transformers would invent an empty GPT-2
+    tokenizer for it, which would then shadow the folder's bytes."""
+    import json
+
+    from stamen.core.gpt2 import save_model
+    from stamen.core.lora_out import generate, save_merged, save_peft_adapter
+    from stamen.core.model import weights
+
+    torch.manual_seed(0)
+    folder = save_model(ModelSpec("gpt-tiny"), weights(ModelSpec("gpt-tiny").build()), tmp_path / "m")
+    spec = ModelSpec(f"hf:{folder}")
+    space = lora_space(spec.build(weights=False), r_max=2, alpha=4)
+    values = {n: torch.randn(space[n], generator=torch.Generator().manual_seed(i)) * 0.2 for i, n in enumerate(space)}
+    save_peft_adapter(space, values, tmp_path / "adapter", spec.name)
+    merged = save_merged(space, values, spec.name, tmp_path / "merged")
+    assert sorted(p.name for p in merged.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads((merged / "config.json").read_text())["stamen"]["tokenizer"] == "bytes"
+    with_adapter = generate(spec.name, "def add(a, b):", 8, str(tmp_path / "adapter"))
+    assert with_adapter == generate(f"hf:{merged}", "def add(a, b):", 8)
+
+
 def test_generate_cli(tmp_path):
     from federation_procs import stamen
 

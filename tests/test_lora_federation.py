@@ -108,6 +108,7 @@ def test_lora_federation_over_http(tmp_path):
         device_log, modules = tagged(out, "LOG"), tagged(out, "MODULES")
         status = json.loads(get(f"{url}/v1/status", admin))
         assert status["version"] >= 2  # 6 updates at K = 2
+        assert status["loss_unit"] == "nats/response token"
         tiers = {c["client_id"]: c["tier"] for c in status["clients"]}
         ranks = sorted(plans[t].rank for t in tiers.values())
         assert len(set(ranks)) == 3 and ranks[-1] == 8 and ranks[0] == 1, tiers

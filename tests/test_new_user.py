@@ -153,6 +153,8 @@ def test_status_table_and_json(tmp_path):
     assert lines[0].startswith("model gpt-tiny  version 0  global step 0")
     assert "(no client has joined)" in lines and "uncovered" not in table.stdout
     v0 = json.loads(raw.stdout)["evaluations"][0]
+    assert json.loads(raw.stdout)["loss_unit"] == "nats/byte"
+    assert f"{'version':>8}{'val loss':>10}  (held-out text, nats/byte)" in lines
     assert f"{0:>8}{v0['val_loss']:>10.4f}" in lines  # the held-out score of the starting version
     assert any(line.startswith("tensors: 0/") and "never trained: wte.weight" in line for line in lines)
 

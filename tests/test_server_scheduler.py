@@ -126,6 +126,23 @@ def test_global_step_runs_on_the_nodes_work():
     assert s.next_task("d", 5, now=9.0).step_offset == 2 * steps
 
 
+def test_a_restart_with_two_open_tasks_of_one_client_holds_the_newer():
+    fed = load_config()
+    s = Scheduler(CFG, fed)
+    s.register("a", caps())
+    older = s.next_task("a", 0, now=0.0)
+    s.abandon(older.task_id)  # in memory only: the ledger still has it open
+    newer = s.next_task("a", 1, now=1.0)
+    restarted = Scheduler(CFG, fed, next_seq=0)
+    for task in (older, newer):  # the ledger's order
+        restarted.restore_task(task)
+    restarted.register("a", caps())
+    assert restarted.next_task("a", 1, now=2.0) == newer  # the re-poll gets the task it works on
+    restarted.complete(older.task_id)  # the older one's update may still arrive and count
+    assert restarted.next_task("a", 1, now=3.0) == newer  # and is still held, not a third task
+    assert restarted.next_seq == int(newer.task_id[1:]) + 1
+
+
 def test_deadline_lapses_and_cap():
     fed = load_config()
     s = Scheduler(CFG, fed)
