@@ -1,12 +1,15 @@
 """How many device updates per second one stamen server takes over HTTP, against the I/O floor.
 
 Starts a real server process on loopback (gpt-tiny), then N concurrent device clients in this
-process, each doing join once and then task → update cycles with real phone-low updates (the
-plan's trainable slices, encoded with the tier's codec). In the same run the same clients drive
-the floor: a bare aiohttp process (same event loop) whose task route answers at once and whose
-update route reads the same bodies and appends them to a file, one fsync per batch (the bodies
-that arrived during one fsync are made durable by the next). No durable server can take updates
-faster than that, so ``ratio`` = stamen / floor says how much of the I/O the server leaves on the
+process, each doing join once and then cycles of uploads with real phone-low updates (the
+plan's trainable slices, encoded with the tier's codec). A client asks for its first task
+(``GET /v1/task``) and then takes each next one from its upload's answer (``?next=1``), as the
+edge client does, so a steady client makes one request per update; it asks again only when an
+answer carried no task. In the same run the same clients drive the floor: a bare aiohttp process
+(same event loop) whose update route reads the same bodies, appends them to a file, one fsync
+per batch (the bodies that arrived during one fsync are made durable by the next), and answers
+with a next task (its task route answers at once). No durable server can take updates faster
+than that, so ``ratio`` = stamen / floor says how much of the I/O the server leaves on the
 table. Prints one JSON line per N:
 ``{"clients", "updates_per_s", "floor_updates_per_s", "ratio", "p50_ms", "p99_ms", "errors"}``
 — latencies are stamen's, per request (task or update); errors count every non-2xx answer or
@@ -100,7 +103,8 @@ def floor_app(path: Path) -> web.Application:
         if not writer or writer[0].done():
             writer[:] = [asyncio.create_task(commit())]
         await done
-        return web.Response(body=msgpack.packb({"status": "accepted"}), status=202, content_type="application/msgpack")
+        answer = {"status": "accepted", "task": {"task_id": "t0"}} if request.query.get("next") == "1" else {"status": "accepted"}
+        return web.Response(body=msgpack.packb(answer), status=202, content_type="application/msgpack")
 
     app = web.Application(client_max_size=64 << 20)
     app.add_routes([web.get("/v1/task", task), web.post("/v1/updates/{task}", update)])
@@ -163,17 +167,22 @@ def payload_for(me: dict, config: Path) -> bytes:
 async def device(http: aiohttp.ClientSession, url: str, token: str, cycles: int, payload: bytes,
                  stats: Stats) -> None:
     auth = {"Authorization": f"Bearer {token}"}
-    for _ in range(cycles):
-        status, body = await timed(stats, http, "GET", url + "/v1/task", params={"wait": "5"}, headers=auth)
-        if status != 200:
-            continue
-        task_id = msgpack.unpackb(body)["task"]["task_id"]
-        status, _ = await timed(stats, http, "POST", f"{url}/v1/updates/{task_id}", data=payload, headers=auth)
+    task_id = None
+    for cycle in range(cycles):
+        if task_id is None:
+            status, body = await timed(stats, http, "GET", url + "/v1/task", params={"wait": "5"}, headers=auth)
+            if status != 200:
+                continue
+            task_id = msgpack.unpackb(body)["task"]["task_id"]
+        more = {"next": "1"} if cycle + 1 < cycles else {}  # the last upload asks for no task it would leave open
+        status, body = await timed(stats, http, "POST", f"{url}/v1/updates/{task_id}", params=more, data=payload,
+                                   headers=auth)
         stats.updates += status == 202
+        task_id = msgpack.unpackb(body).get("task", {}).get("task_id") if status == 202 else None
 
 
 async def drive(url: str, tokens: list[str], cycles: int, payload: bytes) -> tuple[float, Stats]:
-    """N clients through ``cycles`` task → update cycles each: (updates per second, stats)."""
+    """N clients through ``cycles`` uploads each: (updates per second, stats)."""
     stats = Stats()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=300)) as http:

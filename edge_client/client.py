@@ -142,11 +142,15 @@ class EdgeClient:
             stop_at = time.time() + 60 * self.budget_minutes if self.budget_minutes else None
             runtimes: dict[tuple[str, str], Runtime] = {}  # (plan hash, runtime) → loaded runtime
             held: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # plan hash → (version, weights)
+            given: Task | None = None  # the next task, when the last upload's answer carried one
             while (self.max_tasks is None or len(self.log) < self.max_tasks) and (stop_at is None or time.time() < stop_at):
-                answer = await session.call("GET", "/v1/task", params={"wait": LONG_POLL_S})
-                if answer is None:
-                    continue
-                task = Task.from_dict(answer["task"])
+                if given is None:
+                    answer = await session.call("GET", "/v1/task", params={"wait": LONG_POLL_S})
+                    if answer is None:
+                        continue
+                    task = Task.from_dict(answer["task"])
+                else:
+                    task, given = given, None
                 key, downloads = (task.plan.hash, task.runtime), 0
                 if self.runtime_factory is not None:
                     runtimes[key] = self.runtime_factory(spec, task)
@@ -160,13 +164,17 @@ class EdgeClient:
                 try:
                     sub = await self._weights(session, task, held)
                     held[task.plan.hash] = (task.base_version, sub)
-                    self.log.append(await self._train_and_upload(session, task, runtimes[key], sub, batches, ef,
-                                                                 me["tier"], downloads))
+                    more = self.max_tasks is None or len(self.log) + 1 < self.max_tasks
+                    entry, given = await self._train_and_upload(session, task, runtimes[key], sub, batches, ef,
+                                                                me["tier"], downloads, more)
+                    self.log.append(entry)
                 except BaseException:  # stopped (cancelled, Ctrl-C) or failed with the task open
                     await self._release(session, task)
                     raise
                 if ef_path:
                     ef.save(ef_path)
+            if given is not None:  # the time budget ran out with a next task in hand
+                await self._release(session, given)
         finally:
             await session.close()
             if scratch:
@@ -278,7 +286,9 @@ class EdgeClient:
 
     async def _train_and_upload(self, session: Session, task: Task, rt: Runtime, sub: dict[str, torch.Tensor],
                                 batches: Callable[[Task], Batches], ef: ErrorFeedback, tier: str,
-                                downloads: int) -> TaskLog:
+                                downloads: int, more: bool) -> tuple[TaskLog, Task | None]:
+        """Train, upload, and log the outcome; with ``more`` the upload asks for the next task
+        in its answer (``?next=1``: one request per cycle instead of two), which is returned."""
         rt.set_weights(sub)
         bar = tqdm(total=task.steps, desc=f"{task.task_id} v{task.base_version}", disable=not self.progress,
                    leave=False, unit="step")
@@ -306,10 +316,12 @@ class EdgeClient:
         delta = {n: sub[n].to(torch.float32) - t for n, t in trained.items()}
         body = ef.encode(task.plan.hash, delta, task.codec, kind="update",
                          meta={"tokens": result.tokens, "loss": result.mean_loss})
+        given = None
         try:
-            _, data = await session.request("POST", f"/v1/updates/{task.task_id}", body)
+            _, data = await session.request("POST", f"/v1/updates/{task.task_id}", body, {"next": 1} if more else None)
             answer = msgpack.unpackb(data, raw=False)
             outcome, version = answer["status"], answer["version"]
+            given = Task.from_dict(answer["task"]) if "task" in answer else None
         except ServerRefused as e:
             if e.status not in (409, 410):
                 raise
@@ -319,7 +331,7 @@ class EdgeClient:
         log.info(f"task {task.task_id}: v{task.base_version} {task.plan.name} on {task.runtime}, {result.steps} steps, "
                  f"mean loss {entry.mean_loss:.3f}, {len(body) / 1024:.1f} KiB up: {outcome}"
                  + (f" (server at v{version})" if version >= 0 else ""))
-        return entry
+        return entry, given
 
     async def _release(self, session: Session, task: Task) -> None:
         """Give an unfinished task back, so the server hands its work out now rather than at

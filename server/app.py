@@ -133,9 +133,19 @@ async def weights(request: web.Request) -> web.Response:
 
 
 async def update(request: web.Request) -> web.Response:
+    """With ``?next=1`` the answer also carries the client's next task when one is free now
+    (what ``GET /v1/task?wait=0`` would answer), so a steady client makes one request per
+    cycle instead of two; without a free task the answer has none and the client long-polls."""
     fed: Federation = request.app[FEDERATION]
     p = fed.principal(_bearer(request), time.time())
+    then = _int_query(request, "next", 0)
+    if then > 1:
+        raise RequestError(f"query parameter next must be 0 or 1, got {then}")
     result = await fed.submit(p, request.match_info["task"], await request.read(), time.time())
+    if then:
+        t = fed.task(p, time.time())
+        if t is not None:
+            result["task"] = t.to_dict()
     return _msgpack(result, status=202)
 
 

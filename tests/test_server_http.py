@@ -96,6 +96,26 @@ def test_bad_requests_get_4xx_and_leave_the_model_unchanged(server):
     assert json.loads(call(url + "/v1/status", token=admin)[1])["version"] == 1
 
 
+def test_an_upload_can_carry_the_next_task(server):
+    """With ?next=1 the upload's answer also carries the client's next task, the one GET
+    /v1/task then answers too (one request per cycle instead of two); without it the answer
+    is as before, so clients that long-poll for every task keep working."""
+    url, state = server
+    c = join(url, create_token(state, "device"))
+    first = Task.from_dict(call(url + "/v1/task?wait=1", token=c)[1]["task"])
+    status, reason = call(url + f"/v1/updates/{first.task_id}?next=2", "POST", update_for(first), c)
+    assert status == 400 and "next" in reason  # refused before anything changed: the upload below is accepted
+    status, answer = call(url + f"/v1/updates/{first.task_id}?next=1", "POST", update_for(first), c)
+    assert status == 202 and answer["status"] == "accepted"
+    given = Task.from_dict(answer["task"])
+    assert given.task_id != first.task_id and given.base_version == answer["version"]  # K = 1: the version it published
+    assert call(url + "/v1/task?wait=0", token=c)[1]["task"] == answer["task"]  # the task the client now holds
+    status, again = call(url + f"/v1/updates/{first.task_id}?next=1", "POST", update_for(first), c)  # answer lost, re-sent
+    assert status == 202 and again["status"] == "duplicate" and again["task"] == answer["task"]
+    status, plain = call(url + f"/v1/updates/{given.task_id}", "POST", update_for(given), c)
+    assert status == 202 and plain["status"] == "accepted" and "task" not in plain
+
+
 def test_lapsed_task_is_refused(server):
     url, state = server
     c = join(url, create_token(state, "device"))
