@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,11 +140,29 @@ class BatchStream(Iterator):
         self.offsets = np.arange(seq_len + 1)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.data[self._next_starts()[:, None] + self.offsets].astype(np.int64)
+        return torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])  # numpy slices cost less
+
+    def _next_starts(self) -> np.ndarray:
+        """Where the next batch's windows start in the corpus; advances the stream."""
         pos = self.rng.integers(0, self.total, size=self.batch_size)
         r = np.searchsorted(self.cum, pos, side="right")
-        within = pos - (self.cum[r] - self.spans[r])
-        window = self.data[(self.starts[r] + within)[:, None] + self.offsets].astype(np.int64)
-        return torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])  # numpy slices cost less
+        return self.starts[r] + pos - (self.cum[r] - self.spans[r])
+
+
+def next_batches(streams: Sequence[Iterator[tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next (x, y) batch of every stream, stacked along a leading axis [len(streams), B, T]:
+    what stacking ``next(s)`` for each stream gives. ``BatchStream``s over one corpus with one
+    shape are cut out of it in one gather, without a tensor per stream (a step of 100 batched
+    devices spent 3 % of its time fetching batches one by one)."""
+    first = streams[0]
+    if all(isinstance(s, BatchStream) and s.data is first.data and s.offsets.shape == first.offsets.shape
+           and s.batch_size == first.batch_size for s in streams):
+        starts = np.stack([s._next_starts() for s in streams])
+        window = torch.from_numpy(first.data[starts[..., None] + first.offsets].astype(np.int64))
+        return window[..., :-1], window[..., 1:]
+    xs, ys = zip(*(next(s) for s in streams))
+    return torch.stack(xs), torch.stack(ys)
 
 
 def _read_text(path: Path) -> bytes:

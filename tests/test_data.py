@@ -2,8 +2,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from stamen.core.data import Shard, decode, encode, folder_corpus, jsonl_corpus, load_corpus, partition, public_groups
+from stamen.core.data import (Shard, decode, encode, folder_corpus, jsonl_corpus, load_corpus, next_batches, partition,
+                              public_groups)
 from stamen.core.errors import UserError
 
 
@@ -78,6 +80,23 @@ def test_batches_are_windows_of_the_corpus(stdlib):
     raw = bytes(corpus.data)
     for row in x.tolist():
         assert bytes(row) in raw
+
+
+def test_next_batches_stacks_what_each_stream_gives(stdlib):
+    """One gather over the corpus for many streams equals each stream's own next batch, step
+    after step; a stream of another kind falls back to stacking them one by one."""
+    _, train, _ = stdlib
+    shards = partition(train, 8, "natural", seed=0, seq_len=32)
+    together = [s.batches(4, 32, seed=d) for d, s in enumerate(shards)]
+    alone = [s.batches(4, 32, seed=d) for d, s in enumerate(shards)]
+    for _ in range(3):
+        x, y = next_batches(together)
+        xs, ys = zip(*(next(s) for s in alone))
+        assert torch.equal(x, torch.stack(xs)) and torch.equal(y, torch.stack(ys)) and x.shape == (8, 4, 32)
+    mixed = [shards[0].batches(4, 32, seed=0), iter([next(shards[1].batches(4, 32, seed=1))])]
+    x, y = next_batches(mixed)
+    assert torch.equal(x[0], next(shards[0].batches(4, 32, seed=0))[0])
+    assert torch.equal(y[1], next(shards[1].batches(4, 32, seed=1))[1])
 
 
 def test_folder_and_jsonl_sources(tmp_path):
