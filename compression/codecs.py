@@ -132,11 +132,12 @@ def _expected_parts(v: Values, n: int) -> list[tuple[str, int]]:
             ("float32", nblocks)]
 
 
-def _decode_values(v: Values, parts: list[list[np.ndarray]], counts: list[int]) -> np.ndarray:
+def _decode_values(v: Values, parts: list[list[np.ndarray]], keep: np.ndarray | None) -> np.ndarray:
     """The float32 values of several tensors' parts (already checked against
     ``_expected_parts``), end to end: every part of a kind concatenated and decoded in one
     call. The arithmetic is elementwise (a block's scale lies in its own tensor's parts), so
-    each value is what decoding its tensor alone gives; the quantizers' block padding is cut."""
+    each value is what decoding its tensor alone gives; ``keep`` cuts the quantizers' block
+    padding (``_Layout``)."""
     first = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.float32)
     if v.name == "fp32":
         return first.astype(np.float32, copy=False)
@@ -148,10 +149,7 @@ def _decode_values(v: Values, parts: list[list[np.ndarray]], counts: list[int]) 
     if v.name == "int4":
         q = (np.stack((q & np.uint8(15), q >> np.uint8(4)), axis=1).view(np.int8) - np.int8(8))
     x = np.multiply(q.reshape(-1, v.block), scale[:, None], dtype=np.float32).reshape(-1)
-    padded = [-(-n // v.block) * v.block for n in counts]
-    if padded == counts:
-        return x
-    return x[_segment_positions(padded) < np.repeat(np.asarray(counts, np.int64), padded)]
+    return x if keep is None else x[keep]
 
 
 def _segment_positions(lengths: list[int]) -> np.ndarray:
@@ -258,50 +256,104 @@ def _spec(codec: str) -> CodecSpec:
         raise BadCodec(f"frame codec {codec!r}: {e}") from None
 
 
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """Where a frame's values go, from its codec and tensor table alone (``_layout``): which
+    part of each tensor starts its values (1 after a top-k tensor's indices), how many values
+    each has, the mask that cuts block padding, and for top-k frames the scatter's fixed
+    arrays: the gaps of the dense runs with the slots the index parts fill, the slots the
+    indices' checks read, and each value's tensor offset."""
+
+    values_from: tuple[int, ...]
+    counts: np.ndarray
+    keep: np.ndarray | None
+    numel: int
+    sparse: tuple[int, ...] = ()  # the top-k tensors, by position in the frame
+    gaps: np.ndarray | None = None
+    index_at: np.ndarray | None = None
+    firsts: np.ndarray | None = None
+    inner: np.ndarray | None = None  # slots of indices after a tensor's first: a gap there must be > 0
+    last: np.ndarray | None = None  # each top-k tensor's last value slot ...
+    limit: np.ndarray | None = None  # ... whose position must be below its element count
+    offsets: np.ndarray | None = None  # each value's tensor's start in the output
+
+
+LAYOUTS = 256  # layouts remembered, one per decoded (codec, tensor table)
+_layouts: dict[tuple[str, int], tuple[object, _Layout]] = {}
+
+
+def _layout(spec: CodecSpec, frame: Frame) -> _Layout:
+    """The frame's ``_Layout``, remembered per (codec, ``Frame.table``): every upload for one
+    plan declares the same table, so the checks of its parts against the codec and the
+    arrays that place its values are made once. Raises MalformedPayload for parts that do
+    not fit the codec."""
+    key = (frame.codec, id(frame.table))
+    known = _layouts.get(key)
+    if known is not None and known[0] is frame.table:
+        return known[1]
+    v = spec.values
+    values_from, counts, sparse_at = [], [], []  # sparse_at: (record, value start, index count)
+    start = 0
+    for i, r in enumerate(frame.tensors):
+        n, dtypes, sizes = r.numel, r.part_dtypes, [p.size for p in r.parts]
+        values_from.append(0)
+        if sparse(spec, r.shape):
+            if not dtypes or dtypes[0] not in INDEX_DTYPES:
+                raise MalformedPayload(f"tensor {r.name!r}: topk needs an unsigned index part first")
+            sparse_at.append((i, start, sizes[0]))
+            n, dtypes, sizes, values_from[-1] = sizes[0], dtypes[1:], sizes[1:], 1
+        expect = _expected_parts(v, n)
+        if list(zip(dtypes, sizes)) != expect or len(sizes) != len(expect):
+            raise MalformedPayload(f"{v} parts {list(zip(dtypes, sizes))}, expected {expect}")
+        counts.append(n)
+        start += n
+    keep = None
+    if v.name in QMAX:
+        padded = [-(-n // v.block) * v.block for n in counts]
+        if padded != counts:
+            keep = _segment_positions(padded) < np.repeat(np.asarray(counts, np.int64), padded)
+    numels = [r.numel for r in frame.tensors]
+    lay = _Layout(tuple(values_from), np.asarray(counts, np.int64), keep, sum(numels))
+    if sparse_at:
+        # Where each value goes: dense tensors' positions are runs (gaps of 1), top-k ones their
+        # gaps; one cumulative sum within each tensor's segment gives every position at once.
+        firsts = list(itertools.accumulate(counts[:-1], initial=0))
+        gaps = np.ones(start, np.int64)
+        gaps[np.asarray([f for f, n in zip(firsts, counts) if n], np.int64)] = 0
+        ranges = [np.arange(s, s + k, dtype=np.int64) for _, s, k in sparse_at]
+        ends = [(s + k - 1, frame.tensors[i].numel) for i, s, k in sparse_at if k]
+        lay = _Layout(lay.values_from, lay.counts, keep, lay.numel, tuple(i for i, _, _ in sparse_at), gaps,
+                      np.concatenate(ranges), np.asarray(firsts, np.int64),
+                      np.concatenate([r[1:] for r in ranges]), np.asarray([e for e, _ in ends], np.int64),
+                      np.asarray([n for _, n in ends], np.int64),
+                      np.repeat(np.asarray(list(itertools.accumulate(numels[:-1], initial=0)), np.int64), counts))
+    if frame.table is not None:
+        if len(_layouts) >= LAYOUTS:
+            _layouts.clear()
+        _layouts[key] = (frame.table, lay)
+    return lay
+
+
 def reconstruct_flat(frame: Frame) -> np.ndarray:
     """Every tensor of a frame decoded as float32, end to end in frame order, in one pass: one
     decode of all tensors' values (``_decode_values``), one scatter of them to their positions
-    (a top-k tensor's delta-coded indices, a dense tensor's every position). A phone's update
-    is 14 small tensors: a dozen numpy and torch calls on tiny arrays per tensor had cost more
-    than the arithmetic. Raises MalformedPayload for parts that do not fit the codec."""
+    (a top-k tensor's delta-coded indices, a dense tensor's every position), with what depends
+    only on the frame's table made once per table (``_layout``). A phone's update is 14 small
+    tensors: a dozen numpy and torch calls on tiny arrays per tensor had cost more than the
+    arithmetic. Raises MalformedPayload for parts that do not fit the codec."""
     spec = _spec(frame.codec)
-    v = spec.values
-    offsets = list(itertools.accumulate((r.numel for r in frame.tensors), initial=0))
-    parts, counts, index_parts, sparse_at = [], [], [], []  # sparse_at: (record, value start)
-    start = 0
-    for i, r in enumerate(frame.tensors):
-        n, values, dtypes = r.numel, r.parts, r.part_dtypes
-        if sparse(spec, r.shape):
-            if not values or dtypes[0] not in INDEX_DTYPES:
-                raise MalformedPayload(f"tensor {r.name!r}: topk needs an unsigned index part first")
-            index_parts.append(values[0])
-            sparse_at.append((i, start))
-            n, values, dtypes = values[0].size, values[1:], dtypes[1:]
-        expect = _expected_parts(v, n)
-        if [(d, p.size) for d, p in zip(dtypes, values)] != expect or len(values) != len(expect):
-            raise MalformedPayload(f"{v} parts {[(d, p.size) for d, p in zip(dtypes, values)]}, expected {expect}")
-        parts.append(values)
-        counts.append(n)
-        start += n
-    x = _decode_values(v, parts, counts)
-    if not sparse_at:  # every tensor dense: the values are the tensors, end to end
+    lay = _layout(spec, frame)
+    x = _decode_values(spec.values, [r.parts[j:] for r, j in zip(frame.tensors, lay.values_from)], lay.keep)
+    if not lay.sparse:  # every tensor dense: the values are the tensors, end to end
         return x
-    # Where each value goes: dense tensors' positions are runs (gaps of 1), top-k ones their
-    # gaps; one cumulative sum within each tensor's segment gives every position at once.
-    firsts = list(itertools.accumulate(counts[:-1], initial=0))
-    gaps = np.ones(start, np.int64)
-    gaps[np.asarray([s for s, n in zip(firsts, counts) if n], np.int64)] = 0
-    for (i, s), idx in zip(sparse_at, index_parts):
-        gaps[s:s + idx.size] = idx
+    gaps = lay.gaps.copy()
+    gaps[lay.index_at] = np.concatenate([frame.tensors[i].parts[0] for i in lay.sparse])
     total = np.cumsum(gaps)
-    before = np.concatenate([[0], total])[np.asarray(firsts, np.int64)]
-    local = total - np.repeat(before, counts)
-    for (i, s), idx in zip(sparse_at, index_parts):
-        n = frame.tensors[i].numel
-        if idx.size and ((gaps[s + 1:s + idx.size] == 0).any() or int(local[s + idx.size - 1]) >= n):
-            raise MalformedPayload(f"topk indices repeat or run past the tensor's {n} elements")
-    out = np.zeros(offsets[-1], np.float32)
-    out[local + np.repeat(np.asarray(offsets[:-1], np.int64), counts)] = x
+    local = total - np.repeat(np.concatenate([[0], total])[lay.firsts], lay.counts)
+    if (gaps[lay.inner] == 0).any() or (local[lay.last] >= lay.limit).any():
+        raise MalformedPayload("topk indices repeat or run past their tensor's elements")
+    out = np.zeros(lay.numel, np.float32)
+    out[local + lay.offsets] = x
     return out
 
 
@@ -323,11 +375,16 @@ def encode(tensors: dict[str, torch.Tensor], spec: str | CodecSpec, kind: str = 
 def decode(data: bytes, limits: Limits = Limits()) -> Payload:
     """Bounded decode: every limit in ``limits`` is checked; tensors come back in their own dtype."""
     frame = decode_frame(data, limits)
-    values = reconstruct(frame)
-    arrays = {n: t.view(-1).numpy() for n, t in values.items()}  # views of the same one buffer
-    if limits.finite or limits.max_norm is not None:
+    flat = reconstruct_flat(frame)
+    ends = itertools.accumulate(r.numel for r in frame.tensors)
+    arrays = {r.name: flat[end - r.numel:end] for r, end in zip(frame.tensors, ends)}  # views of the one buffer
+    # One dot over the whole buffer says whether every value is finite (a NaN or inf anywhere
+    # makes it so); only then, or for a norm bound, the per-tensor pass that names the tensor.
+    with np.errstate(over="ignore"):
+        finite = math.isfinite(float(np.dot(flat, flat)))
+    if (limits.finite and not finite) or limits.max_norm is not None:
         check_values(arrays, limits)
-    tensors = {r.name: values[r.name] if r.dtype == "float32" else  # already itself: no round trip
+    tensors = {r.name: torch.from_numpy(arrays[r.name].reshape(r.shape)) if r.dtype == "float32" else  # already itself
                from_numpy(arrays[r.name], r.dtype, r.shape) for r in frame.tensors}
     return Payload(frame.kind, frame.codec, frame.meta, tensors)
 

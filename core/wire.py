@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import threading
 from dataclasses import dataclass, field
 
 import msgpack
@@ -153,6 +154,22 @@ class Frame:
     codec: str  # canonical codec chain, e.g. "int8(block=256)+zstd(3)"
     meta: dict
     tensors: list[TensorRecord]
+    # A decoded frame's checked tensor table (names, dtypes, shapes, part sizes), one object
+    # for every frame that declares the same table (``decode_frame``), so what depends on the
+    # table alone is worked out once per table (``compression.codecs.reconstruct_flat``).
+    table: Table | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """A frame's tensor table, checked against a ``Limits``: per tensor (name, dtype, shape,
+    ((part dtype, count, byte offset in the body), ...)), and the body's size in bytes."""
+
+    tensors: tuple[tuple[str, str, tuple[int, ...], tuple[tuple[str, int, int], ...]], ...]
+    size: int
+
+
+TABLES = 256  # tables remembered (every upload for one plan and codec declares the same one)
 
 
 def _padded(nbytes: int) -> int:
@@ -272,6 +289,32 @@ def _parse_header(entries: list, limits: Limits) -> list[tuple[str, str, tuple[i
     return out
 
 
+_tables: dict[tuple[bytes, Limits], Table] = {}
+_zstd = threading.local()  # a decompressor per thread (one costs more to make than a phone's body to inflate)
+
+
+def _table(entries: list, limits: Limits) -> Table:
+    """``_parse_header``'s verdict on a tensor table, remembered by the table's msgpack bytes
+    (equal bytes are an equal table, so an equal verdict): a phone's uploads all declare the
+    same 14 entries, and checking them again for each was a sixth of its frame's decode. A
+    table that breaks a limit raises every time and is never remembered."""
+    key = (msgpack.packb(entries), limits)
+    known = _tables.get(key)
+    if known is None:
+        spans, size = [], 0
+        for name, dtype, shape, parts in _parse_header(entries, limits):
+            placed = []
+            for d, n in parts:
+                placed.append((d, n, size))
+                size += _padded(n * PART_DTYPES[d].itemsize)
+            spans.append((name, dtype, shape, tuple(placed)))
+        known = Table(tuple(spans), size)
+        if len(_tables) >= TABLES:  # bounded whatever a sender declares: start over
+            _tables.clear()
+        _tables[key] = known
+    return known
+
+
 def _read_body(head: dict, body: memoryview, size: int, limits: Limits) -> bytearray:
     """The parts' bytes, exactly ``size`` of them, writable (so parts become tensors without a
     copy); zstd output is read into that buffer and never past it plus one byte."""
@@ -282,8 +325,10 @@ def _read_body(head: dict, body: memoryview, size: int, limits: Limits) -> bytea
             raise TruncatedFrame(f"body holds {len(body)} bytes, its parts need {size}")
         return bytearray(body)
     out = bytearray(size)
+    if not hasattr(_zstd, "d"):
+        _zstd.d = zstandard.ZstdDecompressor()
     try:
-        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+        with _zstd.d.stream_reader(body, read_across_frames=True) as reader:
             got, view = 0, memoryview(out)
             while got < size:
                 n = reader.readinto(view[got:])
@@ -300,17 +345,12 @@ def _read_body(head: dict, body: memoryview, size: int, limits: Limits) -> bytea
 def decode_frame(data: bytes, limits: Limits = Limits()) -> Frame:
     """Parse and check a frame; parts come back as numpy views into one body buffer."""
     head, raw = _unpack(data, limits)
-    header = _parse_header(head["tensors"], limits)
-    size = sum(_padded(n * PART_DTYPES[d].itemsize) for *_, parts in header for d, n in parts)
-    body = _read_body(head, raw, size, limits)
-    tensors, offset = [], 0
-    for name, dtype, shape, parts in header:
-        arrays = []
-        for d, n in parts:
-            arrays.append(np.frombuffer(body, dtype=PART_DTYPES[d], count=n, offset=offset))
-            offset += _padded(n * PART_DTYPES[d].itemsize)
-        tensors.append(TensorRecord(name, dtype, shape, arrays, [d for d, _ in parts]))
-    return Frame(head["kind"], head["codec"], head["meta"], tensors)
+    table = _table(head["tensors"], limits)
+    body = _read_body(head, raw, table.size, limits)
+    tensors = [TensorRecord(name, dtype, shape, [np.frombuffer(body, PART_DTYPES[d], n, offset) for d, n, offset in parts],
+                            [d for d, _, _ in parts])
+               for name, dtype, shape, parts in table.tensors]
+    return Frame(head["kind"], head["codec"], head["meta"], tensors, table)
 
 
 def check_values(arrays: dict[str, np.ndarray], limits: Limits) -> None:

@@ -15,11 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stamen.compression.codecs import compress, decode, encode, reconstruct, select_topk, sparse
+from stamen.compression.codecs import MalformedPayload, compress, decode, encode, reconstruct, select_topk, sparse
 from stamen.compression.downlink import BaseMismatch, decode_download, encode_delta, encode_weights
 from stamen.compression.spec import TopK, parse
 from stamen.core.errors import UserError
-from stamen.core.wire import Limits, ShapeMismatch
+from stamen.core.wire import Limits, ShapeMismatch, encode_frame
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Relative rounding of a float format (half an ulp) and the absolute floor of its subnormals.
@@ -289,3 +289,28 @@ def test_delta_to_a_plan_slice_keeps_other_base_tensors():
     _, w = decode_download(data, base=base, base_version=1)
     assert w["a"].tolist() == [0.5] * 4 and w["b"] is base["b"]
     assert math.isclose(float(w["a"].sum()), 2.0)
+
+
+def test_frames_sharing_a_table_are_each_checked():
+    """Frames that declare the same tensor table share its checks and scatter arrays
+    (``_layout``); the values are still judged frame by frame: a top-k frame whose indices
+    repeat or run past the tensor is refused after a good frame of the same table was
+    decoded, and a good one decodes exactly after it."""
+    g = torch.Generator().manual_seed(3)
+    t = {"w": torch.randn(8, 50, generator=g), "b": torch.randn(50, generator=g)}
+    good = compress(t, "topk(0.1)+int8")
+    want = reconstruct(good)
+    limits = Limits(manifest={n: tuple(x.shape) for n, x in t.items()})
+    for broken in ("repeat", "past"):
+        frame = compress(t, "topk(0.1)+int8")
+        gaps = frame.tensors[0].parts[0]
+        if broken == "repeat":
+            gaps[1] = 0  # the second index equals the first
+        else:
+            gaps[-1] = 255  # the last index lands past the tensor's 400 elements
+        bad = encode_frame(frame, None)
+        assert torch.equal(decode(encode_frame(good, None), limits).tensors["w"], want["w"])
+        with pytest.raises(MalformedPayload, match="topk indices"):
+            decode(bad, limits)
+    again = decode(encode_frame(good, None), limits).tensors
+    assert all(torch.equal(again[n], want[n]) for n in t)
