@@ -61,10 +61,14 @@ class Ledger:
         row = self.db.execute("SELECT body, tier, status FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return None if row is None else Entry(Task.from_dict(json.loads(row[0])), row[1], row[2])
 
-    def done(self, task_id: str, tokens: int, loss: float | None) -> None:
-        """The task's update was applied: record it with its figures."""
-        self.db.execute("UPDATE tasks SET status = 'done', tokens = ?, loss = ?, closed = ? WHERE id = ?",
-                        (tokens, loss, time.time(), task_id))
+    def done(self, applied: list[tuple[str, int, float | None]]) -> None:
+        """These tasks' updates were applied: record each (task id, tokens, loss), all in one
+        transaction (the server writes a journal batch's at once: one commit, not one each)."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("UPDATE tasks SET status = 'done', tokens = ?, loss = ?, closed = ? WHERE id = ?",
+                                [(tokens, loss, now, task_id) for task_id, tokens, loss in applied])
 
     def lapsed(self, task_ids: list[str]) -> None:
         self.db.executemany("UPDATE tasks SET status = 'lapsed', closed = ? WHERE id = ? AND status = 'open'",
@@ -82,9 +86,7 @@ class Ledger:
     def reconcile(self, journaled: dict[str, tuple[int, float | None]]) -> None:
         """Mark done, with the figures the store journaled, every open task whose update the
         store journaled: the process died between the store's commit and ours."""
-        for task, _ in self.open_tasks():
-            if task.task_id in journaled:
-                self.done(task.task_id, *journaled[task.task_id])
+        self.done([(task.task_id, *journaled[task.task_id]) for task, _ in self.open_tasks() if task.task_id in journaled])
 
     def tokens_by(self, column: str) -> dict[str, tuple[int, int]]:
         """(updates, tokens) of done tasks per ``client_id`` or ``tier``."""

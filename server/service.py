@@ -100,6 +100,7 @@ class Federation:
         self.committer = Committer(self.store, agg)
         self._decoders = ThreadPoolExecutor(DECODERS, thread_name_prefix="stamen-decode")
         self._committing: dict[str, asyncio.Future] = {}  # task id → its upload's commit, until applied
+        self._applied: list[tuple[str, int, float | None]] = []  # the ledger's rows for updates applied, written per batch
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="stamen-eval")
         self._scoring: asyncio.Future | None = None
         self._score_after = 0.0  # monotonic time before which no new scoring starts
@@ -206,10 +207,19 @@ class Federation:
         except StaleUpdate:  # a flush ahead of it in the journal made it too stale; the task is closed
             self.ledger.lapsed([task_id])
             raise
-        self.ledger.done(task_id, admitted.update.tokens, admitted.loss)
+        if not self._applied:  # once the committer's batch is applied, before any of its answers goes out
+            asyncio.get_running_loop().call_soon(self._record_applied)
+        self._applied.append((task_id, admitted.update.tokens, admitted.loss))
         if accepted.report is not None:
             self._published(accepted.report)
         return {"status": "accepted", "version": accepted.version}
+
+    def _record_applied(self) -> None:
+        """Mark a batch's applied updates done in the ledger, in one transaction. A crash before
+        this loses nothing: the journal holds them, and ``Ledger.reconcile`` marks them done at
+        start-up."""
+        applied, self._applied = self._applied, []
+        self.ledger.done(applied)
 
     def release(self, p: Principal, task_id: str) -> dict:
         """The client gives its task back (it is stopping: Ctrl-C, ``flwr stop``): the task
@@ -321,6 +331,8 @@ class Federation:
             self.store.checkpoint(self.coord.aggregator)
         except OSError as e:
             log.warning("final checkpoint failed (%s); the next start replays the journal", e)
+        if self._applied:  # the last batch's, if its callback did not run
+            self._record_applied()
         self.committer.close()
         self._decoders.shutdown()
         self._scorer.shutdown()
