@@ -37,11 +37,11 @@ def test_plan_hash_matches_plan():
 
 
 @pytest.mark.timeout(600)
-def test_reference_devices_join_a_mixed_federation(tmp_path):
+def test_reference_devices_join_a_mixed_federation(tmp_path, export_cache):
     (tmp_path / "fed.toml").write_text(FED)
     state = tmp_path / "state"
     for runtime in ("ort", "executorch"):  # what the server's export step publishes
-        publish_bundle(SPEC, PLAN, runtime, state / "bundles", 8, 64, tmp_path / "cache")
+        publish_bundle(SPEC, PLAN, runtime, state / "bundles", 8, 64, export_cache)
     server, url = start_server(state, tmp_path / "fed.toml")
     try:
         gpu_tok = create_token(state, "gpu")

@@ -35,12 +35,14 @@ batch_size = 8
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    """A server with a fresh export cache, and two data folders."""
+def federation(tmp_path_factory, export_cache):
+    """A server and two data folders. The server's export cache is the session's: the programs
+    are test_bundle_device's (phone-high at 8 x 64), exported once; test_server_bundles is the
+    one that has a server really export on first need."""
     root = tmp_path_factory.mktemp("runtimes")
     (root / "fed.toml").write_text(FED)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(federation_procs.ENV, "STAMEN_CACHE", str(root / "cache"))
+        mp.setitem(federation_procs.ENV, "STAMEN_CACHE", str(export_cache.parent))
         proc, url = start_server(root / "state", root / "fed.toml")
     yield root, url, stdlib_folders(root, [["json"], ["email"]])
     proc.terminate()
