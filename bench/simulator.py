@@ -84,11 +84,11 @@ def stamen_rate(work: Workload, base: dict, group: int) -> dict:
     """Train every device, ``group`` at a time, with a matmul probe after each group: the floor
     is the probes' sustained rate, so training and floor are measured under the same load (on a
     shared machine a best-of-N matmul catches an idle moment that the training never gets).
-    The first group is trained once untimed, as Flower is timed after a warm-up round: a
+    The first group trains one step untimed first, as Flower is timed after a warm-up round: a
     simulation trains group after group in one process, and the first one alone pays for the
     memory the kernel hands this thread's heap (~180 MiB of page faults for 100 phones)."""
     model = work.submodel(base)
-    train_batched(model, [work.batches(d) for d in range(min(group, work.devices))], work.steps, work.train)
+    train_batched(model, [work.batches(d) for d in range(min(group, work.devices))], 1, work.train)
     train, floor = Clock(), Clock()
     deltas = {}
     for first in range(0, work.devices, group):
