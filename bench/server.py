@@ -11,9 +11,11 @@ per batch (the bodies that arrived during one fsync are made durable by the next
 with a next task (its task route answers at once). No durable server can take updates faster
 than that, so ``ratio`` = stamen / floor says how much of the I/O the server leaves on the
 table. Prints one JSON line per N:
-``{"clients", "updates_per_s", "floor_updates_per_s", "ratio", "p50_ms", "p99_ms", "errors"}``
-— latencies are stamen's, per request (task or update); errors count every non-2xx answer or
-failed connection to stamen.
+``{"clients", "updates_per_s", "floor_updates_per_s", "ratio", "p50_ms", "p99_ms", "errors",
+"server_cpu_ms"}`` — latencies are stamen's, per request (task or update); errors count every
+non-2xx answer or failed connection to stamen; ``server_cpu_ms`` is the stamen process's CPU
+time (user + system, all its threads) per accepted update, which the machine's other load
+moves far less than the rates (null where ``/proc`` is missing).
 
     python bench/server.py            # N = 100 and N = 1000
     python bench/server.py --clients 50 --cycles 2
@@ -123,6 +125,15 @@ def serve_floor(path: Path) -> None:
     asyncio.run(main())
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) process ``pid`` has used so far; None where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Stats:
     def __init__(self) -> None:
         self.latencies: list[float] = []
@@ -192,17 +203,20 @@ async def drive(url: str, tokens: list[str], cycles: int, payload: bytes) -> tup
     return stats.updates / wall, stats
 
 
-async def run(url: str, floor: str, join_token: str, n: int, cycles: int, config: Path) -> dict:
+async def run(url: str, floor: str, join_token: str, n: int, cycles: int, config: Path, pid: int) -> dict:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         joined = await asyncio.gather(*(join(http, url, join_token) for _ in range(n)))
     payload = payload_for(joined[0], config)  # every client declares the same memory: one plan
+    cpu0 = cpu_seconds(pid)
     rate, stats = await drive(url, [me["token"] for me in joined], cycles, payload)
+    cpu1 = cpu_seconds(pid)
     floor_rate, _ = await drive(floor, ["floor"] * n, cycles, payload)
     lat = np.array(stats.latencies) * 1000
     return {"clients": n, "updates_per_s": round(rate, 1), "floor_updates_per_s": round(floor_rate, 1),
             "ratio": round(rate / floor_rate, 3),
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
-            "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None, "errors": stats.errors}
+            "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None, "errors": stats.errors,
+            "server_cpu_ms": round(1000 * (cpu1 - cpu0) / stats.updates, 2) if cpu0 is not None and stats.updates else None}
 
 
 def main() -> None:
@@ -220,11 +234,12 @@ def main() -> None:
         try:
             proc, url = start(["-c", SERVER, str(root / "state"), str(root / "fed.toml")])
             procs.append(proc)
+            server = proc.pid
             proc, floor = start([__file__, "--serve-floor", str(root / "floor.bin")])
             procs.append(proc)
             token = create_token(root / "state", "device")
             for n in args.clients:
-                print(json.dumps(asyncio.run(run(url, floor, token, n, args.cycles, root / "fed.toml"))), flush=True)
+                print(json.dumps(asyncio.run(run(url, floor, token, n, args.cycles, root / "fed.toml", server))), flush=True)
         finally:
             for proc in procs:
                 stop(proc)
