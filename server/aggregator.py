@@ -36,9 +36,9 @@ view, c_attn's q|k|v three), and ``flush`` divides, steps the optimizer and zero
 of the covered regions, so its only allocation is the new version itself.
 
 Defences (``server.robust``): each update is clipped to a norm bound learned from recent
-updates of its plan, folded into its weight (S += w·c·Δ, W += w, so the coverage rule holds
-for clipped updates exactly); an update that could make the next version non-finite is refused
-before it touches the buffer; and the buffer may be reduced by a coordinate-wise robust rule
+updates of its tier's plan (none borrowed from other tiers), folded into its weight
+(S += w·c·Δ, W += w, so the coverage rule holds for clipped updates exactly); an update that
+could make the next version non-finite is refused before it touches the buffer; and the buffer may be reduced by a coordinate-wise robust rule
 (trimmed mean, median) or an outlier filter instead of the mean. Those rules need every update
 of the buffer, so only they keep the buffered updates (K of them, each the size of its plan).
 
@@ -292,7 +292,7 @@ class Aggregator:
                                 f"at delta {p.delta:g}): training has stopped")
             weight, scale = 1.0, min(1.0, p.clip / size) if size > 0 else 1.0
         elif d.norm_bound != "off":
-            bound = self.norms.bound(update.plan.hash, lay.numel, tau)
+            bound = self.norms.bound(_norm_key(update.plan), lay.numel, tau)
             if size > bound:
                 if d.norm_bound == "refuse":
                     raise BadUpdate(f"update norm {size:.4g} exceeds the bound {bound:.4g} "
@@ -325,7 +325,7 @@ class Aggregator:
         lay = self._layout(update.plan)
         torch._foreach_add_(lay.S, lay.pieces(update.delta), alpha=adm.weight * adm.scale)
         torch._foreach_add_(lay.W, adm.weight)
-        self.norms.record(update.plan.hash, adm.scale * adm.norm, lay.numel)
+        self.norms.record(_norm_key(update.plan), adm.scale * adm.norm, lay.numel)
         b = self.buffer
         b.count, b.tokens, b.staleness_sum = b.count + 1, b.tokens + update.tokens, b.staleness_sum + adm.staleness
         b.g_max = max(b.g_max, adm.scale * adm.norm)
@@ -613,6 +613,14 @@ def _wcut(W: torch.Tensor, cut: tuple[int, int, int] | None) -> torch.Tensor:
         return W
     _, g, k = cut
     return W.view(g, W.shape[0] // g)[:, :k]
+
+
+def _norm_key(plan: Plan) -> str:
+    """Whose norm history an update joins: its tier's plan (the name is the tier's, the hash
+    the submodel's). Tiers do different work on the same submodel (a GPU node's 10 warm AdamW
+    steps at batch 8, a Jetson's 4 fresh ones at batch 4, both on the full model), so a pool
+    shared by plan alone would hold the nodes to the devices' size, the most numerous."""
+    return f"{plan.name}/{plan.hash}"
 
 
 def _max_abs(tensors) -> float:

@@ -3,10 +3,17 @@ beyond the norm history it is handed.
 
 **Norm bound.** Every update is clipped (or refused) to a bound before it enters the buffer.
 The bound is a multiple of the median norm of the last ``window`` accepted updates of the same
-plan, per element (RMS = ‖Δ‖/√n, so plans of different sizes can lend each other a history
-while a plan's own is shorter than ``min_history``), times √n of the update's plan, divided by
-(1 + τ)^½: a stale update was computed against an older model and gets less room, never more.
-An absolute bound from the federation file, when set, caps it too. Clipping is folded into the
+tier's plan (the aggregator keys the history by the plan's name, its tier, and its hash), per
+element (RMS = ‖Δ‖/√n), times √n of the update's plan, divided by (1 + τ)^½: a stale update was
+computed against an older model and gets less room, never more. Until a plan has
+``min_history`` updates of its own, only the absolute bound (when set) limits it: plans are
+different work (a GPU node's ten warm AdamW steps over the whole model, a phone's four fresh
+ones over a slice), so another plan's norms say nothing about what is normal for this one.
+Borrowing them had clipped the GPU nodes' first updates to the phones' size, and since the
+clipped norms then became the nodes' own history, held them there: a federation whose devices
+sent near-zero updates never left its initial loss (issue 11). A new plan's first few updates
+are still filtered by the robust rule and capped by the finite guard. An absolute bound from
+the federation file, when set, caps every update too. Clipping is folded into the
 update's weight in the buffer (S += w·c·Δ, W += w), so it costs no pass over the update beyond
 the norm itself, and the per-element coverage rule stays exact. The history records the
 *clipped* norms, so an attacker cannot ratchet the median upward while fewer than half of a
@@ -50,7 +57,7 @@ class DefenceConfig:
     norm_bound: str = "clip"  # "clip", "refuse" or "off"
     norm_multiple: float = 3.0  # bound = multiple × median recent norm (per element, × √n)
     norm_window: int = 64  # accepted updates per plan remembered
-    norm_min_history: int = 4  # fewer than this of a plan: borrow every plan's history
+    norm_min_history: int = 4  # fewer than this of a plan's own: no history bound yet (norm_absolute only)
     norm_absolute: float = 0.0  # a cap on ‖Δ‖ whatever the history (0: none)
     rule: str = "filter"  # "mean", "trimmed", "median" or "filter"; central DP needs "mean"
     trim: float = 0.2  # trimmed: the share cut from each end at every element
@@ -82,10 +89,9 @@ class NormHistory:
         """The norm bound for an update of ``plan`` (``numel`` elements) at staleness τ, or inf."""
         c = self.config
         own = self.rms.get(plan, ())
-        pool = own if len(own) >= c.norm_min_history else [r for d in self.rms.values() for r in d]
         bound = math.inf
-        if len(pool) >= c.norm_min_history:
-            bound = c.norm_multiple * statistics.median(pool) * math.sqrt(numel) / math.sqrt(1 + staleness)
+        if len(own) >= c.norm_min_history:
+            bound = c.norm_multiple * statistics.median(own) * math.sqrt(numel) / math.sqrt(1 + staleness)
         if c.norm_absolute > 0:
             bound = min(bound, c.norm_absolute)
         return bound

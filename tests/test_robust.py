@@ -111,6 +111,29 @@ def test_norm_bound_clips_to_a_multiple_of_the_recent_median():
     torch.testing.assert_close(before - a.weights["ln_f.bias"], torch.full((CFG.n_embd,), 3.0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("phone", [Plan("phone", (0,), 0.5, (MLP,)), Plan("phone", (0,), 1.0, (MLP,))],
+                         ids=["another-submodel", "same-submodel"])
+def test_a_tier_without_its_own_history_is_not_clipped_by_other_tiers_norms(phone):
+    """Issue 11: a GPU node's first updates must not be clipped to the phones' size (its own
+    history would then start at their size and stay there), whether the phones train another
+    submodel or the very same one (a tier's history is its own: the work differs)."""
+    gpu = Plan("gpu", (0,), 1.0, (MLP,))
+    a = agg(k=1, norm_multiple=3.0, norm_min_history=4)
+    for i in range(8):  # the phones' history: 0.01 per element
+        a.submit(const(f"p{i}", phone, 0.01, base=i), now=0.0)
+    for i in range(4):  # the node's first four pass whole (RMS 1 and 2: 100-200x the phones')
+        before = a.weights[MLP].clone()
+        a.submit(const(f"g{i}", gpu, 1.0 + (i % 2), base=a.version), now=0.0)
+        torch.testing.assert_close(before - a.weights[MLP], torch.full_like(before, 1.0 + (i % 2)), rtol=1e-5, atol=1e-5)
+    before = a.weights[MLP].clone()
+    a.submit(const("g-big", gpu, 100.0, base=a.version), now=0.0)  # now its own: 3 × median 1.5
+    torch.testing.assert_close(before - a.weights[MLP], torch.full_like(before, 4.5), rtol=1e-5, atol=1e-4)
+    before = a.weights[MLP].clone()
+    a.submit(const("p-big", phone, 1.0, base=a.version), now=0.0)  # the phones' bound is theirs: 3 × 0.01
+    rows = phone.mlp_hidden(CFG)
+    torch.testing.assert_close((before - a.weights[MLP])[:rows], torch.full_like(before[:rows], 0.03), rtol=1e-4, atol=1e-6)
+
+
 def test_norm_bound_refuse_mode_and_absolute_bound():
     a = agg(k=1, norm_bound="refuse", norm_min_history=1)
     a.submit(const("h", LN, 1.0), now=0.0)
