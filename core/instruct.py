@@ -199,13 +199,18 @@ def stdlib_instructions(max_output: int = 240) -> InstructionSet:
     return InstructionSet(examples)
 
 
+def speaks_bytes(folder: Path) -> bool:
+    """Whether a model folder is a stamen one (``core.gpt2`` writes ``"tokenizer": "bytes"``)."""
+    return json.loads((folder / "config.json").read_text()).get("stamen", {}).get("tokenizer") == "bytes"
+
+
 def base_encoding(base: str) -> tuple[Callable[[str], list[int]], int]:
     """(encode, end-of-text id) for fine-tuning ``hf:PATH``: its own tokenizer, or stamen's
     bytes for a stamen model folder (``core.gpt2`` writes ``"tokenizer": "bytes"`` in its config)."""
     from stamen.core.hf import hf_folder, load_tokenizer
 
     folder = hf_folder(base)
-    if json.loads((folder / "config.json").read_text()).get("stamen", {}).get("tokenizer") == "bytes":
+    if speaks_bytes(folder):
         return encode_bytes, EOS_BYTE
     tok = load_tokenizer(folder)
     return tok.encode, tok.eos_token_id

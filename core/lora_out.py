@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from stamen.core.errors import UserError
 from stamen.core.hf import build_hf, hf_folder, load_tokenizer
-from stamen.core.instruct import base_encoding, encode_bytes
+from stamen.core.instruct import base_encoding, encode_bytes, speaks_bytes
 from stamen.core.lora import A, B, LoraPlan, LoraSpace, load_adapter, merge
 
 HF = "hf."  # module names inside core.hf.CausalLM start with this; PEFT's do not
@@ -57,7 +57,7 @@ def save_merged(space: LoraSpace, adapter: dict[str, torch.Tensor], base: str, o
     load_adapter(model, adapter)
     merged = merge(model)
     merged.hf.save_pretrained(out)
-    if base_encoding(base)[0] is not encode_bytes:
+    if not speaks_bytes(folder):  # base_encoding would load the tokenizer a second time
         load_tokenizer(folder).save_pretrained(out)
     return out
 
