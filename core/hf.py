@@ -37,6 +37,12 @@ def hf_folder(name: str) -> Path:
     return path
 
 
+def speaks_bytes(folder: Path) -> bool:
+    """Whether a model folder is a stamen one, which encodes bytes and has no tokenizer
+    (``core.gpt2`` writes ``"tokenizer": "bytes"`` into its config)."""
+    return json.loads((folder / "config.json").read_text()).get("stamen", {}).get("tokenizer") == "bytes"
+
+
 def load_config(path: Path) -> Any:
     from transformers import AutoConfig
 

@@ -29,7 +29,7 @@ import torch
 
 from stamen.core.data import STDLIB_SKIP
 from stamen.core.errors import UserError
-from stamen.core.hf import IGNORE
+from stamen.core.hf import IGNORE, speaks_bytes
 
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -197,11 +197,6 @@ def stdlib_instructions(max_output: int = 240) -> InstructionSet:
                     summary = doc.strip().split("\n\n")[0].strip()[:max_output]
                     examples.append(Example(group, DOCSTRING_TASK, _signature(node), summary))
     return InstructionSet(examples)
-
-
-def speaks_bytes(folder: Path) -> bool:
-    """Whether a model folder is a stamen one (``core.gpt2`` writes ``"tokenizer": "bytes"``)."""
-    return json.loads((folder / "config.json").read_text()).get("stamen", {}).get("tokenizer") == "bytes"
 
 
 def base_encoding(base: str) -> tuple[Callable[[str], list[int]], int]:

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from stamen.core.errors import UserError
-from stamen.core.hf import build_hf, hf_folder, load_tokenizer
-from stamen.core.instruct import base_encoding, encode_bytes, speaks_bytes
+from stamen.core.hf import build_hf, hf_folder, load_tokenizer, speaks_bytes
+from stamen.core.instruct import base_encoding, encode_bytes
 from stamen.core.lora import A, B, LoraPlan, LoraSpace, load_adapter, merge
 
 HF = "hf."  # module names inside core.hf.CausalLM start with this; PEFT's do not

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from stamen.core.errors import UserError
-from stamen.core.hf import hf_folder, is_hf
+from stamen.core.hf import hf_folder, is_hf, speaks_bytes
 from stamen.core.model import ModelSpec
 from stamen.core.lora import LoraPlan, described_space
 from stamen.core.plan import Plan
@@ -143,7 +143,7 @@ def _tokenizer(spec: ModelSpec, folder: Path) -> tuple[str, ...]:
     if not is_hf(spec.name):
         return ()
     base = hf_folder(spec.name)
-    if json.loads((base / "config.json").read_text()).get("stamen", {}).get("tokenizer") == "bytes":
+    if speaks_bytes(base):
         return ()
     names = tuple(n for n in TOKENIZER_FILES if (base / n).is_file())
     if names != TOKENIZER_FILES:
