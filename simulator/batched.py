@@ -114,17 +114,35 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], x.new_ones(x.shape[-1]))
 
 
-def _norm_linear(x: torch.Tensor, w: dict[str, torch.Tensor], ln: str, name: str) -> torch.Tensor:
-    """``nn.Linear`` ``name`` of ``nn.LayerNorm`` ``ln``'s output, for ``x`` [D, N, d].
+def _own_affine(w: dict[str, torch.Tensor], ln: str) -> bool:
+    """Whether LayerNorm ``ln``'s scale or shift is each device's own (stacked), so that
+    ``_norm_linear`` folds it into the Linear that follows."""
+    g, b = w[f"{ln}.weight"], w.get(f"{ln}.bias")
+    return g.dim() == 2 or (b is not None and b.dim() == 2)
+
+
+def _ln_out(x: torch.Tensor, w: dict[str, torch.Tensor], ln: str) -> torch.Tensor:
+    """What ``_norm_linear`` feeds its Linear: ``x`` normalized, with ``ln``'s affine only when
+    it is shared (a device's own affine is folded into the Linear's weights instead)."""
+    if _own_affine(w, ln):
+        return _normalize(x)
+    return F.layer_norm(x, x.shape[-1:], w[f"{ln}.weight"], w.get(f"{ln}.bias"))
+
+
+def _norm_linear(x: torch.Tensor, w: dict[str, torch.Tensor], ln: str, name: str,
+                 normed: torch.Tensor | None = None) -> torch.Tensor:
+    """``nn.Linear`` ``name`` of ``nn.LayerNorm`` ``ln``'s output, for ``x`` [D, N, d];
+    ``normed`` is ``_ln_out(x, w, ln)`` where the caller already has it.
 
     When the LayerNorm's scale g and shift b are each device's own, they are folded into the
     Linear, (n·g + b) Wᵀ + c = n (W·g)ᵀ + (W b + c), so the per-device affine costs a pass
     over the [D, out, in] weights instead of several over the [D, N, d] activations (autograd's
     backward of the broadcast multiply writes two full-size products and sums one). The same
     arithmetic up to float rounding; autograd carries the gradients back to W, g, b and c."""
+    normed = _ln_out(x, w, ln) if normed is None else normed
+    if not _own_affine(w, ln):
+        return _linear(normed, w, name)
     g, b = w[f"{ln}.weight"], w.get(f"{ln}.bias")
-    if g.dim() == 1 and (b is None or b.dim() == 1):
-        return _linear(F.layer_norm(x, x.shape[-1:], g, b), w, name)
     weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
     folded = {f"{name}.weight": weight * g.unsqueeze(-2)}
     if b is not None:
@@ -132,7 +150,7 @@ def _norm_linear(x: torch.Tensor, w: dict[str, torch.Tensor], ln: str, name: str
         folded[f"{name}.bias"] = shift if bias is None else bias + shift
     elif bias is not None:
         folded[f"{name}.bias"] = bias
-    return _linear(_normalize(x), folded, name)
+    return _linear(normed, folded, name)
 
 
 class _Gelu(torch.autograd.Function):
@@ -158,21 +176,55 @@ class _Gelu(torch.autograd.Function):
         return slope.mul_(torch.addcmul(s, s, s, value=-1)).add_(s).mul_(grad)
 
 
-def _stacked_hidden(model: nn.Module, w: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+@dataclass
+class _Inputs:
+    """The first block's input x = wte[t] + wpe[p] and its ``_ln_out`` for every token t and
+    position p, row t·T + p, where both embeddings and the first ln_1 are shared (frozen, as in
+    every tier plan): a step then gathers its rows instead of adding the embeddings and
+    normalizing (a pass over [D, B·T, d] and a LayerNorm each step; both identical row by row)."""
+
+    x: torch.Tensor
+    normed: torch.Tensor
+
+    @staticmethod
+    def build(model: nn.Module, w: dict[str, torch.Tensor], seq_len: int, rows_served: int) -> _Inputs | None:
+        """The tables for ``seq_len``-token batches, or None where an embedding trains, or where
+        the tables would have more rows than the ``rows_served`` rows they save gathering (large
+        vocabularies and contexts). ``_ln_out`` is the same for every device: the plain
+        normalization where the devices' ln_1 affines differ (they are folded downstream), the
+        shared LayerNorm where ln_1 is frozen."""
+        wte, wpe = w["wte.weight"], w["wpe.weight"]
+        if wte.dim() != 2 or wpe.dim() != 2 or wte.shape[0] * seq_len > rows_served:
+            return None
+        ln = f"blocks.{next(iter(model.blocks))}.ln_1"
+        x = (wte.unsqueeze(1) + wpe[:seq_len]).flatten(0, 1)
+        return _Inputs(x, _ln_out(x, w, ln))
+
+
+def _stacked_hidden(model: nn.Module, w: dict[str, torch.Tensor], idx: torch.Tensor,
+                    inputs: _Inputs | None = None) -> torch.Tensor:
     """``model.hidden`` (a ``GPT``) but its final LayerNorm, for D devices at once: ``idx``
-    [D, B, T] and each weight in ``w`` either stacked [D, ...] (it trains) or shared (frozen).
+    [D, B, T] and each weight in ``w`` either stacked [D, ...] (it trains) or shared (frozen);
+    ``inputs`` the first block's input tables where ``_Inputs.build`` made them.
     Returns [D, B·T, d], the last block's output, which ``_head_loss`` normalizes (``ln_f``)
     and turns into losses. The same arithmetic as ``GPT.hidden`` written over stacked weights;
     ``tests/test_batched.py`` holds it to it."""
     D, B, T = idx.shape
-    wte, wpe = w["wte.weight"], w["wpe.weight"]
-    tok = wte[torch.arange(D, device=idx.device).view(D, 1, 1), idx] if wte.dim() == 3 else F.embedding(idx, wte)
-    pos = wpe[:, :T].unsqueeze(1) if wpe.dim() == 3 else wpe[:T]
-    x = tok.add_(pos).view(D, B * T, -1)  # tok is a fresh tensor: no second [D, B, T, d] is written
+    normed = None
+    if inputs is not None:
+        rows = (idx * T + torch.arange(T, device=idx.device)).view(-1)
+        x = inputs.x.index_select(0, rows).view(D, B * T, -1)
+        normed = inputs.normed.index_select(0, rows).view(D, B * T, -1)
+    else:
+        wte, wpe = w["wte.weight"], w["wpe.weight"]
+        tok = wte[torch.arange(D, device=idx.device).view(D, 1, 1), idx] if wte.dim() == 3 else F.embedding(idx, wte)
+        pos = wpe[:, :T].unsqueeze(1) if wpe.dim() == 3 else wpe[:T]
+        x = tok.add_(pos).view(D, B * T, -1)  # tok is a fresh tensor: no second [D, B, T, d] is written
     for i, block in model.blocks.items():
         p = f"blocks.{i}"
         heads, hd = block.attn.n_head, block.attn.head_dim
-        qkv = _norm_linear(x, w, f"{p}.ln_1", f"{p}.attn.c_attn")
+        qkv = _norm_linear(x, w, f"{p}.ln_1", f"{p}.attn.c_attn", normed)
+        normed = None
         q, k, v = (t.reshape(D * B, T, heads, hd).transpose(1, 2) for t in qkv.split(heads * hd, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = _linear(y.transpose(1, 2).reshape(D, B * T, heads * hd), w, f"{p}.attn.c_proj", residual=x)
@@ -202,54 +254,51 @@ class _HeadGrads:
 def _head_loss(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor,
                y: torch.Tensor) -> _HeadGrads:
     """Each device's mean cross-entropy of ``LayerNorm(x; g, b) @ w.T`` against ``y``, with its
-    gradients, in one pass over cache-sized chunks of devices.
+    gradients, the logits computed and used up in cache-sized chunks of devices.
 
     ``x`` [D, N, d] is the last block's output, ``g``/``b`` ln_f's scale and shift ([d],
     shared, or [D, d], each device's own), ``w`` the head ([V, d] or [D, V, d]) and ``y``
     [D, N] the targets. The loss is the mean over a device's N tokens of logsumexp(z) − z[y],
     so its gradient in the logits is (softmax(z) − onehot(y)) / N; the chain rule gives the
     gradients in h = n·g + b (that @ w), in ``w`` (its transpose @ h), in g (Σ ∂h·n), in b
-    (Σ ∂h) and in ``x`` (LayerNorm's backward of ∂h·g). Computing them here means neither the
-    logits of a whole group ([D·N, V]: 26 MiB for 100 phones) nor the final LayerNorm's
-    activations are written to memory and read back (forward, softmax backward, nll backward,
-    affine backward), which was half a step."""
+    (Σ ∂h) and in ``x`` (LayerNorm's backward of ∂h·g). Computing them here means the logits of
+    a whole group ([D·N, V]: 26 MiB for 100 phones) are never written to memory and read back
+    (forward, softmax backward, nll backward), which was half a step. The LayerNorm, its affine
+    and its backward run once over the whole group, not per chunk: per chunk, each op cost its
+    Python and dispatch again and the input gradient a copy out (head 3 % faster)."""
     D, N, d = x.shape
     V = w.shape[-2]
     own_w, own_g, own_b = w.dim() == 3, g.dim() == 2, b is not None and b.dim() == 2
     k = max(1, CHUNK_BYTES // (4 * N * V))
-    out = _HeadGrads(torch.empty(D, dtype=torch.float32, device=x.device), torch.empty_like(x),
-                     torch.empty_like(g) if own_g else None, torch.empty_like(b) if own_b else None,
-                     torch.empty_like(w) if own_w else None)
-    lse, zy = x.new_empty(D, N, 1), x.new_empty(D, N, 1)  # per token: log Σ exp2(z − max), z[y] − max
-    ones, w2, minus_one = x.new_ones(d), w * LOG2E, x.new_full((k, N, 1), -1.0)
-    g_n = g / N  # ∂h is computed N times too large: the 1/N is applied here and to the sums after
+    head = torch.empty_like(w) if own_w else None
+    ones = x.new_ones(d)
+    n, mean, rstd = torch.native_layer_norm(x, (d,), ones, None, 1e-5)
+    gq = g.unsqueeze(1) if own_g else g
+    h = n * gq if b is None else torch.addcmul(b.unsqueeze(1) if own_b else b, n, gq)
+    grad_h = torch.empty_like(h)  # N·∂h
+    total, zy = x.new_empty(D, N, 1), x.new_empty(D, N, 1)  # per token: Σ exp2(z − max), z[y] − max
+    w2, minus_one = w * LOG2E, x.new_full((k, N, 1), -1.0)
     for i in range(0, D, k):
-        xc, yc = x[i:i + k], y[i:i + k].unsqueeze(-1)
+        yc = y[i:i + k].unsqueeze(-1)
         wc, wc2 = (w[i:i + k], w2[i:i + k]) if own_w else (w, w2)
-        gc, gc_n = (g[i:i + k].unsqueeze(1), g_n[i:i + k].unsqueeze(1)) if own_g else (g, g_n)
-        n, mean, rstd = torch.native_layer_norm(xc, (d,), ones, None, 1e-5)
-        h = n * gc if b is None else torch.addcmul(b[i:i + k].unsqueeze(1) if own_b else b, n, gc)
-        z = h @ wc2.transpose(-1, -2)  # [k, N, V], in base-2 units: log2(e)·logits
+        z = h[i:i + k] @ wc2.transpose(-1, -2)  # [k, N, V], in base-2 units: log2(e)·logits
         z.sub_(z.amax(-1, keepdim=True))  # z − max: exp2 cannot overflow, and one exp2 serves both
         p = z.exp2()  # exp2 is a third cheaper than exp here, and exp was the chunk's costliest pass
-        total = p.sum(-1, keepdim=True)
-        torch.log(total, out=lse[i:i + k])
+        torch.sum(p, -1, keepdim=True, out=total[i:i + k])
         torch.gather(z, -1, yc, out=zy[i:i + k])
-        p.div_(total).scatter_add_(-1, yc, minus_one[:len(yc)])  # N·∂logits
-        grad_h = p @ wc  # N·∂h
+        p.div_(total[i:i + k]).scatter_add_(-1, yc, minus_one[:len(yc)])  # N·∂logits
+        torch.matmul(p, wc, out=grad_h[i:i + k])
         if own_w:
-            torch.matmul(p.transpose(-1, -2), h, out=out.head[i:i + k])
-        if own_g:
-            torch.sum(grad_h * n, 1, out=out.scale[i:i + k])
-        if own_b:
-            torch.sum(grad_h, 1, out=out.shift[i:i + k])
-        out.x[i:i + k] = torch.ops.aten.native_layer_norm_backward(
-            grad_h.mul_(gc_n), xc, (d,), mean, rstd, ones, None, [True, False, False])[0]
-    torch.mean(lse.sub_(zy, alpha=LN2), (1, 2), out=out.losses)  # logsumexp − logit[y], in nats
-    for grad in (out.head, out.scale, out.shift):
+            torch.matmul(p.transpose(-1, -2), h[i:i + k], out=head[i:i + k])
+    losses = torch.mean(total.log_().sub_(zy, alpha=LN2), (1, 2))  # logsumexp − logit[y], in nats
+    scale = torch.sum(grad_h * n, 1) if own_g else None
+    shift = torch.sum(grad_h, 1) if own_b else None
+    grad_x = torch.ops.aten.native_layer_norm_backward(  # after the sums: mul_ rescales grad_h
+        grad_h.mul_(gq / N), x, (d,), mean, rstd, ones, None, [True, False, False])[0]
+    for grad in (head, scale, shift):
         if grad is not None:
             grad.div_(N)
-    return out
+    return _HeadGrads(losses, grad_x, scale, shift, head)
 
 
 def train_batched(
@@ -307,13 +356,16 @@ def _train(
     every = {**frozen, **stacked}
     losses = torch.empty(n, steps)
     tokens = 0
+    inputs = None
     model.train()
     for i in range(steps):
         x, y = (t.to(device) for t in next_batches(batches))
+        if i == 0:
+            inputs = _Inputs.build(model, every, x.shape[-1], steps * x.numel())
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step_offset + i)
         with autocast(device):
-            h = _stacked_hidden(model, every, x)  # [devices, batch·seq, embd]
+            h = _stacked_hidden(model, every, x, inputs)  # [devices, batch·seq, embd]
         w, g, b = every[head], every["ln_f.weight"], every.get("ln_f.bias")
         out = _head_loss(h.detach(), g.detach(), None if b is None else b.detach(), w.detach(), y.flatten(1))
         opt.zero_grad(set_to_none=True)

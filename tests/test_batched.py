@@ -10,7 +10,7 @@ from stamen.core.data import Corpus, Shard
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, PRESETS, weights
 from stamen.core.train import TrainConfig, train_steps
-from stamen.simulator.batched import train_batched
+from stamen.simulator.batched import _Inputs, train_batched
 
 CFG = PRESETS["gpt-tiny"]
 N_DEVICES, STEPS, BATCH, SEQ = 5, 3, 2, 16
@@ -26,12 +26,12 @@ def shards() -> list[Shard]:
     return [Shard(corpus, corpus.doc_bounds[i:i + 1]) for i in range(N_DEVICES)]
 
 
-def submodel() -> GPT:
+def submodel(frozen: tuple[str, ...] = ("blocks.1.",)) -> GPT:
     """A width-reduced two-block submodel with one frozen block, as a phone plan trains."""
     torch.manual_seed(1)
     model = GPT(CFG, block_ids=(1, 3), n_head=2, mlp_hidden=128)
     for name, p in model.named_parameters():
-        if name.startswith("blocks.1."):
+        if name.startswith(frozen):
             p.requires_grad_(False)
     return model
 
@@ -62,6 +62,25 @@ def test_batched_equals_each_device_alone(shards, train):
             torch.testing.assert_close(result.weights[name][d], own[name], rtol=0, atol=atol)
             torch.testing.assert_close(delta[name], base[name] - own[name], rtol=0, atol=atol)
             assert not torch.equal(own[name], base[name]), f"{name} did not train"
+
+
+@pytest.mark.parametrize("frozen", [("wte.", "wpe."), ("wte.", "wpe.", "blocks.1.")])
+def test_batched_equals_alone_with_frozen_embeddings(shards, frozen):
+    """As the tier plans train: the embeddings (and here the head tied to them) are frozen, so
+    the first block's input and its ln_1 output come from per-(token, position) tables, with
+    that ln_1's affine each device's own (folded into c_attn) or frozen and shared."""
+    model, train, steps, batch = submodel(frozen), TrainConfig(lr=3e-3, warmup_steps=2, total_steps=6), 7, 8
+    every = {k: p.detach() for k, p in model.named_parameters()}
+    assert _Inputs.build(model, every, SEQ, steps * len(shards) * batch * SEQ) is not None, "the tables must be used"
+    result = train_batched(model, [s.batches(batch, SEQ, seed=d) for d, s in enumerate(shards)], steps, train)
+    for d, shard in enumerate(shards):
+        alone = copy.deepcopy(model)
+        ref = train_steps(alone, shard.batches(batch, SEQ, seed=d), steps, train)
+        torch.testing.assert_close(result.losses[d], torch.tensor(ref.losses), rtol=0, atol=1e-5)
+        own = weights(alone)
+        for name in result.weights:
+            torch.testing.assert_close(result.weights[name][d], own[name], rtol=0, atol=1e-4)
+            assert not torch.equal(own[name], every[name]), f"{name} did not train"
 
 
 def test_threads_split_devices_without_changing_results(shards):
