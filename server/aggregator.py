@@ -22,6 +22,19 @@ DiLoCo equivalences hold; each plan's share is at most 1, so |g_j| ≤ (plans) �
 bound the finite guard uses. The robust rules reduce every update of an element to one
 statistic, so "add" takes the mean rule only.
 
+``paced_by`` (issue 11): versions paced by the GPU nodes. A flush counts toward K only the
+updates of the named tiers' plans (``paced_by = ("gpu",)``, K = the number of nodes); the
+devices' updates that arrived meanwhile join the same flush. Why: under FedBuff's count of
+any K updates, a node's update lands in a flush of whatever devices happened to arrive, alone
+or beside the other node's; measured in the simulator with the devices' updates weighted 0
+(so they could change nothing but the flush boundaries), the nodes then trained a worse model
+than alone (seeds 1 and 2: 2.942 and 2.918 against 2.841 and 2.806), while pacing by the nodes
+gave back the nodes-alone run's loss (2.842, 2.827; seed 0 2.904 against 2.951). With
+``paced_by`` a mixed federation's versions are the nodes' own rounds, so devices can only add
+to them (and, slower versions, arrive less stale). A federation whose paced tiers stop
+reporting stalls; ``max_wait_s`` publishes what the buffer holds after that long. An empty
+``paced_by`` (the default) counts every update: FedBuff, and the synchronous equivalences.
+
 Why W can be stored per slice rather than per element: a plan covers a tensor either whole or
 along exactly one dimension (heads/hidden-unit prefixes; see ``core.plan``), and that dimension
 is the same for every plan (c_attn/c_fc rows, c_proj columns). So the set of updates covering
@@ -93,6 +106,7 @@ class AggregatorConfig:
     token_exponent: float = 1.0
     staleness_exponent: float = 0.5
     combine: str = "mean"  # "mean": g = S / W; "add": plans add up (see ``flush``)
+    paced_by: tuple[str, ...] = ()  # plan (tier) names whose updates count toward buffer_k; () = all
     max_tokens: int | None = None  # flush once the buffer holds this many tokens
     max_wait_s: float | None = None  # flush after this long since the buffer's first update...
     min_quorum: int = 1  # ...if it holds at least this many
@@ -169,6 +183,7 @@ class _Buffer:
     g_max: float = 0.0  # the largest clipped norm buffered: bounds every |g_j| of the flush
     kept: list[tuple[Update, float, float]] = field(default_factory=list)  # (update, w, c): robust rules only
     plan_w: dict[Plan, float] = field(default_factory=dict)  # Σ tokens^a per plan: combine = "add" only
+    paced: int = 0  # updates that count toward buffer_k (all of them unless ``paced_by`` names tiers)
 
 
 class Aggregator:
@@ -328,6 +343,7 @@ class Aggregator:
         self.norms.record(_norm_key(update.plan), adm.scale * adm.norm, lay.numel)
         b = self.buffer
         b.count, b.tokens, b.staleness_sum = b.count + 1, b.tokens + update.tokens, b.staleness_sum + adm.staleness
+        b.paced += not self.config.paced_by or update.plan.name in self.config.paced_by
         b.g_max = max(b.g_max, adm.scale * adm.norm)
         if self.config.combine == "add":
             fresh = 1.0 if self.config.privacy.enabled else float(update.tokens) ** self.config.token_exponent
@@ -337,7 +353,7 @@ class Aggregator:
         b.opened_at = now if b.opened_at is None else b.opened_at
         b.task_ids.append(update.task_id)
         self.seen[update.task_id] = update.base_version
-        if b.count >= self.config.buffer_k:
+        if b.paced >= self.config.buffer_k:
             return self.flush("k")
         if self.config.max_tokens is not None and b.tokens >= self.config.max_tokens:
             return self.flush("tokens")
@@ -539,7 +555,7 @@ class Aggregator:
         for i, (u, _, _) in enumerate(b.kept):
             tensors |= {f"kept/{i}/{n}": t for n, t in u.delta.items()}
         meta = {"version": self.version, "history": sorted(self.history), "count": b.count, "tokens": b.tokens,
-                "staleness_sum": b.staleness_sum, "opened_at": b.opened_at, "task_ids": b.task_ids,
+                "staleness_sum": b.staleness_sum, "paced": b.paced, "opened_at": b.opened_at, "task_ids": b.task_ids,
                 "seen": self.seen, "g_max": b.g_max, "dp_flushes": self.dp_flushes, "dp_seed": self.dp_seed, "norms": self.norms.state(),
                 "kept": [[u.task_id, u.base_version, u.plan.to_json(), u.tokens, w, c] for u, w, c in b.kept],
                 "plan_w": [[p.to_json(), w] for p, w in b.plan_w.items()]}
@@ -564,7 +580,7 @@ class Aggregator:
                 for i, (tid, base, plan, tokens, w, c) in enumerate(meta.get("kept", []))]
         agg.buffer = _Buffer(meta["count"], meta["tokens"], meta["staleness_sum"], meta["opened_at"],
                              list(meta["task_ids"]), meta.get("g_max", 0.0), kept,
-                             {Plan.from_json(p): w for p, w in meta.get("plan_w", [])})
+                             {Plan.from_json(p): w for p, w in meta.get("plan_w", [])}, meta.get("paced", meta["count"]))
         agg.seen = dict(meta["seen"])
         agg.norms = NormHistory(config.defence, meta.get("norms"))
         agg.dp_flushes, agg.dp_seed = meta.get("dp_flushes", 0), meta.get("dp_seed", agg.dp_seed)

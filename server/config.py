@@ -50,6 +50,11 @@ class AggregationSettings:
     """How a flush combines its updates: ``mean`` (the weighted mean: FedBuff, FedAvg, DiLoCo)
     or ``add`` (each plan's updates averaged, different plans' progress added, each at its
     weight relative to the heaviest plan's; see ``server.aggregator``)."""
+    paced_by: tuple[str, ...] = ()
+    """Tiers whose updates count toward ``buffer_k`` (empty: every update). ``["gpu"]`` with
+    ``buffer_k`` = the GPU nodes: versions are the nodes' rounds and the devices' updates join
+    them (see ``server.aggregator``); pair with ``max_wait_s`` so a federation whose nodes stop
+    still publishes."""
     max_tokens: int = 0
     """Also publish once the buffer holds this many tokens (0: never)."""
     max_wait_s: float = 0.0
@@ -69,6 +74,8 @@ class AggregationSettings:
         _require(self.mode != "rounds" or self.tau_max == 0,
                  'mode = "rounds" needs tau_max = 0: a round merges only its own updates')
         _require(0 <= self.momentum < 1, "momentum must be in [0, 1)")
+        _require(self.mode != "rounds" or not self.paced_by,
+                 'mode = "rounds" counts every update of a round: leave paced_by empty')
         _require(self.max_tokens >= 0 and self.max_wait_s >= 0, "max_tokens and max_wait_s must be >= 0")
         # The aggregator's and the outer optimizer's own checks; whether this section agrees
         # with [defence] and [privacy] is judged where all three are known (``load_config``).
@@ -77,7 +84,8 @@ class AggregationSettings:
     def aggregator_config(self, defence: DefenceConfig | None = None,
                           privacy: PrivacyConfig | None = None) -> AggregatorConfig:
         return AggregatorConfig(buffer_k=self.buffer_k, tau_max=self.tau_max, token_exponent=self.token_exponent,
-                                staleness_exponent=self.staleness_exponent, combine=self.combine, max_tokens=self.max_tokens or None,
+                                staleness_exponent=self.staleness_exponent, combine=self.combine,
+                                paced_by=tuple(self.paced_by), max_tokens=self.max_tokens or None,
                                 max_wait_s=self.max_wait_s or None, min_quorum=self.min_quorum,
                                 outer=OuterConfig(self.outer, self.outer_lr, self.momentum),
                                 defence=defence or DefenceConfig(), privacy=privacy or PrivacyConfig())
@@ -303,6 +311,10 @@ def load_config(path: str | Path | None = None) -> FederationConfig:
     tiers = {name: from_table(TierSettings, v, f"federation config [tiers.{name}]") for name, v in data["tiers"].items()}
     if "gpu" not in tiers:
         raise UserError("federation config [tiers.gpu] is required: gpu-role clients train it")
+    unknown = [t for t in sections["aggregation"].paced_by if t not in tiers]
+    if unknown:
+        raise UserError(f"federation config [aggregation] paced_by: unknown tier {unknown[0]!r} "
+                        f"(tiers: {', '.join(tiers)})")
     cfg = FederationConfig(**sections, tiers=tiers)
     for name in tiers:
         try:

@@ -50,9 +50,18 @@ SYNC_VERSIONS = 4  # the sync run's version cap, as a multiple of the async run'
 def synchronous(fed: FederationConfig, cohort: int, gpu_nodes: int = 0) -> FederationConfig:
     """``fed`` run as synchronous rounds of ``cohort`` devices plus every GPU node, each round
     closing at the task deadline with whatever arrived."""
-    a = replace(fed.aggregation, mode="rounds", buffer_k=cohort + gpu_nodes, tau_max=0,
+    a = replace(fed.aggregation, mode="rounds", buffer_k=cohort + gpu_nodes, tau_max=0, paced_by=(),
                 max_wait_s=fed.scheduler.task_deadline_s, min_quorum=1)
     return replace(fed, aggregation=a)
+
+
+def device_cohort(fed: FederationConfig, run: dict, gpu_nodes: int) -> int:
+    """Devices per synchronous round: the async run's K, or, when its versions are paced by
+    some tiers' updates (``paced_by``: K counts only those), as many devices as its versions
+    merged (the median flush's updates less the nodes')."""
+    if not fed.aggregation.paced_by:
+        return fed.aggregation.buffer_k
+    return max(1, round(statistics.median(f["updates"] for f in run["flushes"])) - gpu_nodes)
 
 
 def hours_to_loss(evals: list[dict], target: float) -> float | None:
@@ -74,7 +83,7 @@ def compare_once(setup: SimSetup) -> dict:
     asyn = Simulation(replace(setup.sim, eval_every=1), setup.fed, setup.classes)
     runs = {"async": asyn.run().summary()}
     target = target_loss(runs["async"]["evals"])
-    sync = synchronous(setup.fed, setup.fed.aggregation.buffer_k, asyn.gpu_nodes)
+    sync = synchronous(setup.fed, device_cohort(setup.fed, runs["async"], asyn.gpu_nodes), asyn.gpu_nodes)
     sim = replace(setup.sim, eval_every=1, max_versions=SYNC_VERSIONS * max(1, runs["async"]["versions"]))
     runs["sync"] = Simulation(sim, sync, setup.classes).run(target_loss=target).summary()
     hours = {name: hours_to_loss(r["evals"], target) for name, r in runs.items()}

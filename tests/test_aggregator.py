@@ -347,22 +347,29 @@ def test_add_with_one_plan_is_exactly_the_mean():
         assert torch.equal(aggs[0].weights[n], aggs[1].weights[n]), n
 
 
-def test_add_survives_a_checkpoint_mid_buffer():
+def resumed_equals_straight(cfg: AggregatorConfig, ups: list[Update]) -> Aggregator:
+    """Submit ``ups`` straight, and again with a checkpoint and restore before the last one:
+    the versions must be bitwise equal. Returns the resumed aggregator."""
     w0 = init_weights()
-    plans = [full_plan(CFG), Plan("w25", (0,), 0.25, ("*",))]
-    cfg = AggregatorConfig(buffer_k=4, tau_max=1, combine="add", defence=DefenceConfig(rule="mean"))
-    ups = [make_update(f"u{i}", 0, plans[i % 2], 16 * (i + 1), seed=i) for i in range(4)]
     straight = Aggregator(CFG, w0, cfg)
     for u in ups:
         straight.submit(u, now=0.0)
     first = Aggregator(CFG, w0, cfg)
-    for u in ups[:3]:
+    for u in ups[:-1]:
         first.submit(u, now=0.0)
     tensors, meta = first.state()
     resumed = Aggregator.from_state(CFG, cfg, tensors, meta, set(first.seen))
-    resumed.submit(ups[3], now=0.0)
+    resumed.submit(ups[-1], now=0.0)
+    assert resumed.version == straight.version == 1
     for n in w0:
         assert torch.equal(resumed.weights[n], straight.weights[n]), n
+    return resumed
+
+
+def test_add_survives_a_checkpoint_mid_buffer():
+    plans = [full_plan(CFG), Plan("w25", (0,), 0.25, ("*",))]
+    cfg = AggregatorConfig(buffer_k=4, tau_max=1, combine="add", defence=DefenceConfig(rule="mean"))
+    resumed_equals_straight(cfg, [make_update(f"u{i}", 0, plans[i % 2], 16 * (i + 1), seed=i) for i in range(4)])
 
 
 def test_add_refuses_a_robust_rule():
@@ -370,3 +377,30 @@ def test_add_refuses_a_robust_rule():
         AggregatorConfig(combine="add", defence=DefenceConfig(rule="median"))
     with pytest.raises(UserError, match="unknown combine"):
         AggregatorConfig(combine="sum")
+
+
+def test_paced_by_counts_only_the_named_tiers_and_merges_every_update():
+    """``paced_by``: K counts the nodes' updates only; the devices' that arrived meanwhile join
+    the same flush, merged by the usual weighted mean (reference written here)."""
+    w0 = init_weights()
+    node, phone = Plan("gpu", full_plan(CFG).blocks), Plan("phone", (0,), 0.25, ("blocks.*", "ln_f.*"))
+    agg = Aggregator(CFG, w0, AggregatorConfig(buffer_k=2, tau_max=2, paced_by=("gpu",),
+                                               outer=OuterConfig("fedavg", lr=1.0)))
+    order = [phone, node, phone, phone, node]
+    ups = [make_update(f"u{i}", 0, p, 16 * (i + 1), seed=i) for i, p in enumerate(order)]
+    reports = [agg.submit(u, now=0.0) for u in ups]
+    assert reports[:4] == [None] * 4
+    assert (reports[4].version, reports[4].updates, reports[4].reason) == (1, 5, "k")
+    g, covered = reference_mean(ups, [float(u.tokens) for u in ups])
+    for n in w0:
+        torch.testing.assert_close(agg.weights[n], w0[n] - g[n], **TOL)
+    # Devices alone never reach K: only time (max_wait_s) would publish them.
+    assert all(agg.submit(make_update(f"p{i}", 1, phone, 16, seed=50 + i), now=1.0) is None for i in range(10))
+    assert agg.version == 1 and agg.buffer.count == 10
+
+
+def test_paced_buffer_survives_a_checkpoint():
+    node, phone = Plan("gpu", full_plan(CFG).blocks), Plan("phone", (0,), 0.5, ("blocks.*", "ln_f.*"))
+    cfg = AggregatorConfig(buffer_k=2, tau_max=1, paced_by=("gpu",))
+    ups = [make_update(f"u{i}", 0, p, 32, seed=i) for i, p in enumerate([node, phone, phone, node])]
+    assert resumed_equals_straight(cfg, ups).buffer.count == 0  # one version of all four (K counts the nodes)

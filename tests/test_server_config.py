@@ -47,6 +47,8 @@ def test_max_tokens_reaches_the_aggregator(tmp_path):
     ("[tiers.gpu]\nsteps = 0\n", "steps and batch_size"),
     ("[server\n", "federation config"),
     ("[aggregation]\ncombine = 'add'\n", 'combine = "add" needs the mean defence rule'),
+    ("[aggregation]\npaced_by = ['gpus']\n", "paced_by: unknown tier 'gpus'"),
+    ("[aggregation]\nmode = 'rounds'\ntau_max = 0\npaced_by = ['gpu']\n", "leave paced_by empty"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(UserError, match=message) as e:
