@@ -37,6 +37,9 @@ batch_size = 2
 [tiers.jetson]
 steps = 2
 batch_size = 2
+[tiers.gpu]                # the packaged 200 steps x 16 made the GPU-node tests most of this file's time
+steps = 4
+batch_size = 2
 """
 CLASS = """
 [{name}]
