@@ -187,14 +187,15 @@ class _Inputs:
     normed: torch.Tensor
 
     @staticmethod
-    def build(model: nn.Module, w: dict[str, torch.Tensor], seq_len: int, rows_served: int) -> _Inputs | None:
+    def build(model: nn.Module, w: dict[str, torch.Tensor], seq_len: int, step_rows: int) -> _Inputs | None:
         """The tables for ``seq_len``-token batches, or None where an embedding trains, or where
-        the tables would have more rows than the ``rows_served`` rows they save gathering (large
-        vocabularies and contexts). ``_ln_out`` is the same for every device: the plain
-        normalization where the devices' ln_1 affines differ (they are folded downstream), the
-        shared LayerNorm where ln_1 is frozen."""
+        a table would have more rows than the ``step_rows`` tokens of one step: then each costs
+        no more memory than one of the step's activations, and building it no more than the
+        first step saves (a large vocabulary or context never gets one). ``_ln_out`` is the
+        same for every device: the plain normalization where the devices' ln_1 affines differ
+        (they are folded downstream), the shared LayerNorm where ln_1 is frozen."""
         wte, wpe = w["wte.weight"], w["wpe.weight"]
-        if wte.dim() != 2 or wpe.dim() != 2 or wte.shape[0] * seq_len > rows_served:
+        if wte.dim() != 2 or wpe.dim() != 2 or wte.shape[0] * seq_len > step_rows:
             return None
         ln = f"blocks.{next(iter(model.blocks))}.ln_1"
         x = (wte.unsqueeze(1) + wpe[:seq_len]).flatten(0, 1)
@@ -361,7 +362,7 @@ def _train(
     for i in range(steps):
         x, y = (t.to(device) for t in next_batches(batches))
         if i == 0:
-            inputs = _Inputs.build(model, every, x.shape[-1], steps * x.numel())
+            inputs = _Inputs.build(model, every, x.shape[-1], x.numel())
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step_offset + i)
         with autocast(device):

@@ -69,13 +69,13 @@ def test_batched_equals_alone_with_frozen_embeddings(shards, frozen):
     """As the tier plans train: the embeddings (and here the head tied to them) are frozen, so
     the first block's input and its ln_1 output come from per-(token, position) tables, with
     that ln_1's affine each device's own (folded into c_attn) or frozen and shared."""
-    model, train, steps, batch = submodel(frozen), TrainConfig(lr=3e-3, warmup_steps=2, total_steps=6), 7, 8
+    model, train, batch, seq = submodel(frozen), TrainConfig(lr=3e-3, warmup_steps=2, total_steps=6), 64, 8
     every = {k: p.detach() for k, p in model.named_parameters()}
-    assert _Inputs.build(model, every, SEQ, steps * len(shards) * batch * SEQ) is not None, "the tables must be used"
-    result = train_batched(model, [s.batches(batch, SEQ, seed=d) for d, s in enumerate(shards)], steps, train)
+    assert _Inputs.build(model, every, seq, len(shards) * batch * seq) is not None, "the tables must be used"
+    result = train_batched(model, [s.batches(batch, seq, seed=d) for d, s in enumerate(shards)], STEPS, train)
     for d, shard in enumerate(shards):
         alone = copy.deepcopy(model)
-        ref = train_steps(alone, shard.batches(batch, SEQ, seed=d), steps, train)
+        ref = train_steps(alone, shard.batches(batch, seq, seed=d), STEPS, train)
         torch.testing.assert_close(result.losses[d], torch.tensor(ref.losses), rtol=0, atol=1e-5)
         own = weights(alone)
         for name in result.weights:
