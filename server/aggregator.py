@@ -471,8 +471,13 @@ class Aggregator:
         event loop at 1,000 clients."""
         raw, med = self._filter_matrix(kept)
         covered = ~np.isnan(raw)
-        x, m = np.where(covered, raw, 0).astype(np.float64), med.astype(np.float64)
-        centres = np.where(covered, m, 0)  # row i: the median over update i's elements
+        m = med.astype(np.float64)
+        if covered.all():  # one plan's buffer: no masking (the same sums, bit for bit)
+            x = raw.astype(np.float64)
+            centres = np.broadcast_to(m, x.shape)
+        else:
+            x = np.where(covered, raw, 0).astype(np.float64)
+            centres = np.where(covered, m, 0)  # row i: the median over update i's elements
         denom = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", centres, centres))
         cos = np.divide(x @ m, denom, out=np.zeros(len(kept)), where=denom > 0)
         passing = cos >= min_cosine

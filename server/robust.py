@@ -137,8 +137,15 @@ def coordinatewise(values: torch.Tensor, rule: str, trim: float) -> tuple[torch.
     In numpy: its sort (vectorised, NaN last) is several times faster than torch's or than a
     partition for the short columns of a buffer, and it runs on one thread."""
     x = values.numpy()
-    n = (~np.isnan(x)).sum(0)
     ordered = np.sort(x, axis=0)  # NaN sorts last, so rank r < n_j is a real value
+    k = x.shape[0]
+    if rule == "median" and k and not np.isnan(ordered[-1]).any():
+        # Every update covered every element (a buffer of one plan): the middle ranks are the
+        # same for every column, rows of the sorted matrix rather than gathers (the same values).
+        lo, hi = (k - 1) // 2, k // 2
+        stat = ordered[lo] if lo == hi else (ordered[lo] + ordered[hi]) / np.float32(2)
+        return torch.from_numpy(np.array(stat, dtype=np.float32)), torch.full(x.shape[1:], k, dtype=torch.int64)
+    n = (~np.isnan(x)).sum(0)
     if rule == "median":  # the middle value, or the mean of the two middle ones (as numpy's median)
         lo, hi = (np.maximum(n - 1, 0) // 2)[None], (n // 2)[None]
         a, b = np.take_along_axis(ordered, lo, 0)[0], np.take_along_axis(ordered, np.minimum(hi, x.shape[0] - 1), 0)[0]
