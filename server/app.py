@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import msgpack
+import torch
 from aiohttp import web
 from threadpoolctl import threadpool_limits
 
@@ -327,11 +328,16 @@ def _settle_process() -> None:
     objects in fewer, equally cheap passes (reference counting frees them anyway; only cycles
     wait for the collector). numpy's BLAS: one thread. Its calls here are dots and small
     matrix-vector products that take microseconds, and a second BLAS thread spun after each one,
-    waiting for more work (~12% of the server's CPU under bench/server.py)."""
+    waiting for more work (~12% of the server's CPU under bench/server.py). torch: every core but
+    the event loop's. Its threads spin-wait between parallel regions, so with the loop busy on
+    the same cores one held-out scoring of gpt-tiny took 0.26-1.4 s of CPU on two threads
+    against 0.04 s on one."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0, 20, 20)
     threadpool_limits(1, user_api="blas")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores - 1))
 
 
 def _loop_factory():
