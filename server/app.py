@@ -145,11 +145,7 @@ async def update(request: web.Request) -> web.Response:
     then = _int_query(request, "next", 0)
     if then > 1:
         raise RequestError(f"query parameter next must be 0 or 1, got {then}")
-    result = await fed.submit(p, request.match_info["task"], await request.read(), time.time())
-    if then:
-        t = fed.task(p, time.time())
-        if t is not None:
-            result["task"] = t.to_dict()
+    result = await fed.submit(p, request.match_info["task"], await request.read(), time.time(), next_task=bool(then))
     return _msgpack(result, status=202)
 
 

@@ -46,9 +46,9 @@ class Ledger:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
 
-    def issued(self, task: Task, tier: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO tasks (id, client_id, tier, body, status, issued) VALUES (?, ?, ?, ?, 'open', ?)",
-                        (task.task_id, task.client_id, tier, json.dumps(task.to_dict()), time.time()))
+    def issued(self, tasks: list[tuple[Task, str]]) -> None:
+        """These (task, tier) were issued, in one transaction."""
+        self.record([], tasks)
 
     def evaluated(self, version: int, val_loss: float, tokens: int, wall_s: float, at: float) -> None:
         self.db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?)", (version, val_loss, tokens, wall_s, at))
@@ -62,13 +62,21 @@ class Ledger:
         return None if row is None else Entry(Task.from_dict(json.loads(row[0])), row[1], row[2])
 
     def done(self, applied: list[tuple[str, int, float | None]]) -> None:
-        """These tasks' updates were applied: record each (task id, tokens, loss), all in one
-        transaction (the server writes a journal batch's at once: one commit, not one each)."""
+        """These tasks' updates were applied: record each (task id, tokens, loss), in one transaction."""
+        self.record(applied, [])
+
+    def record(self, applied: list[tuple[str, int, float | None]], issued: list[tuple[Task, str]]) -> None:
+        """A journal batch's rows in one transaction (one commit, not one per row): the tasks
+        whose updates were applied, done with their (task id, tokens, loss), and the (task,
+        tier) issued after them. Raises, having written nothing, if the commit fails."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("UPDATE tasks SET status = 'done', tokens = ?, loss = ?, closed = ? WHERE id = ?",
                                 [(tokens, loss, now, task_id) for task_id, tokens, loss in applied])
+            self.db.executemany("INSERT OR IGNORE INTO tasks (id, client_id, tier, body, status, issued) "
+                                "VALUES (?, ?, ?, ?, 'open', ?)",
+                                [(t.task_id, t.client_id, tier, json.dumps(t.to_dict()), now) for t, tier in issued])
 
     def lapsed(self, task_ids: list[str]) -> None:
         self.db.executemany("UPDATE tasks SET status = 'lapsed', closed = ? WHERE id = ? AND status = 'open'",

@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,6 +64,18 @@ def http_status(e: UserError) -> int:
     return 400
 
 
+@dataclass
+class _Applied:
+    """An update applied in the committer's current batch: the ledger's figures for it, and
+    the client that asked for its next task in ``answer`` (None: it did not)."""
+
+    task_id: str
+    tokens: int
+    loss: float | None
+    then: Principal | None
+    answer: dict
+
+
 class Federation:
     """Auth, the task ledger and the durable store around one ``Coordinator``, which owns every
     rule of the cycle; this class only records what the coordinator decided."""
@@ -105,7 +118,7 @@ class Federation:
         self.committer = Committer(self.store, agg)
         self._decoders = ThreadPoolExecutor(DECODERS, thread_name_prefix="stamen-decode")
         self._committing: dict[str, asyncio.Future] = {}  # task id → its upload's commit, until applied
-        self._applied: list[tuple[str, int, float | None]] = []  # the ledger's rows for updates applied, written per batch
+        self._applied: list[_Applied] = []  # the batch's updates applied, for the ledger, written per batch
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="stamen-eval")
         self._scoring: asyncio.Future | None = None
         self._score_after = 0.0  # monotonic time before which no new scoring starts
@@ -144,7 +157,7 @@ class Federation:
         self._expire(now)
         task = self.coord.next_task(p.client_id, now)
         if task is not None and self.ledger.get(task.task_id) is None:
-            self.ledger.issued(task, self.coord.assignment(p.client_id).tier)
+            self.ledger.issued([(task, self.coord.assignment(p.client_id).tier)])
         return task
 
     def _expire(self, now: float) -> None:
@@ -166,11 +179,12 @@ class Federation:
         return self.coord.download(self.plan_for(p, plan_hash), version, have)
 
     # --- updates ------------------------------------------------------------------------
-    async def submit(self, p: Principal, task_id: str, body: bytes, now: float) -> dict:
+    async def submit(self, p: Principal, task_id: str, body: bytes, now: float, next_task: bool = False) -> dict:
         """Admit (every rule is the coordinator's; a large upload decoded on a worker thread),
         journal with the next group commit, then apply and acknowledge. The task is looked at
         again after the decode: it may have lapsed, or a re-send of it may have been committed
-        meanwhile."""
+        meanwhile. ``next_task``: the answer also carries the client's next task when one is
+        free (``task``), issued once the update is applied."""
         task = self.coord.open_task(task_id)  # an open task is in memory: no ledger read on the hot path
         if task is None:
             entry = self.ledger.get(task_id)
@@ -179,12 +193,12 @@ class Federation:
             if entry.status == "done":
                 if entry.task.client_id != p.client_id:
                     raise RequestError(f"task {task_id!r} belongs to another client", 403)
-                return {"status": "duplicate", "version": self.coord.version}
+                return self._duplicate(p, now, next_task)
             task = entry.task
         self._expire(now)
         try:
             if not self.coord.open(p.client_id, task):
-                return {"status": "duplicate", "version": self.coord.version}
+                return self._duplicate(p, now, next_task)
             if len(body) <= INLINE_DECODE_BYTES:
                 update, loss = self.coord.decode(task, body)
             else:
@@ -192,15 +206,16 @@ class Federation:
                     self._decoders, self.coord.decode, task, body)
             if task_id in self._committing:  # a re-send raced the first upload: answer as it is answered
                 await asyncio.shield(self._committing[task_id])
-                return {"status": "duplicate", "version": self.coord.version}
+                return self._duplicate(p, time.time(), next_task)
             if not self.coord.open(p.client_id, task):
-                return {"status": "duplicate", "version": self.coord.version}
+                return self._duplicate(p, time.time(), next_task)
             admitted = self.coord.judge(update, loss)
         except StaleUpdate:
             self.ledger.lapsed([task_id])  # the coordinator closed it: never mergeable now
             raise
         row = self.store.row(update, now, body)  # journaled as uploaded: replay decodes it again
-        committed = asyncio.ensure_future(self.committer.commit(row, lambda: self._accept(admitted, row)))
+        then = p if next_task else None
+        committed = asyncio.ensure_future(self.committer.commit(row, lambda: self._accept(admitted, row, then)))
         self._committing[task_id] = committed  # until it is applied, even if this request is cancelled
         committed.add_done_callback(lambda _: self._committing.pop(task_id, None))
         try:
@@ -208,8 +223,17 @@ class Federation:
         except (OSError, sqlite3.Error) as e:
             raise RequestError(f"the server could not store the update ({e}); send it again later", 503) from None
 
-    def _accept(self, admitted: Admitted, row: Row) -> dict:
-        """Apply a durable update row (the committer calls this in journal order)."""
+    def _duplicate(self, p: Principal, now: float, next_task: bool) -> dict:
+        """The answer to a re-sent upload (its update was accepted already)."""
+        answer = {"status": "duplicate", "version": self.coord.version}
+        task = self.task(p, now) if next_task else None
+        if task is not None:
+            answer["task"] = task.to_dict()
+        return answer
+
+    def _accept(self, admitted: Admitted, row: Row, then: Principal | None = None) -> dict:
+        """Apply a durable update row (the committer calls this in journal order); ``then``:
+        the client to issue a next task to once the batch is applied."""
         task_id = admitted.update.task_id
         try:
             accepted = self.coord.accept(admitted, row.at, lambda agg, update, now: self.store.apply(agg, row))
@@ -218,17 +242,33 @@ class Federation:
             raise
         if not self._applied:  # once the committer's batch is applied, before any of its answers goes out
             asyncio.get_running_loop().call_soon(self._record_applied)
-        self._applied.append((task_id, admitted.update.tokens, admitted.loss))
+        answer = {"status": "accepted", "version": accepted.version}
+        self._applied.append(_Applied(task_id, admitted.update.tokens, admitted.loss, then, answer))
         if accepted.report is not None:
             self._published(accepted.report)
-        return {"status": "accepted", "version": accepted.version}
+        return answer
 
     def _record_applied(self) -> None:
-        """Mark a batch's applied updates done in the ledger, in one transaction. A crash before
-        this loses nothing: the journal holds them, and ``Ledger.reconcile`` marks them done at
-        start-up."""
+        """Once a batch is applied, before any of its answers goes out: issue the next tasks its
+        clients asked for (at the version the whole batch made, as ``GET /v1/task`` would), and
+        write the ledger's rows for the batch in one transaction: its updates done, those tasks
+        issued. A task goes into its answer only once its row is written (a restart must know
+        it, or its upload would be refused); if the write fails, the answers carry none and
+        their clients ask again (``GET /v1/task`` gives each the task it holds). A crash before
+        the write loses nothing: the journal holds the updates, and ``Ledger.reconcile`` marks
+        them done at start-up."""
         applied, self._applied = self._applied, []
-        self.ledger.done(applied)
+        now, issued = time.time(), []
+        self._expire(now)
+        for a in applied:
+            if a.then is not None:
+                task = self.coord.next_task(a.then.client_id, now)
+                if task is not None:
+                    issued.append((a, task))
+        self.ledger.record([(a.task_id, a.tokens, a.loss) for a in applied],
+                           [(task, self.coord.assignment(task.client_id).tier) for _, task in issued])
+        for a, task in issued:
+            a.answer["task"] = task.to_dict()
 
     def release(self, p: Principal, task_id: str) -> dict:
         """The client gives its task back (it is stopping: Ctrl-C, ``flwr stop``): the task

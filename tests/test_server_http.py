@@ -3,9 +3,11 @@ and the model does not change. Also: a lapsed task is refused, a re-sent upload 
 
 import json
 import math
+import sqlite3
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -109,6 +111,9 @@ def test_an_upload_can_carry_the_next_task(server):
     assert status == 202 and answer["status"] == "accepted"
     given = Task.from_dict(answer["task"])
     assert given.task_id != first.task_id and given.base_version == answer["version"]  # K = 1: the version it published
+    db = sqlite3.connect(Path(state) / "tasks.db")  # its ledger row was written before the answer went out
+    assert db.execute("SELECT status FROM tasks WHERE id = ?", (given.task_id,)).fetchone() == ("open",)
+    db.close()
     assert call(url + "/v1/task?wait=0", token=c)[1]["task"] == answer["task"]  # the task the client now holds
     status, again = call(url + f"/v1/updates/{first.task_id}?next=1", "POST", update_for(first), c)  # answer lost, re-sent
     assert status == 202 and again["status"] == "duplicate" and again["task"] == answer["task"]
