@@ -23,7 +23,6 @@ multiple of ``ALIGN`` bytes so the decoder can view parts as typed arrays in pla
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import threading
@@ -143,8 +142,10 @@ class TensorRecord:
     parts: list[np.ndarray]
     part_dtypes: list[str]
 
-    @functools.cached_property
+    @property
     def numel(self) -> int:
+        # Not a cached_property: that takes a lock on its first read (Python 3.11), which cost
+        # more than this product of a few ints, on every record of every frame decoded.
         return math.prod(self.shape)
 
 
