@@ -4,10 +4,12 @@ graph and a ``.ptd`` holding every weight, so a new version only replaces the ``
 ExecuTorch 1.5 specifics: the loss must be output 0 of the exported module; frozen tensors
 are those with requires_grad=False; attention is traced with the MATH kernel because the
 CPU flash-attention backward is not a core ATen op; shapes are static (one batch x seq per
-program). With ``xnnpack`` the forward matmuls are delegated to XNNPACK."""
+program). With ``xnnpack`` the forward matmuls are delegated to XNNPACK, a tanh GELU written
+out in ops first (``_tanh_gelu``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -18,6 +20,10 @@ from stamen.export.common import (Exported, ParamSlot, canonical_names, input_sp
                                   make_weights_distinct, travelling)
 
 PROGRAM, WEIGHTS = "program.pte", "weights.ptd"
+# The export cache's name for an XNNPACK program (``mobile_bridge.bundle.cached_bundle``), renamed
+# whenever what stamen hands XNNPACK changes, so that no cache serves an older program: those
+# named "xnnpack" ran a tanh GELU as the erf one (``_tanh_gelu``).
+XNNPACK_KEY = "xnnpack2"
 
 
 def export_executorch(model: nn.Module, out_dir: Path, batch_size: int, seq_len: int,
@@ -35,7 +41,10 @@ def export_executorch(model: nn.Module, out_dir: Path, batch_size: int, seq_len:
     example = (torch.zeros(batch_size, seq_len, dtype=torch.long),
                torch.zeros(batch_size, seq_len, dtype=torch.long))
     with sdpa_kernel(SDPBackend.MATH):
-        joint = _export_forward_backward(export(loss_module(model), example, strict=False))
+        program = export(loss_module(model), example, strict=False)
+        if xnnpack:
+            program = program.run_decompositions({torch.ops.aten.gelu.default: _tanh_gelu})
+        joint = _export_forward_backward(program)
     edge = to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     if xnnpack:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -51,6 +60,18 @@ def export_executorch(model: nn.Module, out_dir: Path, batch_size: int, seq_len:
     written[0].rename(out_dir / WEIGHTS)
     params = _ptd_layout(out_dir / WEIGHTS, model, travel)
     return Exported("executorch", (PROGRAM, WEIGHTS), input_specs(batch_size, seq_len), params, WEIGHTS)
+
+
+def _tanh_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU's tanh form in ops XNNPACK runs as written (mul, add, tanh), the formula of torch's
+    own kernel. ExecuTorch 1.5's XNNPACK lowering of ``aten.gelu`` ignores ``approximate`` and
+    computes the exact erf GELU (pytorch/executorch#22851), up to 4.7e-4 away, while the
+    backward, not delegated, differentiates the tanh form: the program's gradients were not its
+    own loss's (tests/test_export_runtimes.py's AdamW parity). The erf form is left to XNNPACK."""
+    if approximate != "tanh":
+        return NotImplemented
+    inner = math.sqrt(2 / math.pi) * (x + 0.044715 * (x * x * x))
+    return 0.5 * x * (1 + torch.tanh(inner))
 
 
 def _ptd_layout(path: Path, model: nn.Module, travel: set[str] | None) -> tuple[ParamSlot, ...]:

@@ -20,6 +20,7 @@ from stamen.core.model import ModelSpec
 from stamen.core.lora import LoraPlan, described_space
 from stamen.core.plan import Plan
 from stamen.core.wire import BUNDLE_RUNTIMES
+from stamen.export.executorch import XNNPACK_KEY
 from stamen.mobile_bridge.manifest import Manifest, file_entries, read_bundle, write_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -83,7 +84,7 @@ def cached_bundle(spec: ModelSpec, plan: Plan | LoraPlan, runtime: str, batch_si
     """The cache's bundle folder for this key, exported now if absent or failing verification.
     Exports go to a temporary folder renamed into place, so a crash leaves no half bundle."""
     root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    key = bundle_key(spec, plan, runtime, batch_size, seq_len, lora) + ("-xnnpack" if xnnpack and runtime == "executorch" else "")
+    key = bundle_key(spec, plan, runtime, batch_size, seq_len, lora) + (f"-{XNNPACK_KEY}" if xnnpack and runtime == "executorch" else "")
     folder = root / key
     if folder.is_dir():
         try:
