@@ -26,14 +26,17 @@ statistic, so "add" takes the mean rule only.
 updates of the named tiers' plans (``paced_by = ("gpu",)``, K = the number of nodes); the
 devices' updates that arrived meanwhile join the same flush. Why: under FedBuff's count of
 any K updates, a node's update lands in a flush of whatever devices happened to arrive, alone
-or beside the other node's; measured in the simulator with the devices' updates weighted 0
-(so they could change nothing but the flush boundaries), the nodes then trained a worse model
-than alone (seeds 1 and 2: 2.942 and 2.918 against 2.841 and 2.806), while pacing by the nodes
-gave back the nodes-alone run's loss (2.842, 2.827; seed 0 2.904 against 2.951). With
-``paced_by`` a mixed federation's versions are the nodes' own rounds, so devices can only add
-to them (and, slower versions, arrive less stale). A federation whose paced tiers stop
-reporting stalls; ``max_wait_s`` publishes what the buffer holds after that long. An empty
-``paced_by`` (the default) counts every update: FedBuff, and the synchronous equivalences.
+or beside the other node's, and the flush boundaries alone cost the nodes progress. Measured
+in the simulator (private text, seed 0, 60 virtual s, the nodes' hardware and data order the
+same in every run; all / public / private): the 2 nodes alone 2.586 / 2.439 / 2.923; with
+1,000 devices, K = any 10 updates, 2.669 / 2.525 / 3.014, and the same with the devices'
+updates weighted 0, so that they change nothing but the flush boundaries, 2.706 / 2.554 /
+3.079: the devices were helping, and the boundaries cost more. Paced by the nodes, the
+zero-weight run equals the nodes alone bit for bit: a mixed federation's versions are the
+nodes' own rounds, so devices can only add to them (and, versions being slower, arrive less
+stale). A federation whose paced tiers stop reporting stalls; ``max_wait_s`` publishes what
+the buffer holds after that long. An empty ``paced_by`` (the default) counts every update:
+FedBuff, and the synchronous equivalences.
 
 Why W can be stored per slice rather than per element: a plan covers a tensor either whole or
 along exactly one dimension (heads/hidden-unit prefixes; see ``core.plan``), and that dimension

@@ -174,6 +174,9 @@ class Simulation:
         self.held: dict[int, int] = {}  # device → version of the weights it holds
         self.feedback = ResidualStore()  # on disk between a device's tasks: memory follows the tasks in flight
         self.gpu_runtimes: dict[int, TorchRuntime] = {}
+        self._node_tasks: dict[int, int] = {}  # GPU node → tasks it has trained (its batch stream)
+        # A node's place among the nodes (its device id moves with the number of devices drawn).
+        self._node_rank = {d.id: i for i, d in enumerate(d for d in self.devices if d.capabilities.role != "device")}
         self.groups: dict[tuple, list[_Job]] = {}  # open groups, not yet trained
         self.submitted: dict[tuple, tuple[list[_Job], object]] = {}  # closed groups, training on the backend
         self.generation: dict[tuple, int] = {}
@@ -348,7 +351,15 @@ class Simulation:
         return jobs, self.backend.submit(work)
 
     def _batches(self, job: _Job):
-        return self.shards[job.device.id].batches(job.task.batch_size, job.task.seq_len, seed=job.task.seed)
+        """A GPU node's batches for its next task. The node draws them from its own stream (the
+        run's seed, the node's place among the nodes, its task count) rather than from the task's seed, which numbers
+        every task the server issued: so the nodes read the same text in the same order with or
+        without devices beside them, and ``compare``'s mixed and gpu-only runs differ by what
+        the devices do, not by the nodes' data order (common random numbers)."""
+        d = job.device.id
+        n = self._node_tasks[d] = self._node_tasks.get(d, -1) + 1
+        seed = int(np.random.SeedSequence((self.config.seed, self._node_rank[d], n)).generate_state(1)[0])
+        return self.shards[d].batches(job.task.batch_size, job.task.seq_len, seed=seed)
 
     def _download_size(self, plan, have: int | None, version: int) -> int:
         """Bytes of the real download the server would send: the plan's slice of ``version``,

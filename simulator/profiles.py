@@ -188,7 +188,7 @@ class VirtualDevice:
 def sample_population(classes: dict[str, HardwareClass], config: PopulationConfig) -> list[VirtualDevice]:
     """The population, deterministic for ``config.seed``: class counts by largest remainder
     (so 1,000 devices at 40% phone-low are exactly 400), devices in seeded random order, then
-    the GPU nodes."""
+    the GPU nodes, whose hardware draws do not depend on the devices'."""
     config.check(classes)
     rng = np.random.default_rng(config.seed)
     names = sorted(config.mix)
@@ -202,6 +202,12 @@ def sample_population(classes: dict[str, HardwareClass], config: PopulationConfi
     kinds += [n for n in sorted(config.gpu_nodes) for _ in range(config.gpu_nodes[n])]
     factors = np.exp(config.jitter * rng.standard_normal((len(kinds), 3)))
     offsets = rng.uniform(-config.timezone_spread_h / 2, config.timezone_spread_h / 2, len(kinds))
+    # The nodes' draws come from a stream of their own, so a seed gives the same nodes with any
+    # number of devices (``compare``'s gpu-only run drops the devices, not the nodes' hardware).
+    nodes = len(kinds) - config.devices
+    node_rng = np.random.default_rng((config.seed, 1))
+    factors[config.devices:] = np.exp(config.jitter * node_rng.standard_normal((nodes, 3)))
+    offsets[config.devices:] = node_rng.uniform(-config.timezone_spread_h / 2, config.timezone_spread_h / 2, nodes)
     out = []
     for i, (kind, f, tz) in enumerate(zip(kinds, factors, offsets)):
         hw = classes[kind]

@@ -11,7 +11,8 @@ def test_defaults_are_the_issue_default():
     pop = s.sim.population
     assert s.sim.model == "gpt-tiny" and s.sim.partition == "natural" and s.sim.data == "stdlib"
     assert pop.devices == 1000 and pop.gpu_nodes == {"gpu-h100": 2} and sum(pop.mix.values()) == pytest.approx(1.0)
-    assert s.fed.aggregation.buffer_k == 10 and s.fed.tiers["gpu"].steps == 10  # simulator/federation.toml
+    assert s.fed.aggregation.buffer_k == 2 and s.fed.aggregation.paced_by == ("gpu",)  # simulator/federation.toml
+    assert s.fed.tiers["gpu"].steps == 10
     assert s.fed.scheduler.max_in_flight == 30
     assert s.fed.tiers["phone-low"].codec == "topk(0.05)+int8+zstd(3)"  # the server's default underneath
     assert set(s.classes) >= set(pop.mix) | set(pop.gpu_nodes)

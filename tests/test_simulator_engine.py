@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from stamen.server.aggregator import StaleUpdate
+from stamen.server.aggregator import Aggregator, StaleUpdate
 from stamen.server.config import load_config
 from stamen.simulator.engine import SimConfig, Simulation
 from stamen.simulator.profiles import PopulationConfig, load_classes
@@ -135,3 +135,48 @@ def test_gpu_nodes_train_on_the_whole_split_devices_on_partitions(fed):
     whole = sum(int((r[1] - r[0])) for r in sim.shards[gpu[0].id].ranges)
     parts = [sum(int(r[1] - r[0]) for r in sim.shards[d.id].ranges) for d in devices]
     assert sum(parts) == whole and all(0 < p < whole for p in parts)  # the devices' parts tile the split
+
+
+def test_a_gpu_node_reads_the_same_batches_with_or_without_devices(fed):
+    """The node's data order comes from its own stream, not from how many tasks the server
+    issued: compare's mixed and gpu-only runs then differ by what the devices do."""
+    torch.set_num_threads(1)
+    seen = {}
+    for devices in (0, 6):
+        population = PopulationConfig(devices=devices, mix={"laptop": 1.0}, gpu_nodes={"gpu-h100": 1}, seed=0)
+        sim = Simulation(SimConfig(population=population, max_versions=3, eval_every=3, eval_batches=1), fed,
+                         always_on())
+        starts, draw = seen.setdefault(devices, []), sim._batches
+
+        def recorded(job, draw=draw, starts=starts):
+            stream = draw(job)
+            if job.device.capabilities.role == "gpu":
+                starts.append(stream.rng.bit_generator.state)  # where its batches start from
+            return stream
+
+        sim._batches = recorded
+        sim.run()
+    n = min(len(seen[0]), len(seen[6]))
+    assert n >= 2 and seen[0][:n] == seen[6][:n]
+
+
+def test_paced_by_the_nodes_devices_weighing_nothing_change_nothing(fed, monkeypatch):
+    """With versions paced by the GPU nodes, a federation whose device updates weigh 0 (the
+    aggregator's admission patched here to say so) publishes exactly the nodes-alone run's
+    versions: the devices' arrivals no longer move the nodes' flushes, so devices can only add."""
+    torch.set_num_threads(1)
+    paced = dataclasses.replace(fed, aggregation=dataclasses.replace(fed.aggregation, buffer_k=2, paced_by=("gpu",)))
+    check = Aggregator.check
+    monkeypatch.setattr(Aggregator, "check", lambda self, u: check(self, u) if u.plan.name == "gpu"
+                        else dataclasses.replace(check(self, u), weight=0.0))
+    final = {}
+    for devices in (0, 8):
+        population = PopulationConfig(devices=devices, mix={"laptop": 0.5, "phone-high": 0.5},
+                                      gpu_nodes={"gpu-h100": 2}, seed=0)
+        sim = Simulation(SimConfig(population=population, max_versions=3, eval_every=3, eval_batches=1), paced,
+                         always_on())
+        result = sim.run()
+        final[devices] = (sim.coord.version, dict(sim.weights), result.per_tier)
+    assert final[0][0] == final[8][0] == 3
+    assert set(final[8][2]) > {"gpu"} and final[0][2]["gpu"] == final[8][2]["gpu"]  # devices did send updates
+    assert all(torch.equal(final[0][1][n], final[8][1][n]) for n in final[0][1])

@@ -101,3 +101,12 @@ def test_bad_input_is_a_user_error(classes, tmp_path):
         load_classes(bad)
     with pytest.raises(UserError, match="not found"):
         load_classes(tmp_path / "none.toml")
+
+
+def test_gpu_nodes_are_the_same_hardware_with_or_without_devices(classes):
+    def nodes(devices: int):
+        pop = sample_population(classes, PopulationConfig(devices=devices, gpu_nodes={"gpu-h100": 2}, seed=3))
+        return [(d.capabilities, d.tz_offset_h) for d in pop if d.capabilities.role == "gpu"]
+
+    assert len(nodes(0)) == 2 and nodes(0) == nodes(50) == nodes(1000)
+    assert nodes(0)[0] != nodes(0)[1]  # each node its own draw
