@@ -11,8 +11,9 @@ on this machine:
   Flower's rate falls as nodes grow (measured here: ~50 updates/s with 100 nodes, ~30 with
   1,000), so a smaller ``--flower-devices`` flatters it;
 - floor: the workload's training FLOPs (``Plan.cost``) at the fp32 matmul rate of this process
-  (same threads), measured by a 1024x1024 matmul probe after every group, so the floor and the
-  training run under the same load. ``floor_fraction`` is per wall-second; ``floor_fraction_cpu``
+  (same threads), measured by a 1024x1024 matmul probe after every group (two products of
+  matrices drawn once, outside the clock), so the floor and the training run under the same
+  load. ``floor_fraction`` is per wall-second; ``floor_fraction_cpu``
   is the same ratio per CPU-second of this process, the steadier figure on a shared machine.
   ``matmul_gflops_best`` is the best single matmul, for reference.
 stamen runs on ``--threads`` (default one) while Flower's Ray actors take every core, so the
@@ -74,8 +75,10 @@ class Clock:
         return out
 
 
-def matmul_probe(n: int = 1024, count: int = 2) -> None:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_probe(a: torch.Tensor, b: torch.Tensor, count: int = 2) -> None:
+    """``count`` products of the probe's matrices: only the matmuls are timed (drawing two
+    fresh 1024x1024 random matrices inside the clock cost a fifth of the probe's time and
+    understated the floor by as much)."""
     for _ in range(count):
         a @ b
 
@@ -90,13 +93,14 @@ def stamen_rate(work: Workload, base: dict, group: int) -> dict:
     model = work.submodel(base)
     train_batched(model, [work.batches(d) for d in range(min(group, work.devices))], 1, work.train)
     train, floor = Clock(), Clock()
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     deltas = {}
     for first in range(0, work.devices, group):
         ids = range(first, min(first + group, work.devices))
         result = train.time(lambda: train_batched(model, [work.batches(d) for d in ids], work.steps, work.train),
                             len(ids) * work.flops_per_update())
         deltas.update({d: result.delta(base, i) for i, d in enumerate(ids)})
-        floor.time(matmul_probe, 2 * 2 * 1024**3)
+        floor.time(lambda: matmul_probe(a, b), 2 * 2 * 1024**3)
     return {"updates_per_s": work.devices / train.wall,
             "floor_updates_per_s": floor.flops / floor.wall / work.flops_per_update(),
             "floor_fraction": train.flops * floor.wall / (train.wall * floor.flops),
