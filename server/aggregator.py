@@ -36,7 +36,13 @@ zero-weight run equals the nodes alone bit for bit: a mixed federation's version
 nodes' own rounds, so devices can only add to them (and, versions being slower, arrive less
 stale). A federation whose paced tiers stop reporting stalls; ``max_wait_s`` publishes what
 the buffer holds after that long. An empty ``paced_by`` (the default) counts every update:
-FedBuff, and the synchronous equivalences.
+FedBuff, and the synchronous equivalences. Pacing holds only while a client of a paced tier
+is in the federation (``pace``, which the coordinator calls as clients register): without
+one, every update counts, as under FedBuff. A federation of devices alone would otherwise
+publish only at ``max_wait_s`` (the simulator's default: one version per 10 virtual s,
+whatever arrived). The flag is checkpointed; journal rows after a checkpoint replay under
+the checkpoint's flag, which is the live one unless the first client of a paced tier joined
+after that checkpoint.
 
 Why W can be stored per slice rather than per element: a plan covers a tensor either whole or
 along exactly one dimension (heads/hidden-unit prefixes; see ``core.plan``), and that dimension
@@ -212,6 +218,7 @@ class Aggregator:
         self._theta_max = _max_abs(self._weights.values())
         self._state_max = {k: 0.0 for k in STATE[config.outer.kind]}
         self._measured: dict[int, tuple[weakref.ref, float]] = {}  # id(update) → (the update, its norm)
+        self.pacing = bool(config.paced_by)  # K counts only the paced tiers' updates (``pace``)
         p = config.privacy
         self.dp_flushes = 0  # flushes that added noise: the accountant's composition count
         self._epsilon: dict[int, float] = {}  # flushes → ε, so the per-request check costs nothing
@@ -333,6 +340,11 @@ class Aggregator:
         return step_bound(o.kind, o.lr, o.momentum, o.betas, o.eps, g_max, self._state_max)
 
     # --- the buffer -------------------------------------------------------------------------
+    def pace(self, present: bool) -> None:
+        """Whether a client of a ``paced_by`` tier is in the federation: only then does K count
+        their updates alone; without one every update counts (see the module docstring)."""
+        self.pacing = bool(self.config.paced_by) and present
+
     @torch.no_grad()
     def submit(self, update: Update, now: float) -> FlushReport | None:
         """Add an update to the buffer; returns the flush report if it triggered one. A task
@@ -346,7 +358,7 @@ class Aggregator:
         self.norms.record(_norm_key(update.plan), adm.scale * adm.norm, lay.numel)
         b = self.buffer
         b.count, b.tokens, b.staleness_sum = b.count + 1, b.tokens + update.tokens, b.staleness_sum + adm.staleness
-        b.paced += not self.config.paced_by or update.plan.name in self.config.paced_by
+        b.paced += not self.pacing or update.plan.name in self.config.paced_by
         b.g_max = max(b.g_max, adm.scale * adm.norm)
         if self.config.combine == "add":
             fresh = 1.0 if self.config.privacy.enabled else float(update.tokens) ** self.config.token_exponent
@@ -563,7 +575,7 @@ class Aggregator:
         for i, (u, _, _) in enumerate(b.kept):
             tensors |= {f"kept/{i}/{n}": t for n, t in u.delta.items()}
         meta = {"version": self.version, "history": sorted(self.history), "count": b.count, "tokens": b.tokens,
-                "staleness_sum": b.staleness_sum, "paced": b.paced, "opened_at": b.opened_at, "task_ids": b.task_ids,
+                "staleness_sum": b.staleness_sum, "paced": b.paced, "pacing": self.pacing, "opened_at": b.opened_at, "task_ids": b.task_ids,
                 "seen": self.seen, "g_max": b.g_max, "dp_flushes": self.dp_flushes, "dp_seed": self.dp_seed, "norms": self.norms.state(),
                 "kept": [[u.task_id, u.base_version, u.plan.to_json(), u.tokens, w, c] for u, w, c in b.kept],
                 "plan_w": [[p.to_json(), w] for p, w in b.plan_w.items()]}
@@ -590,6 +602,7 @@ class Aggregator:
                              list(meta["task_ids"]), meta.get("g_max", 0.0), kept,
                              {Plan.from_json(p): w for p, w in meta.get("plan_w", [])}, meta.get("paced", meta["count"]))
         agg.seen = dict(meta["seen"])
+        agg.pace(meta.get("pacing", True))
         agg.norms = NormHistory(config.defence, meta.get("norms"))
         agg.dp_flushes, agg.dp_seed = meta.get("dp_flushes", 0), meta.get("dp_seed", agg.dp_seed)
         agg._state_max = {k: _max_abs(t for name, t in agg.opt_state.items() if name.startswith(f"{k}/"))

@@ -399,6 +399,26 @@ def test_paced_by_counts_only_the_named_tiers_and_merges_every_update():
     assert agg.version == 1 and agg.buffer.count == 10
 
 
+def test_without_a_paced_client_every_update_counts():
+    """With no client of a paced tier in the federation (``pace(False)``, which the coordinator
+    says while none is registered), K counts every update: the versions are, bit for bit, those
+    of the same aggregator with ``paced_by`` empty (the reference), not the max-wait ones."""
+    w0 = init_weights()
+    phone = Plan("phone", (0,), 0.25, ("blocks.*", "ln_f.*"))
+    ups = [make_update(f"p{i}", i // 2, phone, 16 * (i + 1), seed=i) for i in range(6)]
+    paced = Aggregator(CFG, w0, AggregatorConfig(buffer_k=2, tau_max=2, paced_by=("gpu",)))
+    reference = Aggregator(CFG, w0, AggregatorConfig(buffer_k=2, tau_max=2))
+    paced.pace(False)
+    for u in ups:
+        assert (paced.submit(u, now=0.0) is None) == (reference.submit(u, now=0.0) is None)
+    assert paced.version == reference.version == 3
+    assert all(torch.equal(paced.weights[n], reference.weights[n]) for n in w0)
+    paced.pace(True)  # a node joined: the devices' updates stop counting
+    assert all(paced.submit(make_update(f"q{i}", 3, phone, 16, seed=9 + i), now=0.0) is None for i in range(4))
+    tensors, meta = paced.state()
+    assert Aggregator.from_state(CFG, paced.config, tensors, meta, set(paced.seen)).pacing
+
+
 def test_paced_buffer_survives_a_checkpoint():
     node, phone = Plan("gpu", full_plan(CFG).blocks), Plan("phone", (0,), 0.5, ("blocks.*", "ln_f.*"))
     cfg = AggregatorConfig(buffer_k=2, tau_max=1, paced_by=("gpu",))

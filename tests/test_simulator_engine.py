@@ -180,3 +180,18 @@ def test_paced_by_the_nodes_devices_weighing_nothing_change_nothing(fed, monkeyp
     assert final[0][0] == final[8][0] == 3
     assert set(final[8][2]) > {"gpu"} and final[0][2]["gpu"] == final[8][2]["gpu"]  # devices did send updates
     assert all(torch.equal(final[0][1][n], final[8][1][n]) for n in final[0][1])
+
+
+def test_paced_by_a_tier_nobody_is_in_counts_every_update(fed):
+    """``paced_by = ["gpu"]`` in a federation without GPU nodes: versions are published as
+    under FedBuff's count of any K updates, bit for bit the run with ``paced_by`` empty (the
+    reference), instead of once per max_wait_s."""
+    torch.set_num_threads(1)
+    agg = dataclasses.replace(fed.aggregation, buffer_k=2, max_wait_s=10.0)
+    final = []
+    for paced_by in ((), ("gpu",)):
+        sim, result = simulate(dataclasses.replace(fed, aggregation=dataclasses.replace(agg, paced_by=paced_by)),
+                               versions=4)
+        final.append((sim.coord.version, [f["updates"] for f in result.flushes], dict(sim.weights)))
+    assert final[0][0] == final[1][0] == 4 and final[0][1] == final[1][1] == [2, 2, 2, 2]
+    assert all(torch.equal(final[0][2][n], final[1][2][n]) for n in final[0][2])
