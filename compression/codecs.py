@@ -23,17 +23,19 @@ All arithmetic is vectorized numpy over the flat tensor: no Python loop touches 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from stamen.compression.spec import CodecSpec, TopK, Values, parse
 from stamen.core.errors import UserError
-from stamen.core.wire import Frame, Limits, TensorRecord, WireError, check_values, decode_frame, encode_frame
+from stamen.core.wire import (PART_DTYPES, Frame, Limits, Table, TensorRecord, WireError, check_values, encode_frame,
+                              read_frame)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FP16_MAX = 65504.0
@@ -55,6 +57,9 @@ class Payload:
     codec: str
     meta: dict
     tensors: dict[str, torch.Tensor]
+    # each float32 tensor's sum of squares in float32 (one BLAS dot over its values), where the
+    # decoder computed it already: the aggregator's norm (``Aggregator.measure``) reuses it
+    squares: dict[str, float] = field(default_factory=dict)
 
 
 def _as_spec(spec: str | CodecSpec) -> CodecSpec:
@@ -132,23 +137,23 @@ def _expected_parts(v: Values, n: int) -> list[tuple[str, int]]:
             ("float32", nblocks)]
 
 
-def _decode_values(v: Values, parts: list[list[np.ndarray]], keep: np.ndarray | None) -> np.ndarray:
+def _decode_values(v: Values, first: np.ndarray, scales: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
     """The float32 values of several tensors' parts (already checked against
-    ``_expected_parts``), end to end: every part of a kind concatenated and decoded in one
-    call. The arithmetic is elementwise (a block's scale lies in its own tensor's parts), so
-    each value is what decoding its tensor alone gives; ``keep`` cuts the quantizers' block
-    padding (``_Layout``)."""
-    first = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.float32)
+    ``_expected_parts``), end to end: ``first`` is every tensor's first value part, one after
+    another, and ``scales`` the quantizers' second parts likewise, decoded in one call. The
+    arithmetic is elementwise (a block's scale lies in its own tensor's parts), so each value is
+    what decoding its tensor alone gives; ``keep`` cuts the quantizers' block padding
+    (``_Layout``)."""
     if v.name == "fp32":
         return first.astype(np.float32, copy=False)
     if v.name == "fp16":
         return _f16(first, torch.float32)
     if v.name == "bf16":
         return bf16_to_f32(first)
-    q, scale = first, np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
+    q = first
     if v.name == "int4":
         q = (np.stack((q & np.uint8(15), q >> np.uint8(4)), axis=1).view(np.int8) - np.int8(8))
-    x = np.multiply(q.reshape(-1, v.block), scale[:, None], dtype=np.float32).reshape(-1)
+    x = np.multiply(q.reshape(-1, v.block), scales[:, None], dtype=np.float32).reshape(-1)
     return x if keep is None else x[keep]
 
 
@@ -256,18 +261,34 @@ def _spec(codec: str) -> CodecSpec:
         raise BadCodec(f"frame codec {codec!r}: {e}") from None
 
 
+# A frame's tensors as (name, dtype, shape, ((part dtype, count, byte offset in the body or None), ...)):
+# a decoded frame's ``Table.tensors`` (offsets known), or a compressed frame's records (none).
+Entries = tuple[tuple[str, str, tuple[int, ...], tuple[tuple[str, int, int | None], ...]], ...]
+
+
+def _positions(parts: list[tuple[str, int, int | None]]) -> np.ndarray:
+    """Where the elements of ``parts`` (one dtype) lie in the body seen as an array of that
+    dtype, end to end (offsets are multiples of ``ALIGN``, so of every part dtype's size)."""
+    if not parts:
+        return np.zeros(0, np.int64)
+    size = PART_DTYPES[parts[0][0]].itemsize
+    return np.concatenate([np.arange(o // size, o // size + n, dtype=np.int64) for _, n, o in parts])
+
+
 @dataclass(frozen=True, eq=False)
 class _Layout:
     """Where a frame's values go, from its codec and tensor table alone (``_layout``): which
     part of each tensor starts its values (1 after a top-k tensor's indices), how many values
-    each has, the mask that cuts block padding, and for top-k frames the scatter's fixed
-    arrays: the gaps of the dense runs with the slots the index parts fill, the slots the
-    indices' checks read, and each value's tensor offset."""
+    each has, the mask that cuts block padding, each tensor's span in the output, and for top-k
+    frames the scatter's fixed arrays: the gaps of the dense runs with the slots the index parts
+    fill, the slots the indices' checks read, and each value's tensor offset. For a table with
+    part offsets, ``reads`` says where in the body each kind of part lies, so ``read`` gathers
+    all of a frame's parts in a few whole-body operations."""
 
     values_from: tuple[int, ...]
     counts: np.ndarray
     keep: np.ndarray | None
-    numel: int
+    spans: tuple[tuple[int, int], ...]  # each tensor's [start, end) in the output
     sparse: tuple[int, ...] = ()  # the top-k tensors, by position in the frame
     gaps: np.ndarray | None = None
     index_at: np.ndarray | None = None
@@ -276,35 +297,55 @@ class _Layout:
     last: np.ndarray | None = None  # each top-k tensor's last value slot ...
     limit: np.ndarray | None = None  # ... whose position must be below its element count
     offsets: np.ndarray | None = None  # each value's tensor's start in the output
+    # (dtype, positions) of the first value parts and of the scales; per index dtype, (dtype,
+    # positions, slots of ``index_at`` they fill); None for a frame without part offsets
+    reads: tuple | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.spans[-1][1] if self.spans else 0
+
+    def read(self, body: bytearray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A body's first value parts, scales and top-k indices, each end to end in frame order."""
+        (d1, first), (d2, second), indices = self.reads
+        idx = None
+        if self.sparse:
+            idx = np.empty(len(self.index_at), np.int64)
+            for d, at, slots in indices:
+                idx[slots] = np.frombuffer(body, d)[at]
+        return np.frombuffer(body, d1)[first], np.frombuffer(body, d2)[second], idx
 
 
 LAYOUTS = 256  # layouts remembered, one per decoded (codec, tensor table)
-_layouts: dict[tuple[str, int], tuple[object, _Layout]] = {}
+_layouts: dict[tuple[str, int], tuple[Table, _Layout]] = {}
 
 
-def _layout(spec: CodecSpec, frame: Frame) -> _Layout:
-    """The frame's ``_Layout``, remembered per (codec, ``Frame.table``): every upload for one
-    plan declares the same table, so the checks of its parts against the codec and the
-    arrays that place its values are made once. Raises MalformedPayload for parts that do
-    not fit the codec."""
-    key = (frame.codec, id(frame.table))
-    known = _layouts.get(key)
-    if known is not None and known[0] is frame.table:
+def _layout(spec: CodecSpec, codec: str, entries: Entries, table: Table | None) -> _Layout:
+    """The ``_Layout`` of a frame's ``entries``, remembered per (codec, ``table``): every upload
+    for one plan declares the same table (one object, ``core.wire.read_frame``), so the checks
+    of its parts against the codec and the arrays that place its values are made once. Raises
+    MalformedPayload for parts that do not fit the codec."""
+    key = (codec, id(table))
+    known = _layouts.get(key) if table is not None else None
+    if known is not None and known[0] is table:
         return known[1]
     v = spec.values
-    values_from, counts, sparse_at = [], [], []  # sparse_at: (record, value start, index count)
+    values_from, counts, sparse_at = [], [], []  # sparse_at: (entry, value start, index count)
+    index_parts, value_parts = [], []
     start = 0
-    for i, r in enumerate(frame.tensors):
-        n, dtypes, sizes = r.numel, r.part_dtypes, [p.size for p in r.parts]
+    for i, (name, _, shape, parts) in enumerate(entries):
+        n = math.prod(shape)
         values_from.append(0)
-        if sparse(spec, r.shape):
-            if not dtypes or dtypes[0] not in INDEX_DTYPES:
-                raise MalformedPayload(f"tensor {r.name!r}: topk needs an unsigned index part first")
-            sparse_at.append((i, start, sizes[0]))
-            n, dtypes, sizes, values_from[-1] = sizes[0], dtypes[1:], sizes[1:], 1
+        if sparse(spec, shape):
+            if not parts or parts[0][0] not in INDEX_DTYPES:
+                raise MalformedPayload(f"tensor {name!r}: topk needs an unsigned index part first")
+            sparse_at.append((i, start, parts[0][1]))
+            index_parts.append(parts[0])
+            n, parts, values_from[-1] = parts[0][1], parts[1:], 1
         expect = _expected_parts(v, n)
-        if list(zip(dtypes, sizes)) != expect or len(sizes) != len(expect):
-            raise MalformedPayload(f"{v} parts {list(zip(dtypes, sizes))}, expected {expect}")
+        if [(d, c) for d, c, _ in parts] != expect:
+            raise MalformedPayload(f"{v} parts {[(d, c) for d, c, _ in parts]}, expected {expect}")
+        value_parts.append(parts)
         counts.append(n)
         start += n
     keep = None
@@ -312,8 +353,10 @@ def _layout(spec: CodecSpec, frame: Frame) -> _Layout:
         padded = [-(-n // v.block) * v.block for n in counts]
         if padded != counts:
             keep = _segment_positions(padded) < np.repeat(np.asarray(counts, np.int64), padded)
-    numels = [r.numel for r in frame.tensors]
-    lay = _Layout(tuple(values_from), np.asarray(counts, np.int64), keep, sum(numels))
+    numels = [math.prod(shape) for _, _, shape, _ in entries]
+    ends = list(itertools.accumulate(numels))
+    lay = _Layout(tuple(values_from), np.asarray(counts, np.int64), keep,
+                  tuple((e - n, e) for n, e in zip(numels, ends)))
     if sparse_at:
         # Where each value goes: dense tensors' positions are runs (gaps of 1), top-k ones their
         # gaps; one cumulative sum within each tensor's segment gives every position at once.
@@ -321,33 +364,42 @@ def _layout(spec: CodecSpec, frame: Frame) -> _Layout:
         gaps = np.ones(start, np.int64)
         gaps[np.asarray([f for f, n in zip(firsts, counts) if n], np.int64)] = 0
         ranges = [np.arange(s, s + k, dtype=np.int64) for _, s, k in sparse_at]
-        ends = [(s + k - 1, frame.tensors[i].numel) for i, s, k in sparse_at if k]
-        lay = _Layout(lay.values_from, lay.counts, keep, lay.numel, tuple(i for i, _, _ in sparse_at), gaps,
-                      np.concatenate(ranges), np.asarray(firsts, np.int64),
-                      np.concatenate([r[1:] for r in ranges]), np.asarray([e for e, _ in ends], np.int64),
-                      np.asarray([n for _, n in ends], np.int64),
-                      np.repeat(np.asarray(list(itertools.accumulate(numels[:-1], initial=0)), np.int64), counts))
-    if frame.table is not None:
+        last = [(s + k - 1, numels[i]) for i, s, k in sparse_at if k]
+        lay = dataclasses.replace(lay, sparse=tuple(i for i, _, _ in sparse_at), gaps=gaps,
+                                  index_at=np.concatenate(ranges), firsts=np.asarray(firsts, np.int64),
+                                  inner=np.concatenate([r[1:] for r in ranges]),
+                                  last=np.asarray([e for e, _ in last], np.int64),
+                                  limit=np.asarray([n for _, n in last], np.int64),
+                                  offsets=np.repeat(np.asarray([s for s, _ in lay.spans], np.int64), counts))
+    if table is not None:
+        firsts_of = [p[0] for p in value_parts if p]
+        scales = [p[1] for p in value_parts if len(p) > 1]
+        slots = np.cumsum([0] + [n for _, n, _ in index_parts], dtype=np.int64)
+        indices = []
+        for d in INDEX_DTYPES:
+            mine = [j for j, p in enumerate(index_parts) if p[0] == d]
+            if mine:
+                indices.append((PART_DTYPES[d], _positions([index_parts[j] for j in mine]),
+                                np.concatenate([np.arange(slots[j], slots[j + 1]) for j in mine])))
+        first_dtype = PART_DTYPES[firsts_of[0][0]] if firsts_of else np.dtype(np.float32)
+        lay = dataclasses.replace(lay, reads=((first_dtype, _positions(firsts_of)),
+                                              (np.dtype(np.float32), _positions(scales)), tuple(indices)))
         if len(_layouts) >= LAYOUTS:
             _layouts.clear()
-        _layouts[key] = (frame.table, lay)
+        _layouts[key] = (table, lay)
     return lay
 
 
-def reconstruct_flat(frame: Frame) -> np.ndarray:
-    """Every tensor of a frame decoded as float32, end to end in frame order, in one pass: one
-    decode of all tensors' values (``_decode_values``), one scatter of them to their positions
-    (a top-k tensor's delta-coded indices, a dense tensor's every position), with what depends
-    only on the frame's table made once per table (``_layout``). A phone's update is 14 small
-    tensors: a dozen numpy and torch calls on tiny arrays per tensor had cost more than the
-    arithmetic. Raises MalformedPayload for parts that do not fit the codec."""
-    spec = _spec(frame.codec)
-    lay = _layout(spec, frame)
-    x = _decode_values(spec.values, [r.parts[j:] for r, j in zip(frame.tensors, lay.values_from)], lay.keep)
+def _place(spec: CodecSpec, lay: _Layout, first: np.ndarray, scales: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
+    """Every tensor's float32 values end to end, from all tensors' first value parts, scales
+    and top-k indices (each end to end): one decode of the values (``_decode_values``), one
+    scatter of them to their positions (a top-k tensor's delta-coded indices, a dense
+    tensor's every position)."""
+    x = _decode_values(spec.values, first, scales, lay.keep)
     if not lay.sparse:  # every tensor dense: the values are the tensors, end to end
         return x
     gaps = lay.gaps.copy()
-    gaps[lay.index_at] = np.concatenate([frame.tensors[i].parts[0] for i in lay.sparse])
+    gaps[lay.index_at] = idx
     total = np.cumsum(gaps)
     local = total - np.repeat(np.concatenate([[0], total])[lay.firsts], lay.counts)
     if (gaps[lay.inner] == 0).any() or (local[lay.last] >= lay.limit).any():
@@ -355,6 +407,24 @@ def reconstruct_flat(frame: Frame) -> np.ndarray:
     out = np.zeros(lay.numel, np.float32)
     out[local + lay.offsets] = x
     return out
+
+
+def reconstruct_flat(frame: Frame) -> np.ndarray:
+    """Every tensor of a frame decoded as float32, end to end in frame order, in one pass
+    (``_place``), with what depends only on the frame's table made once per table
+    (``_layout``). A phone's update is 14 small tensors: a dozen numpy and torch calls on tiny
+    arrays per tensor had cost more than the arithmetic. Raises MalformedPayload for parts that
+    do not fit the codec."""
+    spec = _spec(frame.codec)
+    entries = frame.table.tensors if frame.table is not None else tuple(
+        (r.name, r.dtype, r.shape, tuple((d, p.size, None) for d, p in zip(r.part_dtypes, r.parts)))
+        for r in frame.tensors)
+    lay = _layout(spec, frame.codec, entries, frame.table)
+    values = [r.parts[j:] for r, j in zip(frame.tensors, lay.values_from)]
+    first = np.concatenate([p[0] for p in values]) if values else np.zeros(0, np.float32)
+    scales = np.concatenate([p[1] for p in values]) if values and spec.values.name in QMAX else np.zeros(0, np.float32)
+    idx = np.concatenate([frame.tensors[i].parts[0] for i in lay.sparse]) if lay.sparse else None
+    return _place(spec, lay, first, scales, idx)
 
 
 def reconstruct(frame: Frame) -> dict[str, torch.Tensor]:
@@ -373,20 +443,26 @@ def encode(tensors: dict[str, torch.Tensor], spec: str | CodecSpec, kind: str = 
 
 
 def decode(data: bytes, limits: Limits = Limits()) -> Payload:
-    """Bounded decode: every limit in ``limits`` is checked; tensors come back in their own dtype."""
-    frame = decode_frame(data, limits)
-    flat = reconstruct_flat(frame)
-    ends = itertools.accumulate(r.numel for r in frame.tensors)
-    arrays = {r.name: flat[end - r.numel:end] for r, end in zip(frame.tensors, ends)}  # views of the one buffer
-    # One dot over the whole buffer says whether every value is finite (a NaN or inf anywhere
-    # makes it so); only then, or for a norm bound, the per-tensor pass that names the tensor.
+    """Bounded decode: every limit in ``limits`` is checked; tensors come back in their own dtype.
+
+    The frame's parts are read straight from its body by the gathers its table's layout holds
+    (``_Layout.read``): no array per part, no record per tensor. Each tensor's sum of squares
+    (one BLAS dot) says whether its values are finite (a NaN or inf anywhere makes it so; only
+    then, or for a norm bound, the slower pass that tells NaN from a huge value) and comes back
+    in ``Payload.squares`` for its float32 tensors, so the aggregator's norm reads no value again."""
+    head, table, body = read_frame(data, limits)
+    spec = _spec(head["codec"])
+    lay = _layout(spec, head["codec"], table.tensors, table)
+    flat = _place(spec, lay, *lay.read(body))
+    arrays = {name: flat[a:b] for (name, *_), (a, b) in zip(table.tensors, lay.spans)}  # views of the one buffer
     with np.errstate(over="ignore"):
-        finite = math.isfinite(float(np.dot(flat, flat)))
-    if (limits.finite and not finite) or limits.max_norm is not None:
+        squares = {name: float(np.dot(a, a)) for name, a in arrays.items()}
+    if (limits.finite and not all(map(math.isfinite, squares.values()))) or limits.max_norm is not None:
         check_values(arrays, limits)
-    tensors = {r.name: torch.from_numpy(arrays[r.name].reshape(r.shape)) if r.dtype == "float32" else  # already itself
-               from_numpy(arrays[r.name], r.dtype, r.shape) for r in frame.tensors}
-    return Payload(frame.kind, frame.codec, frame.meta, tensors)
+    tensors = {name: torch.from_numpy(arrays[name].reshape(shape)) if dtype == "float32" else  # already itself
+               from_numpy(arrays[name], dtype, shape) for name, dtype, shape, _ in table.tensors}
+    return Payload(head["kind"], head["codec"], head["meta"], tensors,
+                   {name: q for (name, dtype, *_), q in zip(table.tensors, squares.values()) if dtype == "float32"})
 
 
 def nbytes_fp32(tensors: dict[str, torch.Tensor]) -> int:

@@ -343,11 +343,19 @@ def _read_body(head: dict, body: memoryview, size: int, limits: Limits) -> bytea
     return out
 
 
-def decode_frame(data: bytes, limits: Limits = Limits()) -> Frame:
-    """Parse and check a frame; parts come back as numpy views into one body buffer."""
+def read_frame(data: bytes, limits: Limits = Limits()) -> tuple[dict, Table, bytearray]:
+    """Parse and check a frame: its header, its checked tensor table (one object per distinct
+    table, ``_table``) and its body's bytes, inflated, where the table's part offsets point.
+    A decoder that knows the table (``compression.codecs.decode``) reads the parts from the
+    body in a few whole-body operations instead of one array per part."""
     head, raw = _unpack(data, limits)
     table = _table(head["tensors"], limits)
-    body = _read_body(head, raw, table.size, limits)
+    return head, table, _read_body(head, raw, table.size, limits)
+
+
+def decode_frame(data: bytes, limits: Limits = Limits()) -> Frame:
+    """Parse and check a frame; parts come back as numpy views into one body buffer."""
+    head, table, body = read_frame(data, limits)
     tensors = [TensorRecord(name, dtype, shape, [np.frombuffer(body, PART_DTYPES[d], n, offset) for d, n, offset in parts],
                             [d for d, _, _ in parts])
                for name, dtype, shape, parts in table.tensors]

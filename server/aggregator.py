@@ -90,7 +90,7 @@ from stamen.core.plan import Model, Plan, full_plan, global_shapes
 from stamen.core.records import Update
 from stamen.server.outer import STATE, OuterConfig, direction_, init_state
 from stamen.server.privacy import PrivacyConfig, add_noise_, epsilon
-from stamen.server.robust import SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, norm, step_bound
+from stamen.server.robust import SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, norm_of, square, step_bound
 
 
 COMBINE = ("mean", "add")
@@ -267,12 +267,13 @@ class Aggregator:
         lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, cuts, S, W, numel)
         return lay
 
-    def measure(self, update: Update) -> float:
+    def measure(self, update: Update, squares: dict[str, float] | None = None) -> float:
         """Check an update's structure against its plan and return its norm: the part of the
         judgement that does not depend on the current version, and the only part that reads
         the update's values. Pure and thread-safe, so the server runs it on the decode worker;
         remembered per update object (weakly), so ``check`` and ``submit`` on the event loop
-        do not read the update again. Raises BadUpdate."""
+        do not read the update again. ``squares``: sums of squares of (some of) its float32
+        tensors that the decoder computed already (``robust.square`` of each). Raises BadUpdate."""
         key = id(update)
         known = self._measured.get(key)
         if known is not None and known[0]() is update:
@@ -288,7 +289,10 @@ class Aggregator:
                 raise BadUpdate(f"{n}: shape {tuple(d.shape)} but plan {update.plan.name!r} needs {shapes[n]}")
             if not d.is_floating_point():
                 raise BadUpdate(f"{n}: dtype {d.dtype} is not floating point")
-        size = norm([update.delta[n] for n, _ in self._layout(update.plan).parts])  # in the buffer's order
+        squares = squares or {}
+        with np.errstate(over="ignore"):
+            size = norm_of([squares[n] if n in squares else square(update.delta[n])  # in the buffer's order
+                            for n, _ in self._layout(update.plan).parts])
         if not math.isfinite(size):
             raise BadUpdate("the update's norm overflows float32: its values are far too large")
         measured = self._measured  # the entry goes when the update is freed (its id cannot be reused before)

@@ -287,7 +287,7 @@ class Coordinator:
         update = Update(task.task_id, task.base_version, task.plan,
                         {n: t if t.dtype == torch.float32 else t.float() for n, t in payload.tensors.items()}, tokens,
                         {} if loss is None else {"loss": loss})
-        self._agg.measure(update)  # the values' pass, here on the worker rather than in ``judge``
+        self._agg.measure(update, payload.squares)  # the values' pass, here on the worker rather than in ``judge``
         return update, loss
 
     def judge(self, update: Update, loss: float | None = None) -> Admitted:

@@ -103,16 +103,22 @@ class NormHistory:
         return {k: list(v) for k, v in self.rms.items()}
 
 
-def norm(tensors: list[torch.Tensor]) -> float:
-    """‖Δ‖₂ over a list of float32 tensors: one BLAS dot per tensor (in numpy: a torch op
-    costs ~10 µs of dispatch, several per tensor, on the server's hot path), the squares summed
-    in float64; inf when a float32 partial overflows (an update whose values are finite but
-    whose squares are not is absurd anyway)."""
+def square(t: torch.Tensor) -> float:
+    """A tensor's sum of squares: one float32 BLAS dot over its values (in numpy: a torch op
+    costs ~10 µs of dispatch, several per tensor, on the server's hot path; what the wire decoder
+    computes for each tensor it decodes, ``compression.codecs.decode``: the same call on the
+    same memory, so the same number)."""
+    a = (t if t.dtype == torch.float32 else t.float()).detach().numpy().reshape(-1)
+    return float(np.dot(a, a))
+
+
+def norm_of(squares: list[float]) -> float:
+    """‖Δ‖₂ from its tensors' sums of squares (``square``), added in float64 in the order given;
+    inf when a float32 partial overflowed (an update whose values are finite but whose squares
+    are not is absurd anyway)."""
     total = 0.0
-    with np.errstate(over="ignore"):
-        for t in tensors:
-            a = (t if t.dtype == torch.float32 else t.float()).detach().numpy().reshape(-1)
-            total += float(np.dot(a, a))
+    for q in squares:
+        total += q
     return math.sqrt(total)
 
 
