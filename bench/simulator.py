@@ -83,6 +83,13 @@ def matmul_probe(a: torch.Tensor, b: torch.Tensor, count: int = 2) -> None:
         a @ b
 
 
+def updates(model: torch.nn.Module, work: Workload, base: dict, ids: range) -> dict[int, dict]:
+    """Devices ``ids`` trained together, each one's Δ = θ_base − θ_local: an update is timed
+    until its delta exists, as Flower's ClientApp computes its delta before replying."""
+    result = train_batched(model, [work.batches(d) for d in ids], work.steps, work.train)
+    return dict(zip(ids, result.deltas(base)))
+
+
 def stamen_rate(work: Workload, base: dict, group: int) -> dict:
     """Train every device, ``group`` at a time, with a matmul probe after each group: the floor
     is the probes' sustained rate, so training and floor are measured under the same load (on a
@@ -97,9 +104,7 @@ def stamen_rate(work: Workload, base: dict, group: int) -> dict:
     deltas = {}
     for first in range(0, work.devices, group):
         ids = range(first, min(first + group, work.devices))
-        result = train.time(lambda: train_batched(model, [work.batches(d) for d in ids], work.steps, work.train),
-                            len(ids) * work.flops_per_update())
-        deltas.update({d: result.delta(base, i) for i, d in enumerate(ids)})
+        deltas.update(train.time(lambda: updates(model, work, base, ids), len(ids) * work.flops_per_update()))
         floor.time(lambda: matmul_probe(a, b), 2 * 2 * 1024**3)
     return {"updates_per_s": work.devices / train.wall,
             "floor_updates_per_s": floor.flops / floor.wall / work.flops_per_update(),

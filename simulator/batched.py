@@ -44,9 +44,12 @@ class BatchedResult:
     losses: torch.Tensor
     tokens: int
 
-    def delta(self, base: dict[str, torch.Tensor], device: int) -> dict[str, torch.Tensor]:
-        """Device ``device``'s pseudo-gradient Δ = θ_base − θ_local, as its Update carries it."""
-        return {n: base[n] - w[device] for n, w in self.weights.items()}
+    def deltas(self, base: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Each device's pseudo-gradient Δ = θ_base − θ_local, as its Update carries it. One
+        subtraction per tensor over the stacked weights, each device's Δ a view of its row: a
+        subtraction per device and tensor was 3 % of a 100-phone group's time."""
+        stacked = {n: base[n] - w for n, w in self.weights.items()}
+        return [{n: t[i] for n, t in stacked.items()} for i in range(len(self.losses))]
 
 
 def _optimizer(stacked: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -336,8 +336,8 @@ class Simulation:
             return
         jobs, handle = self.submitted.pop(job.group) if job.group in self.submitted else self._submit(job.group)
         for first, r in zip(range(0, len(jobs), self.config.max_group), self.backend.result(handle)):
-            for i, j in enumerate(jobs[first:first + self.config.max_group]):
-                j.delta, j.tokens, j.loss = r.delta(base, i), r.tokens, float(r.losses[i, -1])
+            for i, (j, delta) in enumerate(zip(jobs[first:first + self.config.max_group], r.deltas(base))):
+                j.delta, j.tokens, j.loss = delta, r.tokens, float(r.losses[i, -1])
 
     def _submit(self, group: tuple) -> tuple[list[_Job], object]:
         """Close an open group (no task joins it any more) and hand it to the training backend."""

@@ -57,7 +57,7 @@ def test_batched_equals_each_device_alone(shards, train):
         # Adam divides by sqrt(v): where a gradient is ~0, float-order noise in it moves the
         # element by up to ~lr. 1e-4 (3% of lr) still catches any wrong gradient (~1e-3).
         atol = 1e-4 if train.optimizer == "adamw" else 2e-5
-        delta = result.delta(base, d)
+        delta = result.deltas(base)[d]
         for name in result.weights:
             torch.testing.assert_close(result.weights[name][d], own[name], rtol=0, atol=atol)
             torch.testing.assert_close(delta[name], base[name] - own[name], rtol=0, atol=atol)
