@@ -37,9 +37,9 @@ class Task:
     def to_dict(self) -> dict[str, Any]:
         # Not asdict: it deep-copies the plan, and walks the flat TrainConfig at ~25 µs, twice
         # per task a server issues (the ledger's row and the answer).
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {name: getattr(self, name) for name in _TASK_FIELDS}
         d["plan"] = self.plan.to_dict()
-        d["train"] = {f.name: getattr(self.train, f.name) for f in fields(self.train)}
+        d["train"] = {name: getattr(self.train, name) for name in _TRAIN_FIELDS}
         return d
 
     @classmethod
@@ -52,6 +52,11 @@ class Task:
         t["betas"] = tuple(t["betas"])
         d["train"] = TrainConfig(**t)
         return cls(**d)
+
+
+# Field names, listed once: ``dataclasses.fields`` builds its tuple again on every call.
+_TASK_FIELDS = tuple(f.name for f in fields(Task))
+_TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 
 
 @dataclass

@@ -155,6 +155,7 @@ class Auth:
         if self.rate is not None:
             self.rate.take(h, now)
         client_id, token = f"c{secrets.token_hex(6)}", f"stc_{secrets.token_urlsafe(32)}"
+        stored = json.dumps(caps)
         with self.db:  # one transaction: the use is counted exactly when the client exists
             self.db.execute("BEGIN")
             cur = self.db.execute("UPDATE join_tokens SET uses = uses + 1 WHERE hash = ? AND revoked IS NULL "
@@ -162,7 +163,9 @@ class Auth:
             if cur.rowcount != 1:
                 raise Forbidden("this join token was used up or revoked meanwhile")
             self.db.execute("INSERT INTO clients (id, token_hash, role, caps, joined, join_hash) VALUES (?, ?, ?, ?, ?, ?)",
-                            (client_id, _hash(token), role, json.dumps(caps), now, h))
+                            (client_id, _hash(token), role, stored, now, h))
+        # The new client's first request finds it here, as ``principal`` would have read it back.
+        self._cache[_hash(token)] = Principal(client_id, role, json.loads(stored))
         return Principal(client_id, role, caps), token
 
     def tokens(self) -> list[JoinToken]:

@@ -37,16 +37,18 @@ class Committer:
         self._running: asyncio.Task | None = None
         self._checkpoint: asyncio.Future | None = None
 
-    async def commit(self, row: Row, then: Callable[[], T]) -> T:
-        """Make ``row`` durable with the next batch, then run ``then()`` on the loop, in journal
-        order with the rest of the batch; returns what it returns (raises what it raises). Rows
-        must be queued in ``seq`` order (take ``store.row`` and call this without awaiting in
-        between). ``then`` runs even if the caller was cancelled: the row is in the journal."""
+    def commit(self, row: Row, then: Callable[[], T]) -> asyncio.Future[T]:
+        """Queue ``row`` to be made durable with the next batch, then ``then()`` run on the loop,
+        in journal order with the rest of the batch: the future resolves to what it returns
+        (raises what it raises). Queued now, in the caller's step, so rows queue in the order
+        they were taken (take ``store.row`` and call this without awaiting in between); a plain
+        future rather than a coroutine spares a task per update. ``then`` runs even if the
+        awaiting caller was cancelled: the row is in the journal."""
         done = asyncio.get_running_loop().create_future()
         self._queue.append((row, then, done))
         if self._running is None:
             self._running = asyncio.create_task(self._run())
-        return await done
+        return done
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -179,6 +179,10 @@ class Coordinator:
         """When the first of the current version's tasks lapses (None if none is out)."""
         return self._scheduler.round_deadline(self._agg.version)
 
+    def held(self, client_id: str) -> Task | None:
+        """The task the client holds now (``next_task`` gives it again), if any."""
+        return self._scheduler.held(client_id)
+
     def open_task(self, task_id: str) -> Task | None:
         """The task if it is in flight."""
         return self._scheduler.in_flight.get(task_id)

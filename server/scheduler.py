@@ -134,6 +134,11 @@ class Scheduler:
         budget = self.fed.scheduler.compute_share * self.fed.scheduler.task_deadline_s * caps.flops
         return max(1, int(min(t.steps, budget / step_flops)))  # min first: budget may be huge
 
+    def held(self, client_id: str) -> Task | None:
+        """The task the client holds now, if any."""
+        task_id = self._held.get(client_id)
+        return None if task_id is None else self.in_flight[task_id]
+
     def next_task(self, client_id: str, version: int, now: float) -> Task | None:
         """The client's task: the one it already holds (a re-poll is idempotent), a new one,
         or None for a device when the cap on device tasks in flight is reached. The cap bounds
@@ -144,8 +149,9 @@ class Scheduler:
         if a is None:
             raise KeyError(client_id)
         self.expire(now)
-        if client_id in self._held:
-            return self.in_flight[self._held[client_id]]
+        held = self.held(client_id)
+        if held is not None:
+            return held
         if self.fed.aggregation.mode == "rounds" and self._round_full(a, version):
             return None
         if a.caps.role == "device" and len(self._device_tasks) >= self.fed.scheduler.max_in_flight:

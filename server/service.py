@@ -155,8 +155,10 @@ class Federation:
         if p.role == "admin":
             raise RequestError("an admin token does not train", 403)
         self._expire(now)
+        held = self.coord.held(p.client_id)
         task = self.coord.next_task(p.client_id, now)
-        if task is not None and self.ledger.get(task.task_id) is None:
+        # A new task is written to the ledger; one held already was, unless that write failed.
+        if task is not None and (task is not held or self.ledger.get(task.task_id) is None):
             self.ledger.issued([(task, self.coord.assignment(p.client_id).tier)])
         return task
 
@@ -215,7 +217,7 @@ class Federation:
             raise
         row = self.store.row(update, now, body)  # journaled as uploaded: replay decodes it again
         then = p if next_task else None
-        committed = asyncio.ensure_future(self.committer.commit(row, lambda: self._accept(admitted, row, then)))
+        committed = self.committer.commit(row, lambda: self._accept(admitted, row, then))
         self._committing[task_id] = committed  # until it is applied, even if this request is cancelled
         committed.add_done_callback(lambda _: self._committing.pop(task_id, None))
         try:
