@@ -239,6 +239,22 @@ def full_plan(cfg: Model) -> Plan:
     return Plan("full", blocks)
 
 
+def window_plan(cfg: Model, name: str, window: int) -> Plan:
+    """Every block at full width, only the last ``window`` blocks train, everything below (and
+    the embeddings) frozen: the device computes the full model's forward, so what it trains gets
+    the full model's true gradient. An early-exit prefix trains block 0 as if it were the last
+    layer, and a width prefix trains a narrower network than the one evaluated; both are biased.
+    Measured in the simulator (private text, seed 0, 20 versions, mixed / GPU nodes alone, all
+    domains): devices training the last 2 blocks 0.989, the last block 0.998, the first block
+    alone 1.038, every block 1.017, the early-exit and width tier table 1.003. Memory holds the whole model (the planner's
+    ``cost`` counts it), the trainable window's grads and moments, and activations."""
+    if not isinstance(cfg, GPTConfig):
+        raise UserError(f"plan {name!r}: a window plan needs a GPT (a user module has only the full plan)")
+    if not 1 <= window <= cfg.n_layer:
+        raise UserError(f"plan {name!r}: window must be 1 to {cfg.n_layer} blocks, got {window}")
+    return Plan(name, tuple(range(cfg.n_layer)), 1.0, tuple(f"blocks.{b}.*" for b in range(cfg.n_layer - window, cfg.n_layer)))
+
+
 def tier_plans(cfg: Model) -> dict[str, Plan]:
     """The default tier table. Shallower plans keep the *first* blocks (a DepthFL-style early
     exit: the submodel is a shallower GPT sharing the global bottom, with ln_f and the head on

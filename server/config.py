@@ -18,7 +18,7 @@ from stamen.core.errors import UserError
 from stamen.core.hf import is_hf
 from stamen.core.lora import BASES, TRAIN, LoraPlan, LoraSpace, lora_space, tier_lora_plans
 from stamen.core.model import ModelSpec
-from stamen.core.plan import Model, Plan, tier_plans
+from stamen.core.plan import Model, Plan, tier_plans, window_plan
 from stamen.core.train import TrainConfig
 from stamen.server.aggregator import AggregatorConfig
 from stamen.server.outer import OuterConfig
@@ -231,9 +231,14 @@ class TierSettings:
     """Plan override: the width fraction kept."""
     train: tuple[str, ...] | None = None
     """Plan override: the name patterns that train."""
+    window: int | None = None
+    """Plan override: a top-window plan (``core.plan.window_plan``): every block kept at full
+    width, only the last ``window`` blocks train. Excludes blocks, width and train."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be at least 1")
+        _require(self.window is None or (self.window >= 1 and (self.blocks, self.width, self.train) == (None,) * 3),
+                 "window must be at least 1, and excludes blocks, width and train")
         try:
             parse_codec(self.codec)  # a bad codec stops the server at start-up, not every upload
         except UserError as e:
@@ -268,12 +273,15 @@ class FederationConfig:
         if isinstance(cfg, LoraSpace):
             lora = tier_lora_plans(cfg, self.lora.rule, self.lora.base or None)
             for name, t in self.tiers.items():
-                _require((t.blocks, t.width, t.train) == (None, None, None),
-                         f"[tiers.{name}] blocks/width/train shape submodels; a LoRA federation's plans are ranks")
+                _require((t.blocks, t.width, t.train, t.window) == (None,) * 4,
+                         f"[tiers.{name}] blocks/width/train/window shape submodels; a LoRA federation's plans are ranks")
             return {name: lora.get(name) or replace(lora[NEW_TIER_BASE], name=f"lora-{name}") for name in self.tiers}
         defaults = tier_plans(cfg)
         out = {}
         for name, t in self.tiers.items():
+            if t.window is not None:
+                out[name] = window_plan(cfg, name, t.window)
+                continue
             base = defaults.get(name) or defaults.get(NEW_TIER_BASE, defaults["gpu"])
             out[name] = Plan(name, t.blocks if t.blocks is not None else base.blocks,
                              t.width if t.width is not None else base.width,

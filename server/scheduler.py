@@ -90,11 +90,11 @@ class Scheduler:
         A class that names no device tier ("" = unknown, or "gpu") caps nothing."""
         if caps.role == "gpu":
             return "gpu"
-        devices = sorted((t for t in self.plans if t != "gpu"), key=self._size)
+        devices = sorted((t for t in self.plans if t != "gpu"), key=self._size)  # stable: ties keep table order
         if not isinstance(caps.device_class, str):
             raise UserError(f"device_class must be a string, got {caps.device_class!r}")
-        if caps.device_class in devices:
-            devices = [t for t in devices if self._size(t) <= self._size(caps.device_class)]
+        if caps.device_class in devices:  # tiers of equal size (window plans) above the class's are not "more"
+            devices = devices[:devices.index(caps.device_class) + 1]
         fitting = [t for t in devices if self._cost(t).memory_bytes <= caps.memory_bytes]
         if not fitting:
             need = min(self._cost(t).memory_bytes for t in devices)

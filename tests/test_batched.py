@@ -64,7 +64,8 @@ def test_batched_equals_each_device_alone(shards, train):
             assert not torch.equal(own[name], base[name]), f"{name} did not train"
 
 
-@pytest.mark.parametrize("frozen", [("wte.", "wpe."), ("wte.", "wpe.", "blocks.1.")])
+@pytest.mark.parametrize("frozen", [("wte.", "wpe."), ("wte.", "wpe.", "blocks.1."),
+                                    ("wte.", "wpe.", "blocks.1.", "ln_f.")])  # the last: a window plan's
 def test_batched_equals_alone_with_frozen_embeddings(shards, frozen):
     """As the tier plans train: the embeddings (and here the head tied to them) are frozen, so
     the first block's input and its ln_1 output come from per-(token, position) tables, with

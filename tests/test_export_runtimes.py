@@ -2,17 +2,19 @@
 exactly like eager torch (same weights, same batches), and take a new version's weights
 without re-export.
 
-Two plan kinds, each on both runtimes: "blocks" trains everything, the tied embedding/head
+Three plan kinds, each on both runtimes: "blocks" trains everything, the tied embedding/head
 included; "width" is the phone-high tier's plan (half the heads and hidden units of its blocks,
 embeddings frozen) at the tier's 8 x 64 -- the very programs test_bundle_device and
-test_client_runtimes export, shared through the session's export cache. ExecuTorch runs with
-XNNPACK (its default) on the tier plan, and on its portable kernels alone on the blocks plan."""
+test_client_runtimes export, shared through the session's export cache; "window" keeps the
+whole model and trains its last two blocks only (``core.plan.window_plan``: the blocks below,
+ln_f and the embeddings frozen). ExecuTorch runs with
+XNNPACK (its default) on the tier and window plans, and on its portable kernels alone on the blocks plan."""
 
 import pytest
 import torch
 
 from stamen.core.model import GPT, PRESETS, ModelSpec, load_weights, weights
-from stamen.core.plan import Plan, tier_plans
+from stamen.core.plan import Plan, tier_plans, window_plan
 from stamen.core.train import TrainConfig, train_steps
 from stamen.edge_client.executorch_runtime import ExecuTorchRuntime
 from stamen.edge_client.ort_runtime import OrtRuntime
@@ -24,6 +26,7 @@ STEPS = 20
 PLANS = {  # plan, batch, seq, ExecuTorch with XNNPACK
     "blocks": (Plan("blocks", (0, 2), 1.0, ("*",)), 4, 32, False),
     "width": (tier_plans(CFG)["phone-high"], 8, 64, True),
+    "window": (window_plan(CFG, "window", 2), 4, 32, True),
 }
 RUNTIMES = {"ort": OrtRuntime, "executorch": ExecuTorchRuntime}
 CASES = [pytest.param(p, r, id=f"{p}-{r}" + ("" if r == "ort" else "-xnnpack" if PLANS[p][3] else "-portable"))

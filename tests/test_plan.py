@@ -6,7 +6,7 @@ import torch
 
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, PRESETS, GPTConfig, ModelSpec, gpt_param_count, load_weights, weights
-from stamen.core.plan import Plan, full_plan, plans_table, tier_plans
+from stamen.core.plan import Plan, full_plan, plans_table, tier_plans, window_plan
 
 CFG = PRESETS["gpt-tiny"]
 
@@ -152,3 +152,30 @@ def test_plans_table_rows():
     assert [r["tier"] for r in rows] == ["phone-low", "phone-high", "laptop", "jetson", "gpu"]
     assert rows[-1]["params"] == rows[-1]["trainable"] == gpt_param_count(PRESETS["gpt-small"])
     assert set(rows[0]) >= {"tier", "blocks", "width", "params", "trainable", "memory_mb", "flops_per_token"}
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_window_plan_trains_the_last_blocks_of_the_full_model(window):
+    """A window plan keeps the whole model (so the built submodel computes exactly the global
+    model's forward) and trains the last ``window`` blocks' tensors, nothing else."""
+    plan = window_plan(CFG, "w", window)
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    sub = plan.build(CFG)
+    load_weights(sub, plan.extract(weights(model), CFG))
+    idx = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sub(idx), model(idx))
+    last = range(CFG.n_layer - window, CFG.n_layer)
+    want = sorted(n for n, _ in model.named_parameters() if any(n.startswith(f"blocks.{b}.") for b in last))
+    assert sorted(n for n, p in sub.named_parameters() if p.requires_grad) == want == sorted(plan.trainable(CFG))
+    n_train = sum(p.numel() for n, p in model.named_parameters() if n in want)
+    assert plan.cost(CFG, 4, 64).trainable_params == n_train
+    assert plan.cost(CFG, 4, 64).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("window", [0, CFG.n_layer + 1])
+def test_window_plan_refuses_a_window_the_model_lacks(window):
+    with pytest.raises(UserError, match="window must be 1 to"):
+        window_plan(CFG, "w", window)
+    with pytest.raises(UserError, match="needs a GPT"):
+        window_plan({"w": (2, 2)}, "w", 1)

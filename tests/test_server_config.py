@@ -28,6 +28,18 @@ def test_defaults_and_overrides(tmp_path):
     assert (plans["edge"].width, plans["edge"].train) == (plans["laptop"].width, plans["laptop"].train)
 
 
+def test_window_override_gives_a_window_plan(tmp_path):
+    cfg = load_config(write(tmp_path, "[tiers.phone-low]\nwindow = 2\n"))
+    plan = cfg.plans(PRESETS["gpt-tiny"])["phone-low"]
+    assert (plan.blocks, plan.width, plan.train) == ((0, 1, 2, 3), 1.0, ("blocks.2.*", "blocks.3.*"))
+    with pytest.raises(UserError, match="window must be 1 to 4"):
+        load_config(write(tmp_path, "[tiers.phone-low]\nwindow = 5\n")).plans(PRESETS["gpt-tiny"])
+    with pytest.raises(UserError, match=r"\[tiers.laptop\].*window .*excludes blocks"):
+        load_config(write(tmp_path, "[tiers.laptop]\nwindow = 1\nwidth = 1\n"))
+    with pytest.raises(UserError, match="window must be at least 1"):
+        load_config(write(tmp_path, "[tiers.laptop]\nwindow = 0\n"))
+
+
 def test_max_tokens_reaches_the_aggregator(tmp_path):
     assert load_config().aggregator_config().max_tokens is None
     cfg = load_config(write(tmp_path, "[aggregation]\nmax_tokens = 4096\n"))

@@ -67,6 +67,17 @@ def test_hardware_class_and_time_cap_the_tier():
         s.tier_for(Capabilities("device", big, 1e12, device_class=3))
 
 
+def test_tiers_of_equal_size_keep_each_class_in_its_own(tmp_path):
+    """Window plans of one size in every device tier: each class still gets its own tier (its
+    steps, batch and codec), not the last tier of the table."""
+    f = tmp_path / "fed.toml"
+    f.write_text("".join(f"[tiers.{t}]\nwindow = 1\n" for t in ("phone-low", "phone-high", "laptop", "jetson")))
+    s = Scheduler(CFG, load_config(f))
+    for cls in ("phone-low", "phone-high", "laptop", "jetson"):
+        assert s.tier_for(Capabilities("device", 10**12, 1e12, device_class=cls)) == cls
+    assert s.tier_for(Capabilities("device", 10**12, 1e12, device_class="")) == "jetson"
+
+
 def test_capabilities_wire_dict_is_tolerant():
     c = Capabilities("device", 1 << 30, 1e9, ("ort",), device_class="phone-high")
     assert Capabilities.from_dict(c.to_dict()) == c
