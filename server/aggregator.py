@@ -90,7 +90,8 @@ from stamen.core.plan import Model, Plan, full_plan, global_shapes
 from stamen.core.records import Update
 from stamen.server.outer import STATE, OuterConfig, direction_, init_state
 from stamen.server.privacy import PrivacyConfig, add_noise_, epsilon
-from stamen.server.robust import SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, norm_of, square, step_bound
+from stamen.server.robust import (SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, filter_passing, norm_of, square,
+                                  step_bound)
 
 
 COMBINE = ("mean", "add")
@@ -480,26 +481,13 @@ class Aggregator:
             self.S[n].copy_(stat * W.float())
 
     def _filter(self, kept: list[tuple[Update, float, float]], min_cosine: float) -> None:
-        """The filter rule: S, W become the weighted sums of the kept updates whose cosine with
-        the coordinate-wise median of the clipped updates, over the elements each covers, is at
-        least ``min_cosine``. The median is taken only over the region some kept update
-        covered, not the whole model (``_filter_matrix``), by one numpy sort of its columns,
-        and all K cosines come from one matrix product in float64: per element the statistic
-        is the one a full-model matrix gives, at the cost of the covered region. A torch sort
-        of K copies of every whole tensor and a cosine per update had been 44% of the server's
+        """The filter rule: S, W become the weighted sums of the kept updates that
+        ``robust.filter_passing`` passes. Its median is taken only over the region some kept
+        update covered (``_filter_matrix``), not the whole model: per element the statistic is
+        the one a full-model matrix gives, at the cost of the covered region. A torch sort of K
+        copies of every whole tensor and a cosine per update had been 44% of the server's
         event loop at 1,000 clients."""
-        raw, med = self._filter_matrix(kept)
-        covered = ~np.isnan(raw)
-        m = med.astype(np.float64)
-        if covered.all():  # one plan's buffer: no masking (the same sums, bit for bit)
-            x = raw.astype(np.float64)
-            centres = np.broadcast_to(m, x.shape)
-        else:
-            x = np.where(covered, raw, 0).astype(np.float64)
-            centres = np.where(covered, m, 0)  # row i: the median over update i's elements
-        denom = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", centres, centres))
-        cos = np.divide(x @ m, denom, out=np.zeros(len(kept)), where=denom > 0)
-        passing = cos >= min_cosine
+        passing = filter_passing(self._filter_matrix(kept), np.array([c for _, _, c in kept], np.float32), min_cosine)
         if passing.all():  # S and W already hold exactly these sums, added in this order
             return
         names = list(dict.fromkeys(n for u, _, _ in kept for n in u.delta))
@@ -511,14 +499,13 @@ class Aggregator:
                 torch._foreach_add_(lay.S, lay.pieces(u.delta), alpha=w * c)
                 torch._foreach_add_(lay.W, w)
 
-    def _filter_matrix(self, kept: list[tuple[Update, float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    def _filter_matrix(self, kept: list[tuple[Update, float, float]]) -> np.ndarray:
         """(K, M) float32: row i is update i over the union of the regions the kept updates
-        cover, NaN where it did not cover an element; and the coordinate-wise median of the
-        clipped rows (row i × c_i) over the updates covering each column. Plans cut a tensor
-        along the same dimension in the same groups, so their regions nest and the union is the
-        widest one's prefix (``_union``). Columns run through the tensors in the model's order,
-        each region in row-major order, so an update's covered columns, in order, are its
-        pieces flattened in order."""
+        cover, NaN where it did not cover an element. Plans cut a tensor along the same
+        dimension in the same groups, so their regions nest and the union is the widest one's
+        prefix (``_union``). Columns run through the tensors in the model's order, each region
+        in row-major order, so an update's covered columns, in order, are its pieces flattened
+        in order."""
         lays = [self._layout(u.plan) for u, _, _ in kept]
         cuts = [dict(zip((n for n, _ in lay.parts), lay.cuts)) for lay in lays]
         names = [n for n in self.S if any(n in c for c in cuts)]
@@ -534,8 +521,7 @@ class Aggregator:
             else:
                 torch._foreach_copy_([_within(region[n][i], union[n], cut[n]) for n, _ in lay.parts],
                                      lay.pieces(u.delta))
-        clipped = raw * np.array([c for _, _, c in kept], np.float32)[:, None]
-        return raw, coordinatewise(torch.from_numpy(clipped), "median", 0.0)[0].numpy()
+        return raw
 
     def _divisor(self) -> dict[str, torch.Tensor]:
         """What a flush divides S by, per element: W for the mean; for "add", the largest

@@ -166,3 +166,24 @@ def coordinatewise(values: torch.Tensor, rule: str, trim: float) -> tuple[torch.
     else:
         raise ValueError(rule)
     return torch.from_numpy(np.asarray(stat, dtype=np.float32)), torch.from_numpy(np.asarray(n, dtype=np.int64))
+
+
+def filter_passing(raw: np.ndarray, clips: np.ndarray, min_cosine: float) -> np.ndarray:
+    """The filter rule's verdict on each of K updates: ``raw`` is (K, M) float32, row i update
+    i's values, NaN where it did not cover an element; ``clips`` its clipping factors. Row i
+    passes when its cosine with the coordinate-wise median of the clipped rows, both over the
+    elements update i covers, is at least ``min_cosine``. All K cosines come from one matrix
+    product in float64; a buffer of one plan (no NaN) takes no masks, which gives the same
+    sums bit for bit."""
+    med = coordinatewise(torch.from_numpy(raw * clips[:, None]), "median", 0.0)[0].numpy()
+    covered = ~np.isnan(raw)
+    m = med.astype(np.float64)
+    if covered.all():
+        x = raw.astype(np.float64)
+        centres = np.broadcast_to(m, x.shape)
+    else:
+        x = np.where(covered, raw, 0).astype(np.float64)
+        centres = np.where(covered, m, 0)  # row i: the median over update i's elements
+    denom = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", centres, centres))
+    cos = np.divide(x @ m, denom, out=np.zeros(len(raw)), where=denom > 0)
+    return cos >= min_cosine

@@ -197,7 +197,8 @@ def test_filter_over_unequal_plans_matches_a_full_model_oracle():
     med = {n: coordinatewise(v, "median", 0.0)[0] for n, v in full.items()}
     S, W = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}, {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}
     kept = 0
-    raw, centres = a._filter_matrix([(u, 1.0, 1.0) for u in ups])
+    raw = a._filter_matrix([(u, 1.0, 1.0) for u in ups])
+    centres = coordinatewise(torch.from_numpy(raw), "median", 0.0)[0].numpy()
     for i, (u, lay) in enumerate(zip(ups, lays)):
         mine = torch.cat([t.flatten() for t in lay.pieces(u.delta)])
         centre = torch.cat([v.flatten() for v in lay.views(med)])
