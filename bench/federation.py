@@ -2,13 +2,15 @@
 
 For each scenario, the packaged default simulation (1,000 devices + 2 GPU nodes) runs as three
 variants of one population and seed, stopped at the same virtual time, and centralized
-training runs on all the training text at the mixed run's tokens (``simulator.compare``):
+training runs on all the training text at the mixed run's tokens and at the devices-alone
+run's (far fewer) tokens (``simulator.compare``):
 - ``private``: GPU nodes read the public half of the packages, devices split the rest;
 - ``shared``: GPU nodes read all the training text and devices split it too (the old default).
 One JSON line per scenario, seed and validation domain (final validation losses, nats/byte):
 ``{"scenario", "seed", "virtual_h", "domain", "mixed", "gpu_only", "devices_only",
-"centralized_equal_tokens"}``, and a last line with the medians over the seeds and the
-acceptance ratios. All figures come from this run; wall time does not enter them.
+"centralized_equal_tokens", "centralized_devices_tokens"}``, and a last line with the medians
+over the seeds and the acceptance ratios (``devices_only_over_centralized`` against the mixed
+run's tokens, ``devices_only_over_centralized_devices_tokens`` against the devices' own). All figures come from this run; wall time does not enter them.
 
 Run: ``python bench/federation.py`` (``--versions N`` shortens every run to the mixed run's
 first N versions; ``--seeds`` defaults to 3; ``--scenario private`` runs one scenario).
@@ -55,9 +57,10 @@ def main() -> None:
                 row = {"scenario": scenario, "seed": r["seed"], "virtual_h": round(r["virtual_h"], 6), "domain": d}
                 row |= {v.replace("-", "_"): round(r["final"][v][d], 4) for v in VARIANTS}
                 row["centralized_equal_tokens"] = round(r["centralized_equal_tokens"]["final"][d], 4)
+                row["centralized_devices_tokens"] = round(r["centralized_devices_tokens"]["final"][d], 4)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    keys = [v.replace("-", "_") for v in VARIANTS] + ["centralized_equal_tokens"]
+    keys = [v.replace("-", "_") for v in VARIANTS] + ["centralized_equal_tokens", "centralized_devices_tokens"]
     medians = {}
     for scenario in scenarios:
         for d in sorted({r["domain"] for r in rows if r["scenario"] == scenario}):
@@ -66,6 +69,8 @@ def main() -> None:
     ratios = {f"{name}/mixed_over_gpu_only": m["mixed"] / m["gpu_only"] for name, m in medians.items()}
     ratios |= {f"{name}/{v}_over_centralized": m[v] / m["centralized_equal_tokens"]
                for name, m in medians.items() if name.endswith("/all") for v in ("mixed", "devices_only")}
+    ratios |= {f"{name}/devices_only_over_centralized_devices_tokens": m["devices_only"] / m["centralized_devices_tokens"]
+               for name, m in medians.items() if name.endswith("/all")}
     print(json.dumps({"medians": medians, "ratios": {k: round(v, 4) for k, v in ratios.items()},
                       "seeds": args.seeds}))
 

@@ -3,7 +3,8 @@
 ``compare``: the federation as configured ("mixed") against its GPU nodes alone and its devices
 alone, all stopped at the same virtual time, and centralized training on all the text at the
 mixed run's tokens: the project's test (do devices make the model better than the GPU nodes
-alone, and how close does the federation come to centralizing the text?). Final losses per
+alone, and how close does the federation come to centralizing the text?), and centralized
+training at the devices-alone run's tokens (how close do the devices' own tokens come?). Final losses per
 validation domain (all; public and private with private device text), per seed and as medians.
 
 ``sync_vs_async``: synchronous rounds against asynchronous buffering on the same population
@@ -135,9 +136,23 @@ def _final(evals: list[dict]) -> dict[str, float]:
     return {k.removeprefix("val_").replace("loss", "all"): v for k, v in last.items() if k.startswith("val_")}
 
 
+def _centralized(setup: SimSetup, tokens: int, out: Path, domains: dict[str, list]) -> dict:
+    """Centralized training on all the training text for ``tokens``, validated on the same
+    domains as the simulations."""
+    base = run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data, tokens=tokens, batch_size=EVAL_BATCH,
+                                       seq_len=setup.fed.training.seq_len, eval_batches=setup.sim.eval_batches,
+                                       seed=setup.sim.seed), out, progress=False, domains=domains)
+    return {"tokens": base["tokens"], "final": {"all": base["final_val_loss"], **base.get("final_by_domain", {})},
+            "val_curve": base["val_curve"]}
+
+
 def compare_variants_once(setup: SimSetup, names: tuple[str, ...], out: Path) -> dict:
     """Each variant of one population and seed, to the virtual time the first one reaches
-    (its horizon or version cap), then centralized training at the first one's tokens."""
+    (its horizon or version cap), then centralized training at the first one's tokens
+    (``centralized_equal_tokens``) and, with ``devices-only`` among the variants, at the devices'
+    tokens too (``centralized_devices_tokens``): devices alone train far fewer tokens than the
+    federation in the same time, so the first baseline says how far the federation is from
+    centralizing its text, the second how far the devices' own work is."""
     runs, sims, end_h = {}, {}, None
     for name in names:
         s = variant(setup, name)
@@ -145,19 +160,18 @@ def compare_variants_once(setup: SimSetup, names: tuple[str, ...], out: Path) ->
         sims[name] = Simulation(sim, s.fed, s.classes)
         runs[name] = sims[name].run().summary()
         end_h = runs[name]["end_time_h"] if end_h is None else end_h
-    first = runs[names[0]]
-    tokens = first["counters"]["tokens"]
-    base = run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data, tokens=tokens, batch_size=EVAL_BATCH,
-                                       seq_len=setup.fed.training.seq_len, eval_batches=setup.sim.eval_batches,
-                                       seed=setup.sim.seed),
-                        out / f"centralized-seed{setup.sim.seed}", progress=False,
-                        domains={k: v for k, v in sims[names[0]].val.items() if k != "all"})
-    central = {"all": base["final_val_loss"], **base.get("final_by_domain", {})}
-    return {"seed": setup.sim.seed, "virtual_h": end_h, "text": setup.sim.text,
-            "final": {name: _final(r["evals"]) for name, r in runs.items()},
-            "centralized_equal_tokens": {"tokens": base["tokens"], "final": central, "val_curve": base["val_curve"]},
-            "runs": {name: {k: r[k] for k in ("versions", "end_time_h", "counters", "per_tier", "evals")}
-                     for name, r in runs.items()}}
+    domains = {k: v for k, v in sims[names[0]].val.items() if k != "all"}
+    seed = setup.sim.seed
+    result = {"seed": seed, "virtual_h": end_h, "text": setup.sim.text,
+              "final": {name: _final(r["evals"]) for name, r in runs.items()},
+              "centralized_equal_tokens": _centralized(setup, runs[names[0]]["counters"]["tokens"],
+                                                       out / f"centralized-seed{seed}", domains)}
+    if "devices-only" in names:
+        result["centralized_devices_tokens"] = _centralized(setup, runs["devices-only"]["counters"]["tokens"],
+                                                            out / f"centralized-devices-seed{seed}", domains)
+    result["runs"] = {name: {k: r[k] for k in ("versions", "end_time_h", "counters", "per_tier", "evals")}
+                      for name, r in runs.items()}
+    return result
 
 
 def compare(setup: SimSetup, names: tuple[str, ...], out: Path, seeds: int = 3) -> dict:
@@ -171,8 +185,9 @@ def compare(setup: SimSetup, names: tuple[str, ...], out: Path, seeds: int = 3) 
         per_seed.append(compare_variants_once(replace(setup, sim=sim), names, out))
     domains = list(per_seed[0]["final"][names[0]])
     median = {name: {d: statistics.median(r["final"][name][d] for r in per_seed) for d in domains} for name in names}
-    median["centralized_equal_tokens"] = {d: statistics.median(r["centralized_equal_tokens"]["final"][d]
-                                                               for r in per_seed) for d in domains}
+    for base in ("centralized_equal_tokens", "centralized_devices_tokens"):
+        if base in per_seed[0]:
+            median[base] = {d: statistics.median(r[base]["final"][d] for r in per_seed) for d in domains}
     result = {"variants": list(names), "domains": domains, "median": median, "seeds": per_seed}
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     for d in domains:

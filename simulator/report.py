@@ -112,6 +112,10 @@ def plot_compare(result: dict, domain: str, path: Path) -> None:
     else:
         ax_n.scatter([central["tokens"] / 1e6], [central["final"][domain]], marker="s", color="black",
                      label="centralized, all text (final)")
+    if "centralized_devices_tokens" in first:
+        few = first["centralized_devices_tokens"]
+        ax_n.scatter([few["tokens"] / 1e6], [few["final"][domain]], marker="^", color="black",
+                     label="centralized, devices-only's tokens (final)")
     ax_t.set(xlabel="virtual time (minutes)", ylabel=f"validation loss, {domain} text (nats/byte)",
              title=f"seed {first['seed']}, {first['text']} text")
     ax_n.set(xlabel="tokens trained (millions)", ylabel=f"validation loss, {domain} text (nats/byte)")

@@ -139,6 +139,11 @@ def test_compare_variants_on_private_text(setup, tmp_path):
     central = one["centralized_equal_tokens"]
     assert central["tokens"] == max(1, runs["mixed"]["counters"]["tokens"] // 1024) * 1024
     assert set(central["final"]) == {"all", "public", "private"}
+    # Devices alone train far fewer tokens in the same time: a second centralized run at theirs.
+    few = one["centralized_devices_tokens"]
+    assert few["tokens"] == max(1, runs["devices-only"]["counters"]["tokens"] // 1024) * 1024
+    assert set(few["final"]) == {"all", "public", "private"}
+    assert r["median"]["centralized_devices_tokens"] == few["final"]
     for d in r["domains"]:
         assert (tmp_path / f"compare_{d}.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "compare.json").read_text())["median"] == r["median"]
