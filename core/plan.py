@@ -255,6 +255,29 @@ def window_plan(cfg: Model, name: str, window: int) -> Plan:
     return Plan(name, tuple(range(cfg.n_layer)), 1.0, tuple(f"blocks.{b}.*" for b in range(cfg.n_layer - window, cfg.n_layer)))
 
 
+def rotating_windows(cfg: Model, name: str, window: int) -> tuple[Plan, ...]:
+    """Every position of a ``window``-block window in the full model, bottom first: the plan
+    at offset ``o`` keeps every block at full width and trains blocks ``o`` to
+    ``o + window - 1``; the bottom one also trains the embeddings (``wte``, ``wpe``, and so the
+    head tied to ``wte``), the top one ``ln_f`` (and an untied head). FedRolex (Alam et al.,
+    2022) rolls a submodel's window across rounds so that every parameter receives client
+    updates; a top window alone leaves the embeddings and the lower blocks to the GPU nodes, so
+    devices alone can never train them. Each window gets the full model's true gradient: a
+    lower window's flows back through the frozen blocks above it. The scheduler deals a tier's
+    windows by version (``Scheduler.next_task``)."""
+    window_plan(cfg, name, window)  # the same checks
+    L = cfg.n_layer
+    plans = []
+    for o in range(L - window + 1):
+        train = tuple(f"blocks.{b}.*" for b in range(o, o + window))
+        if o == 0:
+            train = ("wte.*", "wpe.*") + train
+        if o == L - window:
+            train += ("ln_f.*", "lm_head.*")
+        plans.append(Plan(f"{name}@{o}", tuple(range(L)), 1.0, train))
+    return tuple(plans)
+
+
 def tier_plans(cfg: Model) -> dict[str, Plan]:
     """The default tier table. Shallower plans keep the *first* blocks (a DepthFL-style early
     exit: the submodel is a shallower GPT sharing the global bottom, with ln_f and the head on

@@ -204,7 +204,8 @@ async def _maintenance(app: web.Application) -> None:
 def make_app(federation: Federation, state_dir: Path) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=federation.fed.server.max_body_mib << 20)
     app[FEDERATION], app[REQUESTS] = federation, Counter()
-    tiers = {name: (plan, federation.fed.tiers[name].batch_size) for name, plan in federation.coord.tier_plans.items()}
+    tiers = {f"{name}/{plan.name}": (plan, federation.fed.tiers[name].batch_size)
+             for name, plans in federation.coord.tier_plans.items() for plan in plans}
     app[BUNDLES] = BundlePublisher(federation.spec, tiers, federation.fed.training.seq_len, state_dir / "bundles",
                                    federation.lora.describe() if federation.lora else None)
     app.add_routes([

@@ -35,7 +35,8 @@ class BundlePublisher:
 
     def __init__(self, spec: ModelSpec, tiers: dict[str, tuple[Plan, int]], seq_len: int, bundles_dir: Path,
                  lora: dict | None = None) -> None:
-        """``tiers``: tier → (plan, batch size). ExecuTorch programs are traced for the tier's
+        """``tiers``: one entry per tier and plan (a rotating tier has several) → (plan, batch
+        size). ExecuTorch programs are traced for the tier's
         batch x ``seq_len``; tiers sharing a plan at different batch sizes cannot share one.
         ``lora``: a LoRA federation's adapter space (``LoraSpace.describe()``); its plans'
         bundles carry the frozen base and take only the adapter per version."""

@@ -18,7 +18,7 @@ from stamen.core.errors import UserError
 from stamen.core.hf import is_hf
 from stamen.core.lora import BASES, TRAIN, LoraPlan, LoraSpace, lora_space, tier_lora_plans
 from stamen.core.model import ModelSpec
-from stamen.core.plan import Model, Plan, tier_plans, window_plan
+from stamen.core.plan import Model, Plan, rotating_windows, tier_plans, window_plan
 from stamen.core.train import TrainConfig
 from stamen.server.aggregator import AggregatorConfig
 from stamen.server.outer import OuterConfig
@@ -234,11 +234,16 @@ class TierSettings:
     window: int | None = None
     """Plan override: a top-window plan (``core.plan.window_plan``): every block kept at full
     width, only the last ``window`` blocks train. Excludes blocks, width and train."""
+    rotate: bool = False
+    """With ``window``: the tier's tasks take every position of the window in turn, one per
+    version, the bottom one training the embeddings too (``core.plan.rotating_windows``,
+    FedRolex), instead of the top window only."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be at least 1")
         _require(self.window is None or (self.window >= 1 and (self.blocks, self.width, self.train) == (None,) * 3),
                  "window must be at least 1, and excludes blocks, width and train")
+        _require(not self.rotate or self.window is not None, "rotate needs window (the size of the rotating window)")
         try:
             parse_codec(self.codec)  # a bad codec stops the server at start-up, not every upload
         except UserError as e:
@@ -267,25 +272,26 @@ class FederationConfig:
     def aggregator_config(self) -> AggregatorConfig:
         return self.aggregation.aggregator_config(self.defence, self.privacy)
 
-    def plans(self, cfg: Model) -> dict[str, Plan | LoraPlan]:
-        """Each tier's plan: the default tier table with this file's overrides; over a LoRA
-        space, each tier's LoRA plan (a new tier takes the laptop's)."""
+    def plans(self, cfg: Model) -> dict[str, tuple[Plan | LoraPlan, ...]]:
+        """Each tier's plans, in the order its tasks take them: one for most tiers (the default
+        tier table with this file's overrides), every window position for a ``rotate`` tier;
+        over a LoRA space, each tier's LoRA plan (a new tier takes the laptop's)."""
         if isinstance(cfg, LoraSpace):
             lora = tier_lora_plans(cfg, self.lora.rule, self.lora.base or None)
             for name, t in self.tiers.items():
                 _require((t.blocks, t.width, t.train, t.window) == (None,) * 4,
                          f"[tiers.{name}] blocks/width/train/window shape submodels; a LoRA federation's plans are ranks")
-            return {name: lora.get(name) or replace(lora[NEW_TIER_BASE], name=f"lora-{name}") for name in self.tiers}
+            return {name: (lora.get(name) or replace(lora[NEW_TIER_BASE], name=f"lora-{name}"),) for name in self.tiers}
         defaults = tier_plans(cfg)
         out = {}
         for name, t in self.tiers.items():
             if t.window is not None:
-                out[name] = window_plan(cfg, name, t.window)
+                out[name] = rotating_windows(cfg, name, t.window) if t.rotate else (window_plan(cfg, name, t.window),)
                 continue
             base = defaults.get(name) or defaults.get(NEW_TIER_BASE, defaults["gpu"])
-            out[name] = Plan(name, t.blocks if t.blocks is not None else base.blocks,
-                             t.width if t.width is not None else base.width,
-                             t.train if t.train is not None else base.train)
+            out[name] = (Plan(name, t.blocks if t.blocks is not None else base.blocks,
+                              t.width if t.width is not None else base.width,
+                              t.train if t.train is not None else base.train),)
         return out
 
 

@@ -124,7 +124,8 @@ class Coordinator:
         self._scheduler = Scheduler(cfg, fed, seed, global_step=global_step, next_seq=next_seq)
         for task in open_tasks:
             self._scheduler.restore_task(task)
-        self._plans: dict[str, Plan] = {p.hash: p for p in self._scheduler.plans.values()}
+        self._plans: dict[str, Plan] = {p.hash: p for plans in self._scheduler.plans.values() for p in plans}
+        self._tier_hashes = {t: frozenset(p.hash for p in plans) for t, plans in self._scheduler.plans.items()}
         if not isinstance(cfg, LoraSpace):  # a LoRA federation has only its tiers' rank plans
             self._plans.setdefault(full_plan(cfg).hash, full_plan(cfg))
         self._limits: dict[Plan, Limits] = {}
@@ -161,9 +162,13 @@ class Coordinator:
         return len(self._scheduler.in_flight)
 
     @property
-    def tier_plans(self) -> dict[str, Plan]:
-        """Tier name → its plan."""
+    def tier_plans(self) -> dict[str, tuple[Plan, ...]]:
+        """Tier name → its plans (one, or a rotating tier's windows)."""
         return dict(self._scheduler.plans)
+
+    def plan_hashes(self, tier: str) -> frozenset[str]:
+        """The hashes of the plans a tier's tasks take (a rotating tier has several)."""
+        return self._tier_hashes[tier]
 
     def clients(self) -> list[Assignment]:
         return list(self._scheduler.clients.values())

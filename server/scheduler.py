@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from stamen.core.errors import UserError
 from stamen.core.model import GPTConfig
-from stamen.core.plan import Plan
+from stamen.core.plan import Plan, PlanCost
 from stamen.core.records import Capabilities, Task
 from stamen.core.wire import RUNTIMES
 from stamen.server.config import FederationConfig
@@ -44,7 +44,7 @@ class Assignment:
 
     client_id: str
     tier: str
-    plan: Plan
+    plan: Plan  # the tier's first plan; a rotating tier's tasks each name their own window
     caps: Capabilities
 
 
@@ -52,7 +52,7 @@ class Scheduler:
     def __init__(self, cfg: GPTConfig, fed: FederationConfig, seed: int = 0,
                  global_step: int = 0, next_seq: int = 0) -> None:
         self.cfg, self.fed, self.seed = cfg, fed, seed
-        self.plans = fed.plans(cfg)
+        self.plans = fed.plans(cfg)  # tier → its plans (several for a rotating tier)
         self.global_step = global_step
         self.next_seq = next_seq
         self.clients: dict[str, Assignment] = {}
@@ -65,9 +65,11 @@ class Scheduler:
         self._device_tasks: set[str] = set()
         self._deadlines: list[tuple[float, str]] = []
         # Plans and settings never change, so neither do the tiers' costs (a join asked for
-        # them a dozen times: registering 100,000 simulated devices took minutes).
-        self._costs = {tier: plan.cost(cfg, fed.tiers[tier].batch_size, fed.training.seq_len)
-                       for tier, plan in self.plans.items()}
+        # them a dozen times: registering 100,000 simulated devices took minutes). A rotating
+        # tier costs its dearest window in each respect: a device must fit every one of them.
+        self._costs = {tier: PlanCost(*map(max, zip(*(astuple(p.cost(cfg, fed.tiers[tier].batch_size,
+                                                                      fed.training.seq_len)) for p in plans))))
+                       for tier, plans in self.plans.items()}
         self._steps_since_publish = 0
         self._nodes = 0  # registered GPU nodes
         self._node_steps = 0  # steps of the GPU nodes' updates accepted since the last publish
@@ -112,14 +114,14 @@ class Scheduler:
         if not any(r in RUNTIMES for r in caps.runtimes):
             raise UserError(f"no supported runtime among {list(caps.runtimes)}: use one of {', '.join(RUNTIMES)}")
         tier = self.tier_for(caps)
-        runs_on = self.plans[tier].runtimes
+        runs_on = self.plans[tier][0].runtimes
         if not any(r in runs_on for r in caps.runtimes):
             raise UserError(f"tier {tier}'s plan runs on {', '.join(runs_on)}, not on {', '.join(caps.runtimes)}")
         return tier
 
     def register(self, client_id: str, caps: Capabilities) -> Assignment:
         tier = self.admit(caps)
-        a = Assignment(client_id, tier, self.plans[tier], caps)
+        a = Assignment(client_id, tier, self.plans[tier][0], caps)
         old = self.clients.get(client_id)
         self._nodes += (caps.role == "gpu") - (old is not None and old.caps.role == "gpu")
         self.clients[client_id] = a
@@ -159,9 +161,11 @@ class Scheduler:
         tier = self.fed.tiers[a.tier]
         seq = self.next_seq
         self.next_seq += 1
+        plans = self.plans[a.tier]
+        plan = plans[(self.seed + version) % len(plans)]  # a rotating tier's window rolls by version (FedRolex)
         task = Task(
-            task_id=f"t{seq:09d}", client_id=client_id, base_version=version, plan=a.plan,
-            runtime=next(r for r in a.caps.runtimes if r in a.plan.runtimes), steps=self.steps_for(a.tier, a.caps),
+            task_id=f"t{seq:09d}", client_id=client_id, base_version=version, plan=plan,
+            runtime=next(r for r in a.caps.runtimes if r in plan.runtimes), steps=self.steps_for(a.tier, a.caps),
             batch_size=tier.batch_size, seq_len=self.fed.training.seq_len,
             train=self.fed.train_config(a.tier), step_offset=self.global_step, codec=tier.codec,
             deadline=now + self.fed.scheduler.task_deadline_s, seed=self.seed * 1_000_003 + seq)

@@ -172,8 +172,8 @@ class Federation:
         """A plan the caller may download (weights or bundle): devices only their own, which
         also keeps a device from making the server export bundles nobody trains."""
         plan = self.coord.plan(plan_hash)
-        if p.role == "device" and plan.hash != self.coord.assignment(p.client_id).plan.hash:
-            raise RequestError("a device may download only its own plan", 403)
+        if p.role == "device" and plan.hash not in self.coord.plan_hashes(self.coord.assignment(p.client_id).tier):
+            raise RequestError("a device may download only its own plans (its tier's)", 403)
         return plan
 
     def weights(self, p: Principal, version: int, plan_hash: str, have: int | None) -> bytes:

@@ -41,8 +41,10 @@ def submodel(frozen: tuple[str, ...] = ("blocks.1.",)) -> GPT:
     TrainConfig(lr=3e-3, warmup_steps=2, total_steps=6, grad_clip=0.0, weight_decay=0.5),
     TrainConfig(optimizer="sgd", lr=0.5, momentum=0.9, schedule="constant", grad_clip=1.0),
 ])
-def test_batched_equals_each_device_alone(shards, train):
-    model = submodel()
+# The second: a rotating tier's bottom window (the embeddings train, their gradient through frozen weights).
+@pytest.mark.parametrize("frozen", [("blocks.1.",), ("blocks.1.", "ln_f.")])
+def test_batched_equals_each_device_alone(shards, train, frozen):
+    model = submodel(frozen)
     base = {k: v.clone() for k, v in weights(model).items()}
     result = train_batched(model, [s.batches(BATCH, SEQ, seed=d) for d, s in enumerate(shards)],
                            STEPS, train, step_offset=1)

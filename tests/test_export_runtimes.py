@@ -2,19 +2,21 @@
 exactly like eager torch (same weights, same batches), and take a new version's weights
 without re-export.
 
-Three plan kinds, each on both runtimes: "blocks" trains everything, the tied embedding/head
+Four plan kinds, each on both runtimes: "blocks" trains everything, the tied embedding/head
 included; "width" is the phone-high tier's plan (half the heads and hidden units of its blocks,
 embeddings frozen) at the tier's 8 x 64 -- the very programs test_bundle_device and
 test_client_runtimes export, shared through the session's export cache; "window" keeps the
 whole model and trains its last two blocks only (``core.plan.window_plan``: the blocks below,
-ln_f and the embeddings frozen). ExecuTorch runs with
+ln_f and the embeddings frozen); "bottom" is a rotating tier's bottom window
+(``core.plan.rotating_windows``): the embeddings (the head tied to them) and blocks 0-1 train,
+their gradient flowing back through the frozen blocks 2-3 and ln_f. ExecuTorch runs with
 XNNPACK (its default) on the tier and window plans, and on its portable kernels alone on the blocks plan."""
 
 import pytest
 import torch
 
 from stamen.core.model import GPT, PRESETS, ModelSpec, load_weights, weights
-from stamen.core.plan import Plan, tier_plans, window_plan
+from stamen.core.plan import Plan, rotating_windows, tier_plans, window_plan
 from stamen.core.train import TrainConfig, train_steps
 from stamen.edge_client.executorch_runtime import ExecuTorchRuntime
 from stamen.edge_client.ort_runtime import OrtRuntime
@@ -27,6 +29,7 @@ PLANS = {  # plan, batch, seq, ExecuTorch with XNNPACK
     "blocks": (Plan("blocks", (0, 2), 1.0, ("*",)), 4, 32, False),
     "width": (tier_plans(CFG)["phone-high"], 8, 64, True),
     "window": (window_plan(CFG, "window", 2), 4, 32, True),
+    "bottom": (rotating_windows(CFG, "rotate", 2)[0], 4, 32, True),
 }
 RUNTIMES = {"ort": OrtRuntime, "executorch": ExecuTorchRuntime}
 CASES = [pytest.param(p, r, id=f"{p}-{r}" + ("" if r == "ort" else "-xnnpack" if PLANS[p][3] else "-portable"))

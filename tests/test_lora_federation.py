@@ -90,7 +90,7 @@ def test_lora_federation_over_http(tmp_path):
     space = fed.lora.space(ModelSpec(model))
     plans = fed.plans(space)
     seq = fed.training.seq_len
-    memory = {t: plans[t].cost(space, fed.tiers[t].batch_size, seq).memory_bytes for t in plans}
+    memory = {t: plans[t][0].cost(space, fed.tiers[t].batch_size, seq).memory_bytes for t in plans}
     state = tmp_path / "state"
     server, url = start_server(state, tmp_path / "fed.toml", model=model)
     try:

@@ -3,10 +3,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, PRESETS, GPTConfig, ModelSpec, gpt_param_count, load_weights, weights
-from stamen.core.plan import Plan, full_plan, plans_table, tier_plans, window_plan
+from stamen.core.plan import Plan, full_plan, plans_table, rotating_windows, tier_plans, window_plan
 
 CFG = PRESETS["gpt-tiny"]
 
@@ -171,6 +172,42 @@ def test_window_plan_trains_the_last_blocks_of_the_full_model(window):
     n_train = sum(p.numel() for n, p in model.named_parameters() if n in want)
     assert plan.cost(CFG, 4, 64).trainable_params == n_train
     assert plan.cost(CFG, 4, 64).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_rotating_windows_cover_every_tensor_with_the_full_models_gradient(window):
+    """Every window position, bottom first, each training ``window`` consecutive blocks of the
+    full model; the bottom one the embeddings too, the top one ln_f; together every tensor.
+    Reference: the full model's own gradient, from autograd on the unsplit model, restricted
+    to the tensors each window trains (a lower window's gradient flows back through the
+    frozen blocks above it unchanged)."""
+    windows = rotating_windows(CFG, "r", window)
+    L = CFG.n_layer
+    assert [w.name for w in windows] == [f"r@{o}" for o in range(L - window + 1)]
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    g = torch.Generator().manual_seed(1)
+    idx, tgt = (torch.randint(0, CFG.vocab_size, (2, 16), generator=g) for _ in range(2))
+    F.cross_entropy(model(idx).flatten(0, 1), tgt.flatten()).backward()
+    names = [n for n, _ in model.named_parameters()]
+    covered = set()
+    for o, plan in enumerate(windows):
+        want = {n for n in names if any(n.startswith(f"blocks.{b}.") for b in range(o, o + window))}
+        want |= {n for n in names if n.split(".")[0] in ("wte", "wpe")} if o == 0 else set()
+        want |= {n for n in names if n.startswith("ln_f.")} if o == L - window else set()
+        assert set(plan.trainable(CFG)) == want and plan.blocks == tuple(range(L)) and plan.width == 1.0
+        covered |= want
+        sub = plan.build(CFG)
+        load_weights(sub, plan.extract(weights(model), CFG))
+        F.cross_entropy(sub(idx).flatten(0, 1), tgt.flatten()).backward()
+        grads = {n: p.grad for n, p in sub.named_parameters() if p.requires_grad}
+        assert set(grads) == want
+        for n, p in model.named_parameters():
+            if n in want:
+                torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7)
+    assert covered == set(names)
+    with pytest.raises(UserError, match="window must be 1 to"):
+        rotating_windows(CFG, "r", L + 1)
 
 
 @pytest.mark.parametrize("window", [0, CFG.n_layer + 1])

@@ -20,7 +20,7 @@ def test_defaults_and_overrides(tmp_path):
                                       "[tiers.edge]\nsteps = 2\nblocks = [0]\n"))
     assert cfg.aggregation.buffer_k == 2 and cfg.aggregation.tau_max == base.aggregation.tau_max
     assert cfg.tiers["laptop"].steps == 3 and cfg.tiers["laptop"].batch_size == base.tiers["laptop"].batch_size
-    plans = cfg.plans(PRESETS["gpt-tiny"])
+    plans = {t: p for t, (p,) in cfg.plans(PRESETS["gpt-tiny"]).items()}  # one plan per tier
     assert plans["laptop"].width == 1.0 and plans["edge"].blocks == (0,)
     assert cfg.train_config("gpu").lr == base.tiers["gpu"].lr
     # A tier the packaged table lacks starts from the laptop tier as configured, settings and plan alike.
@@ -30,7 +30,7 @@ def test_defaults_and_overrides(tmp_path):
 
 def test_window_override_gives_a_window_plan(tmp_path):
     cfg = load_config(write(tmp_path, "[tiers.phone-low]\nwindow = 2\n"))
-    plan = cfg.plans(PRESETS["gpt-tiny"])["phone-low"]
+    (plan,) = cfg.plans(PRESETS["gpt-tiny"])["phone-low"]
     assert (plan.blocks, plan.width, plan.train) == ((0, 1, 2, 3), 1.0, ("blocks.2.*", "blocks.3.*"))
     with pytest.raises(UserError, match="window must be 1 to 4"):
         load_config(write(tmp_path, "[tiers.phone-low]\nwindow = 5\n")).plans(PRESETS["gpt-tiny"])
@@ -38,6 +38,17 @@ def test_window_override_gives_a_window_plan(tmp_path):
         load_config(write(tmp_path, "[tiers.laptop]\nwindow = 1\nwidth = 1\n"))
     with pytest.raises(UserError, match="window must be at least 1"):
         load_config(write(tmp_path, "[tiers.laptop]\nwindow = 0\n"))
+
+
+def test_rotate_gives_every_window_position(tmp_path):
+    cfg = load_config(write(tmp_path, "[tiers.phone-low]\nwindow = 2\nrotate = true\n"))
+    plans = cfg.plans(PRESETS["gpt-tiny"])
+    assert [p.train for p in plans["phone-low"]] == [
+        ("wte.*", "wpe.*", "blocks.0.*", "blocks.1.*"), ("blocks.1.*", "blocks.2.*"),
+        ("blocks.2.*", "blocks.3.*", "ln_f.*", "lm_head.*")]
+    assert len(plans["laptop"]) == 1
+    with pytest.raises(UserError, match=r"\[tiers.laptop\].*rotate needs window"):
+        load_config(write(tmp_path, "[tiers.laptop]\nrotate = true\n"))
 
 
 def test_max_tokens_reaches_the_aggregator(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 from stamen.core.errors import UserError
 from stamen.core.model import PRESETS
+from stamen.core.plan import rotating_windows
 from stamen.core.records import Capabilities
 from stamen.server.config import load_config
 from stamen.server.scheduler import Scheduler
@@ -20,7 +21,7 @@ def caps(role="device", mem=64 * MiB, flops=1e12):
 def test_tier_is_the_largest_device_plan_that_fits_memory():
     fed = load_config()
     s = Scheduler(CFG, fed)
-    costs = {t: s.plans[t].cost(CFG, fed.tiers[t].batch_size, fed.training.seq_len).memory_bytes
+    costs = {t: s.plans[t][0].cost(CFG, fed.tiers[t].batch_size, fed.training.seq_len).memory_bytes
              for t in s.plans}
     assert s.register("a", caps(mem=costs["phone-low"])).tier == "phone-low"
     assert s.register("b", caps(mem=costs["phone-high"] + 1)).tier == "phone-high"
@@ -34,7 +35,7 @@ def test_tier_is_the_largest_device_plan_that_fits_memory():
 
 def step_flops(s, fed, tier):
     t = fed.tiers[tier]
-    return s.plans[tier].cost(CFG, t.batch_size, fed.training.seq_len).flops_per_token * t.batch_size * fed.training.seq_len
+    return s.plans[tier][0].cost(CFG, t.batch_size, fed.training.seq_len).flops_per_token * t.batch_size * fed.training.seq_len
 
 
 def test_steps_fit_compute_share_of_the_deadline():
@@ -56,7 +57,7 @@ def test_hardware_class_and_time_cap_the_tier():
         assert s.tier_for(Capabilities("device", big, 1e12, device_class=cls)) == cls
     assert s.tier_for(Capabilities("device", big, 1e12, device_class="")) == "jetson"  # unknown: no cap
     assert s.tier_for(Capabilities("device", big, 1e12, device_class="gpu")) == "jetson"
-    laptop_mem = s.plans["laptop"].cost(CFG, fed.tiers["laptop"].batch_size, fed.training.seq_len).memory_bytes
+    laptop_mem = s.plans["laptop"][0].cost(CFG, fed.tiers["laptop"].batch_size, fed.training.seq_len).memory_bytes
     assert s.tier_for(Capabilities("device", laptop_mem, 1e12, device_class="jetson")) == "laptop"  # memory caps too
     # Compute for exactly the laptop tier's full steps in the budget, not the jetson's: laptop.
     budget = fed.scheduler.compute_share * fed.scheduler.task_deadline_s
@@ -76,6 +77,32 @@ def test_tiers_of_equal_size_keep_each_class_in_its_own(tmp_path):
     for cls in ("phone-low", "phone-high", "laptop", "jetson"):
         assert s.tier_for(Capabilities("device", 10**12, 1e12, device_class=cls)) == cls
     assert s.tier_for(Capabilities("device", 10**12, 1e12, device_class="")) == "jetson"
+
+
+def test_a_rotating_tier_rolls_its_window_by_version(tmp_path):
+    """FedRolex: every task issued at one version takes the same window, the next version the
+    next one, starting at the seed's; the tier costs its dearest window (a device must fit all)."""
+    f = tmp_path / "fed.toml"
+    f.write_text("[tiers.laptop]\nwindow = 2\nrotate = true\n")
+    fed = load_config(f)
+    s = Scheduler(CFG, fed, seed=5)
+    windows = rotating_windows(CFG, "laptop", 2)
+    assert s.plans["laptop"] == windows
+    for c in "ab":
+        s.register(c, Capabilities("device", 64 * MiB, 1e12, device_class="laptop"))
+    got = []
+    for version in range(4):
+        tasks = [s.next_task(c, version, now=float(version)) for c in "ab"]
+        assert tasks[0].plan == tasks[1].plan
+        got.append(tasks[0].plan)
+        for t in tasks:
+            s.complete(t.task_id)
+    assert got == [windows[(5 + v) % 3] for v in range(4)]
+    costs = [w.cost(CFG, fed.tiers["laptop"].batch_size, fed.training.seq_len) for w in windows]
+    want = max(c.memory_bytes for c in costs)
+    assert want > min(c.memory_bytes for c in costs)  # the bottom window trains the embeddings too
+    assert s.tier_for(Capabilities("device", want, 1e12, device_class="laptop")) == "laptop"
+    assert s.tier_for(Capabilities("device", want - 1, 1e12, device_class="laptop")) != "laptop"
 
 
 def test_capabilities_wire_dict_is_tolerant():
