@@ -257,7 +257,7 @@ class Aggregator:
             size = self.S[n].shape[dim]
             kept = torch.zeros(size, dtype=torch.bool)
             kept[pos] = True
-            runs = _runs(kept)
+            runs = _runs(kept.numpy())
             g, k = len(runs), runs[0][1] - runs[0][0]
             if size % g or runs != [(i * (size // g), i * (size // g) + k) for i in range(g)]:
                 raise ValueError(f"{n}: plan {plan.name!r} keeps {runs}, not a prefix of each of {g} equal groups")
@@ -387,10 +387,10 @@ class Aggregator:
 
     def flush_job(self, update: Update) -> Callable[[], None] | None:
         """The costly pure part of the flush that ``submit(update)`` would trigger now, as a job
-        for a worker thread, or None: the filter rule's verdict (``robust.filter_passing``: a
-        sort of K × the covered elements and matrix products, numpy work that releases the
-        GIL, ~5 ms per flush at K = 50 on the server's two cores). Its matrix is built here, on
-        the caller's thread; the job only computes. Run it, then ``submit``: the flush takes the
+        for a worker thread, or None: the filter rule's verdict (``robust.filter_passing`` of
+        ``_filter_matrix``: K rows copied, a sort of K × the covered elements and matrix
+        products, torch and numpy work that mostly runs without the GIL, ~8 ms per flush at
+        K = 50 on the server's two cores). Run it, then ``submit``: the flush takes the
         verdict the job left (``_verdict``) when it was computed for exactly the updates the
         flush keeps, the same function of the same values, and computes it itself otherwise
         (a state that changed in between). Changes nothing the aggregator's results depend on."""
@@ -404,10 +404,10 @@ class Aggregator:
         except UserError:  # ``submit`` refuses it: no flush
             return None
         kept = [*b.kept, (update, adm.weight, adm.scale)]
-        matrix, clips = self._filter_matrix(kept), np.array([c for _, _, c in kept], np.float32)
 
-        def job() -> None:
-            self._verdict = (kept, filter_passing(matrix, clips, d.min_cosine))
+        def job() -> None:  # reads only the kept updates (immutable) and S's shapes
+            clips = np.array([c for _, _, c in kept], np.float32)
+            self._verdict = (kept, filter_passing(self._filter_matrix(kept), clips, d.min_cosine))
         return job
 
     def due(self, now: float) -> bool:
@@ -581,10 +581,10 @@ class Aggregator:
         for n, W in self.W.items():
             dim = self._wdim[n]
             if dim is None:
-                if bool(W > 0):
+                if W.item() > 0:
                     out.append((n, None, 0, 0, div[n]))
             else:
-                out += [(n, dim, a, b, _along(div[n][a:b], dim, self.S[n].dim())) for a, b in _runs(W > 0)]
+                out += [(n, dim, a, b, _along(div[n][a:b], dim, self.S[n].dim())) for a, b in _runs(W.numpy() > 0)]
         return out
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -691,10 +691,11 @@ def _max_abs(tensors) -> float:
     return max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
 
 
-def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """The maximal runs of True in a 1-d mask as (start, stop): [1 1 0 0 1] → [(0, 2), (4, 5)]."""
-    zero = torch.zeros(1, dtype=torch.int8)
-    edges = torch.diff(mask.to(torch.int8), prepend=zero, append=zero).nonzero().flatten().tolist()
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The maximal runs of True in a 1-d mask as (start, stop): [1 1 0 0 1] → [(0, 2), (4, 5)].
+    In numpy: a flush finds the runs of every sliced tensor's W, and torch's dispatch cost
+    several times numpy's on these short vectors."""
+    edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=np.int8(0), append=np.int8(0))).tolist()
     return list(zip(edges[::2], edges[1::2]))
 
 
