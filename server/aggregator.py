@@ -74,6 +74,7 @@ triggered still read as a duplicate rather than as stale).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import math
@@ -90,7 +91,7 @@ from stamen.core.plan import Model, Plan, full_plan, global_shapes
 from stamen.core.records import Update
 from stamen.server.outer import STATE, OuterConfig, direction_, init_state
 from stamen.server.privacy import PrivacyConfig, add_noise_, epsilon
-from stamen.server.robust import (SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, filter_passing, norm_of, square,
+from stamen.server.robust import (FILTER_BLOCK, SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, filter_passing, norm_of, square,
                                   step_bound)
 
 
@@ -388,7 +389,7 @@ class Aggregator:
     def flush_job(self, update: Update) -> Callable[[], None] | None:
         """The costly pure part of the flush that ``submit(update)`` would trigger now, as a job
         for a worker thread, or None: the filter rule's verdict (``robust.filter_passing`` of
-        ``_filter_matrix``: K rows copied, a sort of K × the covered elements and matrix
+        ``_filter_blocks``: K rows copied, a sort of K × the covered elements and matrix
         products, torch and numpy work that mostly runs without the GIL, ~8 ms per flush at
         K = 50 on the server's two cores). Run it, then ``submit``: the flush takes the
         verdict the job left (``_verdict``) when it was computed for exactly the updates the
@@ -407,7 +408,7 @@ class Aggregator:
 
         def job() -> None:  # reads only the kept updates (immutable) and S's shapes
             clips = np.array([c for _, _, c in kept], np.float32)
-            self._verdict = (kept, filter_passing(self._filter_matrix(kept), clips, d.min_cosine))
+            self._verdict = (kept, filter_passing(self._filter_blocks(kept), clips, d.min_cosine))
         return job
 
     def due(self, now: float) -> bool:
@@ -514,7 +515,7 @@ class Aggregator:
     def _filter(self, kept: list[tuple[Update, float, float]], min_cosine: float) -> None:
         """The filter rule: S, W become the weighted sums of the kept updates that
         ``robust.filter_passing`` passes. Its median is taken only over the region some kept
-        update covered (``_filter_matrix``), not the whole model: per element the statistic is
+        update covered (``_filter_blocks``), not the whole model: per element the statistic is
         the one a full-model matrix gives, at the cost of the covered region. A torch sort of K
         copies of every whole tensor and a cosine per update had been 44% of the server's
         event loop at 1,000 clients."""
@@ -523,7 +524,7 @@ class Aggregator:
                 u is v and c == e for (u, _, c), (v, _, e) in zip(known[0], kept)):
             passing = known[1]  # ``flush_job`` computed it for these very updates
         else:
-            passing = filter_passing(self._filter_matrix(kept), np.array([c for _, _, c in kept], np.float32),
+            passing = filter_passing(self._filter_blocks(kept), np.array([c for _, _, c in kept], np.float32),
                                      min_cosine)
         if passing.all():  # S and W already hold exactly these sums, added in this order
             return
@@ -536,28 +537,49 @@ class Aggregator:
                 torch._foreach_add_(lay.S, lay.pieces(u.delta), alpha=w * c)
                 torch._foreach_add_(lay.W, w)
 
-    def _filter_matrix(self, kept: list[tuple[Update, float, float]]) -> np.ndarray:
-        """(K, M) float32: row i is update i over the union of the regions the kept updates
-        cover, NaN where it did not cover an element. Plans cut a tensor along the same
-        dimension in the same groups, so their regions nest and the union is the widest one's
-        prefix (``_union``). Columns run through the tensors in the model's order, each region
-        in row-major order, so an update's covered columns, in order, are its pieces flattened
-        in order."""
+    def _filter_blocks(self, kept: list[tuple[Update, float, float]]) -> Iterator[np.ndarray]:
+        """The filter rule's (K, M) float32 matrix in column blocks, for ``robust.filter_passing``:
+        row i is update i over the union of the regions the kept updates cover, NaN where it did
+        not cover an element. Plans cut a tensor along the same dimension in the same groups, so
+        their regions nest and the union is the widest one's prefix (``_union``). Columns run
+        through the tensors in the model's order, each region in row-major order, so an update's
+        covered columns, in order, are its pieces flattened in order.
+
+        A block is a run of whole tensors of at most ``FILTER_BLOCK`` elements (a larger tensor
+        alone), filled only when it is taken: the matrix is never whole in memory (at K = 2,500
+        device updates of gpt-tiny it would be 2.2 GiB)."""
         lays = [self._layout(u.plan) for u, _, _ in kept]
         cuts = [dict(zip((n for n, _ in lay.parts), lay.cuts)) for lay in lays]
+        views = [dict(lay.parts) for lay in lays]  # a part's delta as its layout views it
         names = [n for n in self.S if any(n in c for c in cuts)]
         union = {n: _union([c[n] for c in cuts if n in c]) for n in names}
         shapes = {n: (self.S[n] if union[n] is None else _cut(self.S[n], *union[n])).shape for n in names}
-        sizes = [math.prod(shapes[n]) for n in names]
+        runs: list[list[str]] = []
+        room = 0
+        for n in names:
+            size = len(kept) * math.prod(shapes[n])
+            if not runs or size > room:
+                runs.append([])
+                room = FILTER_BLOCK
+            runs[-1].append(n)
+            room -= size
+        return (self._filter_block(kept, cuts, views, run, union, shapes) for run in runs)
+
+    @staticmethod
+    def _filter_block(kept: list[tuple[Update, float, float]], cuts: list[dict], views: list[dict],
+                      run: list[str], union: dict, shapes: dict) -> np.ndarray:
+        """The columns of tensors ``run`` of ``_filter_blocks``'s matrix."""
+        sizes = [math.prod(shapes[n]) for n in run]
         raw = np.full((len(kept), sum(sizes)), np.nan, np.float32)
         values = torch.from_numpy(raw)  # torch views of it, to place each update's pieces
-        region = {n: r.view(len(kept), *shapes[n]) for n, r in zip(names, values.split(sizes, dim=1))}
-        for i, ((u, _, _), lay, cut) in enumerate(zip(kept, lays, cuts)):
-            if len(cut) == len(names) and all(cut[n] == union[n] for n in names):  # it covers the whole row
-                torch.cat([u.delta[n].reshape(-1) for n, _ in lay.parts], out=values[i])  # a piece flattens as its delta
-            else:
-                torch._foreach_copy_([_within(region[n][i], union[n], cut[n]) for n, _ in lay.parts],
-                                     lay.pieces(u.delta))
+        region = {n: r.view(len(kept), *shapes[n]) for n, r in zip(run, values.split(sizes, dim=1))}
+        for i, ((u, _, _), cut, view) in enumerate(zip(kept, cuts, views)):
+            mine = [n for n in run if n in cut]
+            if len(mine) == len(run) and all(cut[n] == union[n] for n in run):  # it covers the whole row
+                torch.cat([u.delta[n].reshape(-1) for n in run], out=values[i])  # a piece flattens as its delta
+            elif mine:
+                torch._foreach_copy_([_within(region[n][i], union[n], cut[n]) for n in mine],
+                                     [u.delta[n] if view[n] is None else u.delta[n].reshape(view[n]) for n in mine])
         return raw
 
     def _divisor(self) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,22 +169,40 @@ def coordinatewise(values: torch.Tensor, rule: str, trim: float) -> tuple[torch.
     return torch.from_numpy(np.asarray(stat, dtype=np.float32)), torch.from_numpy(np.asarray(n, dtype=np.int64))
 
 
-def filter_passing(raw: np.ndarray, clips: np.ndarray, min_cosine: float) -> np.ndarray:
-    """The filter rule's verdict on each of K updates: ``raw`` is (K, M) float32, row i update
-    i's values, NaN where it did not cover an element; ``clips`` its clipping factors. Row i
-    passes when its cosine with the coordinate-wise median of the clipped rows, both over the
-    elements update i covers, is at least ``min_cosine``. All K cosines come from one matrix
-    product in float64; a buffer of one plan (no NaN) takes no masks, which gives the same
-    sums bit for bit."""
-    med = coordinatewise(torch.from_numpy(raw * clips[:, None]), "median", 0.0)[0].numpy()
-    covered = ~np.isnan(raw)
-    m = med.astype(np.float64)
-    if covered.all():
-        x = raw.astype(np.float64)
-        centres = np.broadcast_to(m, x.shape)
-    else:
-        x = np.where(covered, raw, 0).astype(np.float64)
-        centres = np.where(covered, m, 0)  # row i: the median over update i's elements
-    denom = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", centres, centres))
-    cos = np.divide(x @ m, denom, out=np.zeros(len(raw)), where=denom > 0)
+FILTER_BLOCK = 1 << 22  # elements (K × columns) of the matrix the filter holds and works on at once
+
+
+def filter_passing(blocks: Iterable[np.ndarray], clips: np.ndarray, min_cosine: float) -> np.ndarray:
+    """The filter rule's verdict on each of K updates. ``blocks`` are the (K, M) float32 matrix
+    in column blocks, in order: row i update i's values, NaN where it did not cover an element;
+    ``clips`` its clipping factors. Row i passes when its cosine with the coordinate-wise median
+    of the clipped rows, both over the elements update i covers, is at least ``min_cosine``.
+
+    The median is per column and the cosine's three sums per row add over columns, so the matrix
+    is taken FILTER_BLOCK elements at a time: memory is bounded whatever K × M is. (Whole, its
+    float64 copies made a flush of K = 2,500 device updates of gpt-tiny's top two blocks beside
+    the GPU nodes' whole-model ones take 22 GiB, bench/simulator_scale.py.) Within a block the
+    sums come from one matrix product in float64, and a block no update left uncovered takes no
+    masks, which gives the same sums bit for bit; a matrix of one block gives the sums of the
+    whole rows."""
+    k = len(clips)
+    xm, xx, cc = np.zeros(k), np.zeros(k), np.zeros(k)
+    step = max(1, FILTER_BLOCK // max(k, 1))
+    for block in blocks:
+        for c in range(0, block.shape[1], step):
+            raw = block[:, c:c + step]
+            med = coordinatewise(torch.from_numpy(raw * clips[:, None]), "median", 0.0)[0].numpy()
+            covered = ~np.isnan(raw)
+            m = med.astype(np.float64)
+            if covered.all():
+                x = raw.astype(np.float64)
+                centres = np.broadcast_to(m, x.shape)
+            else:
+                x = np.where(covered, raw, 0).astype(np.float64)
+                centres = np.where(covered, m, 0)  # row i: the median over update i's elements
+            xx += np.einsum("ij,ij->i", x, x)
+            cc += np.einsum("ij,ij->i", centres, centres)
+            xm += x @ m
+    denom = np.sqrt(xx * cc)
+    cos = np.divide(xm, denom, out=np.zeros(k), where=denom > 0)
     return cos >= min_cosine

@@ -173,11 +173,17 @@ def test_a_checkpoint_mid_buffer_keeps_the_buffered_updates(rule):
     assert torch.equal(a.weights["ln_f.bias"], b.weights["ln_f.bias"])
 
 
-def test_filter_over_unequal_plans_matches_a_full_model_oracle():
+@pytest.mark.parametrize("block", [None, 257])
+def test_filter_over_unequal_plans_matches_a_full_model_oracle(block, monkeypatch):
     """The filter's median is taken over the region the buffer's plans covered (one matrix);
     the oracle takes it per whole tensor, NaN where an update did not cover an element, as the
     rule is defined. Updates of three widths and depths (c_attn's q|k|v groups included), weak
-    signal (of either sign) plus noise, so which updates pass depends on every element's median."""
+    signal (of either sign) plus noise, so which updates pass depends on every element's median.
+    With ``block`` elements the matrix is built and judged in pieces (a block per tensor, each
+    split into 21-column slices): the same matrix, the same verdicts."""
+    if block is not None:
+        monkeypatch.setattr("stamen.server.robust.FILTER_BLOCK", block)
+        monkeypatch.setattr("stamen.server.aggregator.FILTER_BLOCK", block)
     from stamen.core.plan import tier_plans
     plans = tier_plans(CFG)
     mix = [plans["phone-low"], plans["phone-high"], plans["jetson"], plans["laptop"]] * 3
@@ -197,7 +203,9 @@ def test_filter_over_unequal_plans_matches_a_full_model_oracle():
     med = {n: coordinatewise(v, "median", 0.0)[0] for n, v in full.items()}
     S, W = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}, {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}
     kept = 0
-    raw = a._filter_matrix([(u, 1.0, 1.0) for u in ups])
+    blocks = list(a._filter_blocks([(u, 1.0, 1.0) for u in ups]))
+    assert (len(blocks) > 1) == (block is not None)
+    raw = np.concatenate(blocks, axis=1)
     centres = coordinatewise(torch.from_numpy(raw), "median", 0.0)[0].numpy()
     for i, (u, lay) in enumerate(zip(ups, lays)):
         mine = torch.cat([t.flatten() for t in lay.pieces(u.delta)])
