@@ -26,6 +26,9 @@ batch_size = 2
 [tiers.jetson]
 steps = 2
 batch_size = 2
+[tiers.gpu]
+steps = 20
+batch_size = 4
 """
 
 
