@@ -75,7 +75,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any
 
 import math
 import secrets
@@ -220,7 +220,6 @@ class Aggregator:
         self._theta_max = _max_abs(self._weights.values())
         self._state_max = {k: 0.0 for k in STATE[config.outer.kind]}
         self._measured: dict[int, tuple[weakref.ref, float]] = {}  # id(update) → (the update, its norm)
-        self._verdict: tuple[list, np.ndarray] | None = None  # (kept, passing) from ``flush_job``
         self.pacing = bool(config.paced_by)  # K counts only the paced tiers' updates (``pace``)
         p = config.privacy
         self.dp_flushes = 0  # flushes that added noise: the accountant's composition count
@@ -375,41 +374,11 @@ class Aggregator:
         b.opened_at = now if b.opened_at is None else b.opened_at
         b.task_ids.append(update.task_id)
         self.seen[update.task_id] = update.base_version
-        reason = self._trigger(b.paced, b.tokens)
-        return None if reason is None else self.flush(reason)
-
-    def _trigger(self, paced: int, tokens: int) -> str | None:
-        """What flushes a buffer of ``paced`` counted updates and ``tokens`` tokens (None: nothing)."""
-        if paced >= self.config.buffer_k:
-            return "k"
-        if self.config.max_tokens is not None and tokens >= self.config.max_tokens:
-            return "tokens"
+        if b.paced >= self.config.buffer_k:
+            return self.flush("k")
+        if self.config.max_tokens is not None and b.tokens >= self.config.max_tokens:
+            return self.flush("tokens")
         return None
-
-    def flush_job(self, update: Update) -> Callable[[], None] | None:
-        """The costly pure part of the flush that ``submit(update)`` would trigger now, as a job
-        for a worker thread, or None: the filter rule's verdict (``robust.filter_passing`` of
-        ``_filter_blocks``: K rows copied, a sort of K × the covered elements and matrix
-        products, torch and numpy work that mostly runs without the GIL, ~8 ms per flush at
-        K = 50 on the server's two cores). Run it, then ``submit``: the flush takes the
-        verdict the job left (``_verdict``) when it was computed for exactly the updates the
-        flush keeps, the same function of the same values, and computes it itself otherwise
-        (a state that changed in between). Changes nothing the aggregator's results depend on."""
-        d, b = self.config.defence, self.buffer
-        if (d.rule != "filter" or update.task_id in self.seen
-                or self._trigger(b.paced + (not self.pacing or update.plan.name in self.config.paced_by),
-                                 b.tokens + update.tokens) is None):
-            return None
-        try:
-            adm = self.check(update)
-        except UserError:  # ``submit`` refuses it: no flush
-            return None
-        kept = [*b.kept, (update, adm.weight, adm.scale)]
-
-        def job() -> None:  # reads only the kept updates (immutable) and S's shapes
-            clips = np.array([c for _, _, c in kept], np.float32)
-            self._verdict = (kept, filter_passing(self._filter_blocks(kept), clips, d.min_cosine))
-        return job
 
     def due(self, now: float) -> bool:
         """Whether the buffer has waited max_wait_s and holds a quorum."""
@@ -519,13 +488,7 @@ class Aggregator:
         the one a full-model matrix gives, at the cost of the covered region. A torch sort of K
         copies of every whole tensor and a cosine per update had been 44% of the server's
         event loop at 1,000 clients."""
-        known, self._verdict = self._verdict, None
-        if known is not None and len(known[0]) == len(kept) and all(
-                u is v and c == e for (u, _, c), (v, _, e) in zip(known[0], kept)):
-            passing = known[1]  # ``flush_job`` computed it for these very updates
-        else:
-            passing = filter_passing(self._filter_blocks(kept), np.array([c for _, _, c in kept], np.float32),
-                                     min_cosine)
+        passing = filter_passing(self._filter_blocks(kept), np.array([c for _, _, c in kept], np.float32), min_cosine)
         if passing.all():  # S and W already hold exactly these sums, added in this order
             return
         names = list(dict.fromkeys(n for u, _, _ in kept for n in u.delta))

@@ -8,9 +8,7 @@ next one, so one fsync makes a whole batch durable, and the loop keeps serving m
 
 Once a batch is durable the loop applies its rows in journal order, each through the callback
 its request gave (the request's coroutine then answers): an update is acknowledged only after
-its own row is durable and applied. Before applying a row that will publish a version, the
-flush's costly pure part (``Aggregator.flush_job``: the filter rule's sort and products) runs on
-a third worker thread while the loop goes on serving requests; the rows after it wait. If a commit fails (a full disk), nothing of its batch was
+its own row is durable and applied. If a commit fails (a full disk), nothing of its batch was
 written or applied, and each of its requests gets the error. Checkpoints are written on a second
 worker thread from a snapshot taken on the loop, so the model write never stalls the journal;
 a checkpoint that fails is logged and retried at the next interval (the journal keeps the rows).
@@ -36,7 +34,6 @@ class Committer:
         self._queue: list[tuple[Row, Callable[[], Any], asyncio.Future]] = []
         self._journal = ThreadPoolExecutor(1, thread_name_prefix="stamen-journal")
         self._checkpoints = ThreadPoolExecutor(1, thread_name_prefix="stamen-checkpoint")
-        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="stamen-flush")
         self._running: asyncio.Task | None = None
         self._checkpoint: asyncio.Future | None = None
 
@@ -66,9 +63,7 @@ class Committer:
                         if not done.done():
                             done.set_exception(e)
                     continue
-                for row, then, done in batch:
-                    if row.update is not None:
-                        await self._prepare_flush(loop, row)
+                for _, then, done in batch:
                     try:
                         result = then()
                     except Exception as e:
@@ -80,17 +75,6 @@ class Committer:
                 self._maybe_checkpoint()
         finally:
             self._running = None
-
-    async def _prepare_flush(self, loop: asyncio.AbstractEventLoop, row: Row) -> None:
-        """If applying ``row`` will flush, run the flush's costly pure part on the flush thread
-        while the loop serves other requests. A job that fails is only logged: the flush then
-        computes that part itself, and its own failure goes to the row's request."""
-        try:
-            job = self.agg.flush_job(row.update)
-            if job is not None:
-                await loop.run_in_executor(self._flusher, job)
-        except Exception as e:
-            log.warning("preparing a flush failed (%s); the flush computes it itself", e)
 
     def _maybe_checkpoint(self) -> None:
         if (self._checkpoint is not None and not self._checkpoint.done()) or not self.store.checkpoint_due(self.agg):
@@ -108,7 +92,6 @@ class Committer:
     def close(self) -> None:
         self._journal.shutdown()
         self._checkpoints.shutdown()
-        self._flusher.shutdown()
 
 
 def _log_failure(job: asyncio.Future) -> None:

@@ -240,25 +240,3 @@ def test_median_is_numpys_to_the_bit():
             want = np.nan_to_num(np.nanmedian(x.numpy(), axis=0), nan=0.0)
         assert np.array_equal(med.numpy(), want) and torch.equal(n, (~x.isnan()).sum(0))
 
-
-def test_a_flush_prepared_by_flush_job_equals_one_computed_inline():
-    """The server runs the filter's verdict on a worker (``flush_job``) before the update that
-    flushes: the same version bit for bit as the flush computing it itself; a job made for
-    other updates than the flush keeps is not used."""
-    ups = [const("a", LN, 1.0), const("b", LN, 1.2), const("c", LN, 0.8), const("evil", LN, -5.0)]
-    inline, prepared, changed = (agg(k=4, rule="filter", norm_bound="off") for _ in range(3))
-    for u in ups:
-        inline.submit(u, now=0.0)
-    for a in (prepared, changed):
-        for u in ups[:3]:
-            assert a.flush_job(u) is None  # no flush yet
-            a.submit(u, now=0.0)
-    job = prepared.flush_job(ups[3])
-    job()
-    prepared.submit(ups[3], now=0.0)
-    changed.flush_job(const("other", LN, 1.0))()  # a verdict that keeps the good updates too
-    changed.submit(ups[3], now=0.0)
-    for a in (prepared, changed):
-        assert a.version == 1 and a._verdict is None
-        assert all(torch.equal(a.weights[n], inline.weights[n]) for n in inline.weights)
-    torch.testing.assert_close(moved(inline), torch.full((CFG.n_embd,), 1.0))  # evil dropped: the mean of the rest
