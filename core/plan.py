@@ -258,8 +258,9 @@ def window_plan(cfg: Model, name: str, window: int) -> Plan:
 def rotating_windows(cfg: Model, name: str, window: int) -> tuple[Plan, ...]:
     """Every position of a ``window``-block window in the full model, bottom first: the plan
     at offset ``o`` keeps every block at full width and trains blocks ``o`` to
-    ``o + window - 1``; the bottom one also trains the embeddings (``wte``, ``wpe``, and so the
-    head tied to ``wte``), the top one ``ln_f`` (and an untied head). FedRolex (Alam et al.,
+    ``o + window - 1``; the bottom one also trains the model's ends: the embeddings (``wte``,
+    ``wpe``), the head (tied to ``wte``, or ``lm_head``) and ``ln_f``, so the top one is
+    ``window_plan``'s. FedRolex (Alam et al.,
     2022) rolls a submodel's window across rounds so that every parameter receives client
     updates; a top window alone leaves the embeddings and the lower blocks to the GPU nodes, so
     devices alone can never train them. Each window gets the full model's true gradient: a
@@ -271,9 +272,7 @@ def rotating_windows(cfg: Model, name: str, window: int) -> tuple[Plan, ...]:
     for o in range(L - window + 1):
         train = tuple(f"blocks.{b}.*" for b in range(o, o + window))
         if o == 0:
-            train = ("wte.*", "wpe.*") + train
-        if o == L - window:
-            train += ("ln_f.*", "lm_head.*")
+            train = ("wte.*", "wpe.*") + train + ("ln_f.*", "lm_head.*")
         plans.append(Plan(f"{name}@{o}", tuple(range(L)), 1.0, train))
     return tuple(plans)
 

@@ -235,9 +235,10 @@ class TierSettings:
     """Plan override: a top-window plan (``core.plan.window_plan``): every block kept at full
     width, only the last ``window`` blocks train. Excludes blocks, width and train."""
     rotate: bool = False
-    """With ``window``: the tier's tasks take every position of the window in turn, one per
-    version, the bottom one training the embeddings too (``core.plan.rotating_windows``,
-    FedRolex), instead of the top window only."""
+    """With ``window``, a device tier: while no GPU node is in the federation, the tier's tasks
+    take every position of the window in turn, one per version, the bottom one training the
+    embeddings too (``core.plan.rotating_windows``, FedRolex); with one, the top window
+    (``Scheduler._plan`` says why)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be at least 1")
@@ -329,6 +330,9 @@ def load_config(path: str | Path | None = None) -> FederationConfig:
     if unknown:
         raise UserError(f"federation config [aggregation] paced_by: unknown tier {unknown[0]!r} "
                         f"(tiers: {', '.join(tiers)})")
+    rotating = [t for t in ("gpu", *sections["aggregation"].paced_by) if tiers[t].rotate]
+    if rotating:
+        raise UserError(f"federation config [tiers.{rotating[0]}] rotate: only a device tier outside paced_by rotates")
     cfg = FederationConfig(**sections, tiers=tiers)
     for name in tiers:
         try:

@@ -161,8 +161,7 @@ class Scheduler:
         tier = self.fed.tiers[a.tier]
         seq = self.next_seq
         self.next_seq += 1
-        plans = self.plans[a.tier]
-        plan = plans[(self.seed + version) % len(plans)]  # a rotating tier's window rolls by version (FedRolex)
+        plan = self._plan(a.tier, version)
         task = Task(
             task_id=f"t{seq:09d}", client_id=client_id, base_version=version, plan=plan,
             runtime=next(r for r in a.caps.runtimes if r in plan.runtimes), steps=self.steps_for(a.tier, a.caps),
@@ -171,6 +170,16 @@ class Scheduler:
             deadline=now + self.fed.scheduler.task_deadline_s, seed=self.seed * 1_000_003 + seq)
         self._open(task)
         return task
+
+    def _plan(self, tier: str, version: int) -> Plan:
+        """The plan of a task issued at ``version``. A rotating tier's window rolls by version
+        (FedRolex: every task of one version takes the same window) while no GPU node is
+        registered; with one, its tasks take the top window. The nodes train the whole model,
+        and device updates below the top window made it worse than the top window alone
+        (README, "Rotating windows"); without them nobody else trains the lower blocks and the
+        embeddings."""
+        plans = self.plans[tier]
+        return plans[-1] if self._nodes else plans[(self.seed + version) % len(plans)]
 
     def _open(self, task: Task) -> None:
         self.in_flight[task.task_id] = task

@@ -8,8 +8,8 @@ embeddings frozen) at the tier's 8 x 64 -- the very programs test_bundle_device 
 test_client_runtimes export, shared through the session's export cache; "window" keeps the
 whole model and trains its last two blocks only (``core.plan.window_plan``: the blocks below,
 ln_f and the embeddings frozen); "bottom" is a rotating tier's bottom window
-(``core.plan.rotating_windows``): the embeddings (the head tied to them) and blocks 0-1 train,
-their gradient flowing back through the frozen blocks 2-3 and ln_f. ExecuTorch runs with
+(``core.plan.rotating_windows``): the embeddings (the head tied to them), blocks 0-1 and ln_f
+train, the gradient flowing back through the frozen blocks 2-3 between them. ExecuTorch runs with
 XNNPACK (its default) on the tier and window plans, and on its portable kernels alone on the blocks plan."""
 
 import pytest

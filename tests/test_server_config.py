@@ -44,11 +44,13 @@ def test_rotate_gives_every_window_position(tmp_path):
     cfg = load_config(write(tmp_path, "[tiers.phone-low]\nwindow = 2\nrotate = true\n"))
     plans = cfg.plans(PRESETS["gpt-tiny"])
     assert [p.train for p in plans["phone-low"]] == [
-        ("wte.*", "wpe.*", "blocks.0.*", "blocks.1.*"), ("blocks.1.*", "blocks.2.*"),
-        ("blocks.2.*", "blocks.3.*", "ln_f.*", "lm_head.*")]
+        ("wte.*", "wpe.*", "blocks.0.*", "blocks.1.*", "ln_f.*", "lm_head.*"), ("blocks.1.*", "blocks.2.*"),
+        ("blocks.2.*", "blocks.3.*")]
     assert len(plans["laptop"]) == 1
     with pytest.raises(UserError, match=r"\[tiers.laptop\].*rotate needs window"):
         load_config(write(tmp_path, "[tiers.laptop]\nrotate = true\n"))
+    with pytest.raises(UserError, match=r"\[tiers.gpu\] rotate: only a device tier"):
+        load_config(write(tmp_path, "[tiers.gpu]\nwindow = 2\nrotate = true\n"))
 
 
 def test_max_tokens_reaches_the_aggregator(tmp_path):

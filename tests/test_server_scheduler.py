@@ -5,7 +5,7 @@ import pytest
 
 from stamen.core.errors import UserError
 from stamen.core.model import PRESETS
-from stamen.core.plan import rotating_windows
+from stamen.core.plan import rotating_windows, window_plan
 from stamen.core.records import Capabilities
 from stamen.server.config import load_config
 from stamen.server.scheduler import Scheduler
@@ -81,7 +81,8 @@ def test_tiers_of_equal_size_keep_each_class_in_its_own(tmp_path):
 
 def test_a_rotating_tier_rolls_its_window_by_version(tmp_path):
     """FedRolex: every task issued at one version takes the same window, the next version the
-    next one, starting at the seed's; the tier costs its dearest window (a device must fit all)."""
+    next one, starting at the seed's, while no GPU node is registered; the tier costs its
+    dearest window (a device must fit all)."""
     f = tmp_path / "fed.toml"
     f.write_text("[tiers.laptop]\nwindow = 2\nrotate = true\n")
     fed = load_config(f)
@@ -98,6 +99,10 @@ def test_a_rotating_tier_rolls_its_window_by_version(tmp_path):
         for t in tasks:
             s.complete(t.task_id)
     assert got == [windows[(5 + v) % 3] for v in range(4)]
+    # With a GPU node in the federation its tasks take the top window, the top-window plan's.
+    s.register("node", caps(role="gpu"))
+    tops = [s.next_task(c, 4 + i, now=4.0 + i) for i, c in enumerate("ab")]
+    assert [t.plan for t in tops] == [windows[-1]] * 2 and windows[-1].hash == window_plan(CFG, "laptop", 2).hash
     costs = [w.cost(CFG, fed.tiers["laptop"].batch_size, fed.training.seq_len) for w in windows]
     want = max(c.memory_bytes for c in costs)
     assert want > min(c.memory_bytes for c in costs)  # the bottom window trains the embeddings too
