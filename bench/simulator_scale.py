@@ -2,9 +2,12 @@
 
 Each population size runs in its own process (gpt-tiny, the packaged device mix and GPU nodes),
 with the packaged simulator federation opened up so that many device tasks are in flight at
-once: ``max_in_flight`` 1,500 tasks, versions of ``buffer_k`` 100 updates, ``tau_max`` 30. Per-device state must cost
-memory for the tasks in flight, not for the population: error-feedback residuals live on disk
-between a device's tasks (``simulator.residuals``). The baseline is the smallest population: peak
+once: ``max_in_flight`` 1,500 tasks, ``buffer_k`` 100, ``tau_max`` 30. Versions stay paced by the
+GPU nodes (``paced_by``), so a version is 100 node updates (50 rounds of the 2 nodes) and every
+device update that arrives meanwhile: thousands per version, which the default ``filter`` defence
+judges together at the flush (``robust.filter_passing``, in bounded column blocks). Per-device
+state must cost memory for the tasks in flight, not for the population: error-feedback residuals
+live on disk between a device's tasks (``simulator.residuals``). The baseline is the smallest population: peak
 RSS at 100x the devices, with as many tasks in flight, should stay close to it.
 
 Reported per size: wall seconds (set-up included), peak RSS of that process, the most device
