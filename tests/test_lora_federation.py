@@ -88,9 +88,9 @@ def test_lora_federation_over_http(tmp_path):
     (tmp_path / "fed.toml").write_text(FED)
     fed = load_config(tmp_path / "fed.toml")
     space = fed.lora.space(ModelSpec(model))
-    plans = fed.plans(space)
+    plans = {t: p for t, (p,) in fed.plans(space).items()}  # one plan per LoRA tier
     seq = fed.training.seq_len
-    memory = {t: plans[t][0].cost(space, fed.tiers[t].batch_size, seq).memory_bytes for t in plans}
+    memory = {t: plans[t].cost(space, fed.tiers[t].batch_size, seq).memory_bytes for t in plans}
     state = tmp_path / "state"
     server, url = start_server(state, tmp_path / "fed.toml", model=model)
     try:
