@@ -60,6 +60,9 @@ class Payload:
     # each float32 tensor's sum of squares in float32 (one BLAS dot over its values), where the
     # decoder computed it already: the aggregator's norm (``Aggregator.measure``) reuses it
     squares: dict[str, float] = field(default_factory=dict)
+    # every tensor's float32 values end to end in frame order (``tensors`` are its views), when
+    # every tensor is float32; None otherwise
+    flat: np.ndarray | None = None
 
 
 def _as_spec(spec: str | CodecSpec) -> CodecSpec:
@@ -300,6 +303,7 @@ class _Layout:
     # (dtype, positions) of the first value parts and of the scales; per index dtype, (dtype,
     # positions, slots of ``index_at`` they fill); None for a frame without part offsets
     reads: tuple | None = None
+    float32: bool = False  # every tensor's dtype is float32: decoded values are the tensors themselves
 
     @property
     def numel(self) -> int:
@@ -356,7 +360,8 @@ def _layout(spec: CodecSpec, codec: str, entries: Entries, table: Table | None) 
     numels = [math.prod(shape) for _, _, shape, _ in entries]
     ends = list(itertools.accumulate(numels))
     lay = _Layout(tuple(values_from), np.asarray(counts, np.int64), keep,
-                  tuple((e - n, e) for n, e in zip(numels, ends)))
+                  tuple((e - n, e) for n, e in zip(numels, ends)),
+                  float32=all(dtype == "float32" for _, dtype, _, _ in entries))
     if sparse_at:
         # Where each value goes: dense tensors' positions are runs (gaps of 1), top-k ones their
         # gaps; one cumulative sum within each tensor's segment gives every position at once.
@@ -449,20 +454,25 @@ def decode(data: bytes, limits: Limits = Limits()) -> Payload:
     (``_Layout.read``): no array per part, no record per tensor. Each tensor's sum of squares
     (one BLAS dot) says whether its values are finite (a NaN or inf anywhere makes it so; only
     then, or for a norm bound, the slower pass that tells NaN from a huge value) and comes back
-    in ``Payload.squares`` for its float32 tensors, so the aggregator's norm reads no value again."""
+    in ``Payload.squares`` for its float32 tensors, so the aggregator's norm reads no value again.
+    When every tensor is float32 the tensors are views of one buffer, ``Payload.flat``."""
     head, table, body = read_frame(data, limits)
     spec = _spec(head["codec"])
     lay = _layout(spec, head["codec"], table.tensors, table)
     flat = _place(spec, lay, *lay.read(body))
-    arrays = {name: flat[a:b] for (name, *_), (a, b) in zip(table.tensors, lay.spans)}  # views of the one buffer
+    arrays = [flat[a:b] for a, b in lay.spans]  # views of the one buffer, in frame order
     with np.errstate(over="ignore"):
-        squares = {name: float(np.dot(a, a)) for name, a in arrays.items()}
-    if (limits.finite and not all(map(math.isfinite, squares.values()))) or limits.max_norm is not None:
-        check_values(arrays, limits)
-    tensors = {name: torch.from_numpy(arrays[name].reshape(shape)) if dtype == "float32" else  # already itself
-               from_numpy(arrays[name], dtype, shape) for name, dtype, shape, _ in table.tensors}
+        squares = [float(np.dot(a, a)) for a in arrays]
+    if (limits.finite and not all(map(math.isfinite, squares))) or limits.max_norm is not None:
+        check_values({name: a for (name, *_), a in zip(table.tensors, arrays)}, limits)
+    if lay.float32:  # every tensor is already itself: a view of the buffer, shaped
+        tensors = {name: torch.from_numpy(a.reshape(shape)) for (name, _, shape, _), a in zip(table.tensors, arrays)}
+        return Payload(head["kind"], head["codec"], head["meta"], tensors,
+                       dict(zip(tensors, squares)), flat)
+    tensors = {name: torch.from_numpy(a.reshape(shape)) if dtype == "float32" else from_numpy(a, dtype, shape)
+               for (name, dtype, shape, _), a in zip(table.tensors, arrays)}
     return Payload(head["kind"], head["codec"], head["meta"], tensors,
-                   {name: q for (name, dtype, *_), q in zip(table.tensors, squares.values()) if dtype == "float32"})
+                   {name: q for (name, dtype, *_), q in zip(table.tensors, squares) if dtype == "float32"})
 
 
 def nbytes_fp32(tensors: dict[str, torch.Tensor]) -> int:

@@ -70,6 +70,10 @@ class Update:
     delta: dict[str, torch.Tensor]
     tokens: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # the delta's tensors end to end in ``delta``'s order, float32 (``delta`` holds views of it),
+    # where the wire decoder produced them so: the robust filter takes an update's row from it
+    # in one copy. None: not known.
+    flat: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

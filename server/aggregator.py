@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator
 from typing import Any
 
+import itertools
 import math
 import secrets
 import weakref
@@ -163,18 +164,19 @@ class FlushReport:
 
 @dataclass(frozen=True)
 class _Layout:
-    """How one plan's delta lands in the buffer, built once per plan: one view of S (and of W)
-    per delta tensor. A width cut keeps a prefix of each of g equal groups along one dimension
-    (g = 1 for MLP units, 3 for c_attn's q|k|v rows), so with that dimension seen as (g, group)
-    the kept part of S is a single strided view, and the delta, seen as (g, prefix), lands in it
-    with one add: the whole update is one fused ``_foreach_add_``."""
+    """How one plan's delta lands in the buffer, built once per plan: one view of S per delta
+    tensor, and the elements of W it covers. A width cut keeps a prefix of each of g equal
+    groups along one dimension (g = 1 for MLP units, 3 for c_attn's q|k|v rows), so with that
+    dimension seen as (g, group) the kept part of S is a single strided view, and the delta,
+    seen as (g, prefix), lands in it with one add: the whole update is one fused
+    ``_foreach_add_``, and its weight one numpy add over ``windex``."""
 
     shapes: dict[str, tuple[int, ...]]
     parts: list[tuple[str, tuple[int, ...] | None]]  # (name, shape to view the delta as, or None: as is)
     cuts: list[tuple[int, int, int] | None]  # per part: (dim, groups g, kept prefix k), None: whole
     S: list[torch.Tensor]
-    W: list[torch.Tensor]
     numel: int
+    windex: np.ndarray  # the elements of the aggregator's W buffer the plan covers (its parts' W views)
 
     def pieces(self, delta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [delta[n] if shape is None else delta[n].reshape(shape) for n, shape in self.parts]
@@ -209,8 +211,14 @@ class Aggregator:
         self.S = {n: torch.zeros_like(w) for n, w in self._weights.items()}
         self._wdim = _weight_dims(cfg)
         self._numel = sum(w.numel() for w in self._weights.values())
-        self.W = {n: torch.zeros(shapes[n][d] if d is not None else (), dtype=torch.float64)
-                  for n, d in self._wdim.items()}
+        # W's tensors are views of one float64 buffer, so an update's weight lands on every
+        # element its plan covers with one numpy add (``_Layout.windex``: a float64 add, the
+        # same number torch's gives) instead of a torch op per tensor
+        wshapes = {n: (shapes[n][d],) if d is not None else () for n, d in self._wdim.items()}
+        self._w = np.zeros(sum(math.prod(s) for s in wshapes.values()))
+        ends = itertools.accumulate(math.prod(s) for s in wshapes.values())
+        base = torch.from_numpy(self._w)  # one storage: the views' offsets are places in the buffer
+        self.W = {n: base[e - math.prod(s):e].view(s) for (n, s), e in zip(wshapes.items(), ends)}
         self.buffer = _Buffer()
         self.seen: dict[str, int] = {}  # task id → base version, for ids a re-send could still reach
         self.history: dict[int, dict[str, torch.Tensor]] = {version: self._weights}
@@ -266,7 +274,9 @@ class Aggregator:
             S.append(_cut(self.S[n], dim, g, k))
             W.append(_wcut(self.W[n], (dim, g, k)))
         numel = sum(math.prod(shapes[n]) for n in names)
-        lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, cuts, S, W, numel)
+        at = torch.arange(self._w.size)  # each W element's place in the buffer, seen as W's views see it
+        windex = torch.cat([at.as_strided(w.shape, w.stride(), w.storage_offset()).reshape(-1) for w in W]).numpy()
+        lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, cuts, S, numel, windex)
         return lay
 
     def measure(self, update: Update, squares: dict[str, float] | None = None) -> float:
@@ -360,7 +370,7 @@ class Aggregator:
         adm = self.check(update)
         lay = self._layout(update.plan)
         torch._foreach_add_(lay.S, lay.pieces(update.delta), alpha=adm.weight * adm.scale)
-        torch._foreach_add_(lay.W, adm.weight)
+        self._w[lay.windex] += adm.weight
         self.norms.record(_norm_key(update.plan), adm.scale * adm.norm, lay.numel)
         b = self.buffer
         b.count, b.tokens, b.staleness_sum = b.count + 1, b.tokens + update.tokens, b.staleness_sum + adm.staleness
@@ -498,7 +508,7 @@ class Aggregator:
             if passes:
                 lay = self._layout(u.plan)
                 torch._foreach_add_(lay.S, lay.pieces(u.delta), alpha=w * c)
-                torch._foreach_add_(lay.W, w)
+                self._w[lay.windex] += w
 
     def _filter_blocks(self, kept: list[tuple[Update, float, float]]) -> Iterator[np.ndarray]:
         """The filter rule's (K, M) float32 matrix in column blocks, for ``robust.filter_passing``:
@@ -539,7 +549,10 @@ class Aggregator:
         for i, ((u, _, _), cut, view) in enumerate(zip(kept, cuts, views)):
             mine = [n for n in run if n in cut]
             if len(mine) == len(run) and all(cut[n] == union[n] for n in run):  # it covers the whole row
-                torch.cat([u.delta[n].reshape(-1) for n in run], out=values[i])  # a piece flattens as its delta
+                if u.flat is not None and len(u.delta) == len(run) and all(map(str.__eq__, u.delta, run)):
+                    values[i].copy_(u.flat)  # the decoder's buffer is these tensors end to end, in this order
+                else:
+                    torch.cat([u.delta[n].reshape(-1) for n in run], out=values[i])  # a piece flattens as its delta
             elif mine:
                 torch._foreach_copy_([_within(region[n][i], union[n], cut[n]) for n in mine],
                                      [u.delta[n] if view[n] is None else u.delta[n].reshape(view[n]) for n in mine])
@@ -679,7 +692,12 @@ def _max_abs(tensors) -> float:
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """The maximal runs of True in a 1-d mask as (start, stop): [1 1 0 0 1] → [(0, 2), (4, 5)].
     In numpy: a flush finds the runs of every sliced tensor's W, and torch's dispatch cost
-    several times numpy's on these short vectors."""
+    several times numpy's on these short vectors; a mask all one way (most of a flush's: the
+    tensors no update covered, those covered whole) takes one or two calls."""
+    if not mask.any():
+        return []
+    if mask.all():
+        return [(0, mask.size)]
     edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=np.int8(0), append=np.int8(0))).tolist()
     return list(zip(edges[::2], edges[1::2]))
 

@@ -293,10 +293,13 @@ class Coordinator:
             raise RequestError(f"tokens must be an integer in [1, {most}] for this task, got {tokens!r}", 422)
         loss = payload.meta.get("loss")
         loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
-        delta = payload.tensors
+        delta, flat = payload.tensors, None
         if len(payload.squares) < len(delta):  # a tensor sent as another dtype than float32 (squares: the float32 ones)
             delta = {n: t if t.dtype == torch.float32 else t.float() for n, t in delta.items()}
-        update = Update(task.task_id, task.base_version, task.plan, delta, tokens, {} if loss is None else {"loss": loss})
+        elif payload.flat is not None:
+            flat = torch.from_numpy(payload.flat)
+        update = Update(task.task_id, task.base_version, task.plan, delta, tokens, {} if loss is None else {"loss": loss},
+                        flat)
         self._agg.measure(update, payload.squares)  # the values' pass, here on the worker rather than in ``judge``
         return update, loss
 

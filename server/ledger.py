@@ -48,7 +48,7 @@ class Ledger:
 
     def issued(self, tasks: list[tuple[Task, str]]) -> None:
         """These (task, tier) were issued, in one transaction."""
-        self.record([], tasks)
+        self.record([], [(t, tier, t.to_dict()) for t, tier in tasks])
 
     def evaluated(self, version: int, val_loss: float, tokens: int, wall_s: float, at: float) -> None:
         self.db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?)", (version, val_loss, tokens, wall_s, at))
@@ -65,10 +65,11 @@ class Ledger:
         """These tasks' updates were applied: record each (task id, tokens, loss), in one transaction."""
         self.record(applied, [])
 
-    def record(self, applied: list[tuple[str, int, float | None]], issued: list[tuple[Task, str]]) -> None:
+    def record(self, applied: list[tuple[str, int, float | None]], issued: list[tuple[Task, str, dict]]) -> None:
         """A journal batch's rows in one transaction (one commit, not one per row): the tasks
         whose updates were applied, done with their (task id, tokens, loss), and the (task,
-        tier) issued after them. Raises, having written nothing, if the commit fails."""
+        tier, its ``Task.to_dict()``, which the caller's answer reuses) issued after them.
+        Raises, having written nothing, if the commit fails."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN")
@@ -76,7 +77,7 @@ class Ledger:
                                 [(tokens, loss, now, task_id) for task_id, tokens, loss in applied])
             self.db.executemany("INSERT OR IGNORE INTO tasks (id, client_id, tier, body, status, issued) "
                                 "VALUES (?, ?, ?, ?, 'open', ?)",
-                                [(t.task_id, t.client_id, tier, json.dumps(t.to_dict()), now) for t, tier in issued])
+                                [(t.task_id, t.client_id, tier, json.dumps(d), now) for t, tier, d in issued])
 
     def lapsed(self, task_ids: list[str]) -> None:
         self.db.executemany("UPDATE tasks SET status = 'lapsed', closed = ? WHERE id = ? AND status = 'open'",

@@ -36,8 +36,8 @@ staleness no longer weigh an update, which costs some accuracy when work is uneq
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,23 +85,37 @@ class NormHistory:
     def __init__(self, config: DefenceConfig, state: dict[str, list[float]] | None = None) -> None:
         self.config = config
         self.rms = {k: deque(v, maxlen=config.norm_window) for k, v in (state or {}).items()}
+        # each plan's window kept sorted too, so a bound (asked twice per update) reads its
+        # median instead of sorting the window again
+        self._sorted = {k: sorted(v) for k, v in self.rms.items()}
 
     def bound(self, plan: str, numel: int, staleness: int) -> float:
         """The norm bound for an update of ``plan`` (``numel`` elements) at staleness τ, or inf."""
         c = self.config
-        own = self.rms.get(plan, ())
+        own = self._sorted.get(plan, ())
         bound = math.inf
         if len(own) >= c.norm_min_history:
-            bound = c.norm_multiple * statistics.median(own) * math.sqrt(numel) / math.sqrt(1 + staleness)
+            bound = c.norm_multiple * _median(own) * math.sqrt(numel) / math.sqrt(1 + staleness)
         if c.norm_absolute > 0:
             bound = min(bound, c.norm_absolute)
         return bound
 
     def record(self, plan: str, norm: float, numel: int) -> None:
-        self.rms.setdefault(plan, deque(maxlen=self.config.norm_window)).append(norm / math.sqrt(numel))
+        window = self.rms.setdefault(plan, deque(maxlen=self.config.norm_window))
+        ordered = self._sorted.setdefault(plan, [])
+        if len(window) == window.maxlen:
+            del ordered[bisect.bisect_left(ordered, window[0])]
+        window.append(norm / math.sqrt(numel))
+        bisect.insort(ordered, window[-1])
 
     def state(self) -> dict[str, list[float]]:
         return {k: list(v) for k, v in self.rms.items()}
+
+
+def _median(ordered: list[float]) -> float:
+    """The median of sorted values, as ``statistics.median`` computes it."""
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
 def square(t: torch.Tensor) -> float:
@@ -196,12 +210,15 @@ def filter_passing(blocks: Iterable[np.ndarray], clips: np.ndarray, min_cosine: 
             m = med.astype(np.float64)
             if covered.all():
                 x = raw.astype(np.float64)
-                centres = np.broadcast_to(m, x.shape)
+                # every row's centre is the whole median: its sum, taken once (over two broadcast
+                # rows, which einsum sums exactly as it sums each of K)
+                centres = np.broadcast_to(m, (min(k, 2), m.size))
+                cc += np.einsum("ij,ij->i", centres, centres)[0]
             else:
                 x = np.where(covered, raw, 0).astype(np.float64)
                 centres = np.where(covered, m, 0)  # row i: the median over update i's elements
+                cc += np.einsum("ij,ij->i", centres, centres)
             xx += np.einsum("ij,ij->i", x, x)
-            cc += np.einsum("ij,ij->i", centres, centres)
             xm += x @ m
     denom = np.sqrt(xx * cc)
     cos = np.divide(xm, denom, out=np.zeros(k), where=denom > 0)

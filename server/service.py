@@ -267,10 +267,11 @@ class Federation:
                 task = self.coord.next_task(a.then.client_id, now)
                 if task is not None:
                     issued.append((a, task))
+        records = [task.to_dict() for _, task in issued]  # made once: the ledger's row and the answer
         self.ledger.record([(a.task_id, a.tokens, a.loss) for a in applied],
-                           [(task, self.coord.assignment(task.client_id).tier) for _, task in issued])
-        for a, task in issued:
-            a.answer["task"] = task.to_dict()
+                           [(task, self.coord.assignment(task.client_id).tier, d) for (_, task), d in zip(issued, records)])
+        for (a, _), d in zip(issued, records):
+            a.answer["task"] = d
 
     def release(self, p: Principal, task_id: str) -> dict:
         """The client gives its task back (it is stopping: Ctrl-C, ``flwr stop``): the task

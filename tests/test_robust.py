@@ -240,3 +240,40 @@ def test_median_is_numpys_to_the_bit():
             want = np.nan_to_num(np.nanmedian(x.numpy(), axis=0), nan=0.0)
         assert np.array_equal(med.numpy(), want) and torch.equal(n, (~x.isnan()).sum(0))
 
+
+
+def test_norm_bound_reads_the_window_median_as_statistics_does():
+    """The bound keeps each plan's window sorted as it slides (old norms leave, ties included)
+    instead of sorting it per request: the same median, to the bit, as ``statistics.median``."""
+    from stamen.server.robust import NormHistory
+    c = DefenceConfig(norm_window=5, norm_min_history=1)
+    h, window = NormHistory(c), []
+    gen = np.random.default_rng(2)
+    for i in range(40):
+        norm = float(gen.choice([1.0, 2.5, 3.0])) if i % 3 else float(gen.random())  # repeats, so ties
+        h.record("p", norm, 4)
+        window = (window + [norm / 2])[-5:]
+        assert h.bound("p", 4, 0) == c.norm_multiple * statistics.median(window) * 2
+    assert NormHistory(c, h.state()).bound("p", 4, 3) == h.bound("p", 4, 3)  # a checkpoint restores it
+
+
+def test_filter_rows_read_from_the_decoders_buffer_are_the_tensors():
+    """A decoded update carries its tensors end to end (``Update.flat``, from ``Payload.flat``),
+    and the filter copies a row it covers whole from there: the matrix, so the verdicts, is the
+    one its tensors give."""
+    from stamen.compression.codecs import decode, encode
+    from stamen.core.plan import tier_plans
+    plan = tier_plans(CFG)["phone-low"]
+    shapes, names = plan.shapes(CFG), plan.trainable(CFG)
+    a = agg(k=10, rule="filter", norm_bound="off")
+    gen = torch.Generator().manual_seed(3)
+    ups, plain = [], []
+    for i in range(5):
+        p = decode(encode({n: torch.randn(shapes[n], generator=gen) for n in names}, "topk(0.1)+int8(block=64)"))
+        assert list(p.tensors) == [n for n in a.S if n in p.tensors]  # the model's order: the row's
+        assert np.array_equal(p.flat, torch.cat([t.reshape(-1) for t in p.tensors.values()]).numpy())
+        ups.append(Update(f"t{i}", 0, plan, p.tensors, 100, flat=torch.from_numpy(p.flat)))
+        plain.append(Update(f"t{i}", 0, plan, {n: t.clone() for n, t in p.tensors.items()}, 100))
+    got = np.concatenate(list(a._filter_blocks([(u, 1.0, 1.0) for u in ups])), axis=1)
+    want = np.concatenate(list(a._filter_blocks([(u, 1.0, 1.0) for u in plain])), axis=1)
+    assert not np.isnan(got).any() and np.array_equal(got, want)
