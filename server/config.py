@@ -122,6 +122,11 @@ class SchedulerSettings:
     max_in_flight: int = 16
     """Device tasks out at once (GPU nodes not counted): staleness runs about max_in_flight /
     buffer_k versions, so keep it a few K and under tau_max · K."""
+    max_in_flight_alone: int = 0
+    """Device tasks out at once while no GPU node is in the federation (0: ``max_in_flight``).
+    Versions then follow the devices' own updates, K at a time, and staleness runs about
+    this / buffer_k versions: a cap sized for versions paced by the nodes leaves devices alone
+    training on weights many versions old (``Scheduler.next_task``)."""
     compute_share: float = 0.5
     """A task's estimated compute may fill this share of its deadline."""
     overselect: float = 1.3
@@ -131,6 +136,7 @@ class SchedulerSettings:
     def __post_init__(self) -> None:
         _require(self.task_deadline_s > 0, "task_deadline_s must be positive")
         _require(self.max_in_flight >= 1, "max_in_flight must be at least 1")
+        _require(self.max_in_flight_alone >= 0, "max_in_flight_alone must be at least 0 (0: max_in_flight)")
         _require(0 < self.compute_share <= 1, "compute_share must be in (0, 1]")
         _require(self.overselect >= 1, "overselect must be at least 1")
 
@@ -239,12 +245,16 @@ class TierSettings:
     take every position of the window in turn, one per version, the bottom one training the
     embeddings too (``core.plan.rotating_windows``, FedRolex); with one, the top window
     (``Scheduler._plan`` says why)."""
+    lr_alone: float = 0.0
+    """A device tier's inner peak lr while no GPU node is in the federation (0: ``lr``): beside
+    the nodes a device's update is a small correction to their step, alone it is the step."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be at least 1")
         _require(self.window is None or (self.window >= 1 and (self.blocks, self.width, self.train) == (None,) * 3),
                  "window must be at least 1, and excludes blocks, width and train")
         _require(not self.rotate or self.window is not None, "rotate needs window (the size of the rotating window)")
+        _require(self.lr_alone >= 0, "lr_alone must be at least 0 (0: lr)")
         try:
             parse_codec(self.codec)  # a bad codec stops the server at start-up, not every upload
         except UserError as e:
@@ -263,10 +273,12 @@ class FederationConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
-    def train_config(self, tier: str) -> TrainConfig:
-        """The inner optimizer of a tier, on the federation's one global lr schedule."""
+    def train_config(self, tier: str, alone: bool = False) -> TrainConfig:
+        """The inner optimizer of a tier, on the federation's one global lr schedule; ``alone``:
+        while no GPU node is in the federation (the tier's ``lr_alone``, when it sets one)."""
         t, s = self.tiers[tier], self.training
-        return TrainConfig(optimizer=t.optimizer, lr=t.lr, min_lr_ratio=s.min_lr_ratio,
+        return TrainConfig(optimizer=t.optimizer, lr=t.lr_alone if alone and t.lr_alone else t.lr,
+                           min_lr_ratio=s.min_lr_ratio,
                            warmup_steps=s.warmup_steps, total_steps=s.total_steps,
                            weight_decay=s.weight_decay, grad_clip=s.grad_clip)
 

@@ -201,6 +201,29 @@ def test_deadline_lapses_and_cap():
         s.complete(ta.task_id)
 
 
+def test_devices_alone_take_their_own_cap_and_lr(tmp_path):
+    """While no GPU node is registered, device tasks are capped at max_in_flight_alone and
+    train at their tier's lr_alone; once a node registers, at max_in_flight and lr; a tier
+    without lr_alone keeps lr either way."""
+    f = tmp_path / "fed.toml"
+    f.write_text("[scheduler]\nmax_in_flight = 3\nmax_in_flight_alone = 2\n"
+                 "[tiers.laptop]\nlr = 1e-3\nlr_alone = 5e-3\n[tiers.jetson]\nlr = 2e-3\n")
+    s = Scheduler(CFG, load_config(f))
+    for c, cls in zip("abcd", ("laptop", "laptop", "jetson", "jetson")):
+        s.register(c, Capabilities("device", 10**12, 1e12, device_class=cls))
+    alone = [s.next_task(c, 0, now=0.0) for c in "abc"]
+    assert alone[2] is None  # two out: the cap alone
+    assert [t.train.lr for t in alone[:2]] == [5e-3, 5e-3]
+    s.register("g", caps(role="gpu"))
+    beside = [s.next_task(c, 0, now=0.0) for c in "cd"]
+    assert beside[1] is None  # three out: max_in_flight
+    assert beside[0].train.lr == 2e-3
+    for t in alone:
+        if t is not None:
+            s.complete(t.task_id)
+    assert s.next_task("a", 1, now=1.0).train.lr == 1e-3
+
+
 def test_cap_counts_device_tasks_only():
     fed = load_config()
     s = Scheduler(CFG, fed)
