@@ -462,7 +462,7 @@ def decode(data: bytes, limits: Limits = Limits()) -> Payload:
     flat = _place(spec, lay, *lay.read(body))
     arrays = [flat[a:b] for a, b in lay.spans]  # views of the one buffer, in frame order
     with np.errstate(over="ignore"):
-        squares = [float(np.dot(a, a)) for a in arrays]
+        squares = list(map(float, map(np.dot, arrays, arrays)))
     if (limits.finite and not all(map(math.isfinite, squares))) or limits.max_norm is not None:
         check_values({name: a for (name, *_), a in zip(table.tensors, arrays)}, limits)
     if lay.float32:  # every tensor is already itself: a view of the buffer, shaped

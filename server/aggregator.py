@@ -221,6 +221,7 @@ class Aggregator:
         self.W = {n: base[e - math.prod(s):e].view(s) for (n, s), e in zip(wshapes.items(), ends)}
         self.buffer = _Buffer()
         self.seen: dict[str, int] = {}  # task id → base version, for ids a re-send could still reach
+        self._seen_at: dict[int, list[str]] = {}  # base version → its ids in ``seen``: a flush forgets by base
         self.history: dict[int, dict[str, torch.Tensor]] = {version: self._weights}
         self._plans: dict[Plan, _Layout] = {}
         self.norms = NormHistory(config.defence)
@@ -384,6 +385,7 @@ class Aggregator:
         b.opened_at = now if b.opened_at is None else b.opened_at
         b.task_ids.append(update.task_id)
         self.seen[update.task_id] = update.base_version
+        self._seen_at.setdefault(update.base_version, []).append(update.task_id)
         if b.paced >= self.config.buffer_k:
             return self.flush("k")
         if self.config.max_tokens is not None and b.tokens >= self.config.max_tokens:
@@ -441,7 +443,9 @@ class Aggregator:
         for v in [v for v in self.history if v < self.version - self.config.tau_max]:
             del self.history[v]
         oldest = self.version - self.config.tau_max - 1
-        self.seen = {t: base for t, base in self.seen.items() if base >= oldest}
+        for base in [v for v in self._seen_at if v < oldest]:  # the ids of those bases, not a pass over all
+            for t in self._seen_at.pop(base):
+                del self.seen[t]
         self.buffer = _Buffer()
         return report
 
@@ -627,6 +631,8 @@ class Aggregator:
                              list(meta["task_ids"]), meta.get("g_max", 0.0), kept,
                              {Plan.from_json(p): w for p, w in meta.get("plan_w", [])}, meta.get("paced", meta["count"]))
         agg.seen = dict(meta["seen"])
+        for t, base in agg.seen.items():
+            agg._seen_at.setdefault(base, []).append(t)
         agg.pace(meta.get("pacing", True))
         agg.norms = NormHistory(config.defence, meta.get("norms"))
         agg.dp_flushes, agg.dp_seed = meta.get("dp_flushes", 0), meta.get("dp_seed", agg.dp_seed)

@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS evaluations (version INTEGER PRIMARY KEY, val_loss RE
 """
 
 
+TAILS = 256  # (plan, settings) JSON parts remembered; a tier has one of each
+
+
 @dataclass(frozen=True)
 class Entry:
     task: Task
@@ -45,6 +48,7 @@ class Ledger:
         # ``reconcile`` restores what matters from it. This spares an fsync per request.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._tails: dict[tuple, str] = {}  # (plan, train settings) → their part of a task's row (``_body``)
 
     def issued(self, tasks: list[tuple[Task, str]]) -> None:
         """These (task, tier) were issued, in one transaction."""
@@ -77,7 +81,19 @@ class Ledger:
                                 [(tokens, loss, now, task_id) for task_id, tokens, loss in applied])
             self.db.executemany("INSERT OR IGNORE INTO tasks (id, client_id, tier, body, status, issued) "
                                 "VALUES (?, ?, ?, ?, 'open', ?)",
-                                [(t.task_id, t.client_id, tier, json.dumps(d), now) for t, tier, d in issued])
+                                [(t.task_id, t.client_id, tier, self._body(t, d), now) for t, tier, d in issued])
+
+    def _body(self, task: Task, record: dict) -> str:
+        """A task's row, ``record`` as JSON: the plan's and the training settings' part (most of
+        its text, and the same for every task of a tier) encoded once per (plan, settings) and
+        joined to the task's own fields. It reads back as the same record (``Task.from_dict``)."""
+        key = (task.plan, task.train)
+        tail = self._tails.get(key)
+        if tail is None:
+            if len(self._tails) >= TAILS:
+                self._tails.clear()
+            tail = self._tails[key] = f', "plan": {json.dumps(record["plan"])}, "train": {json.dumps(record["train"])}}}'
+        return json.dumps({k: v for k, v in record.items() if k not in ("plan", "train")})[:-1] + tail
 
     def lapsed(self, task_ids: list[str]) -> None:
         self.db.executemany("UPDATE tasks SET status = 'lapsed', closed = ? WHERE id = ? AND status = 'open'",

@@ -152,13 +152,18 @@ def step_bound(kind: str, lr: float, momentum: float, betas: tuple[float, float]
     return lr * (b1 * state_max.get("m", 0.0) + (1 - b1) * g_max) / eps
 
 
-def coordinatewise(values: torch.Tensor, rule: str, trim: float) -> tuple[torch.Tensor, torch.Tensor]:
+def coordinatewise(values: torch.Tensor, rule: str, trim: float, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``values``: (k, ...) with NaN where update i did not cover the element. Returns the
     rule's statistic per element (0 where nobody covered it) and the covering count n_j.
     In numpy: its sort (vectorised, NaN last) is several times faster than torch's or than a
-    partition for the short columns of a buffer, and it runs on one thread."""
+    partition for the short columns of a buffer, and it runs on one thread. ``overwrite``:
+    sort ``values`` in place (a caller's scratch copy) instead of a copy of them."""
     x = values.numpy()
-    ordered = np.sort(x, axis=0)  # NaN sorts last, so rank r < n_j is a real value
+    if overwrite:  # a column's NaN count is the same sorted
+        x.sort(axis=0)
+        ordered = x
+    else:
+        ordered = np.sort(x, axis=0)  # NaN sorts last, so rank r < n_j is a real value
     k = x.shape[0]
     if rule == "median" and k and not np.isnan(ordered[-1]).any():
         # Every update covered every element (a buffer of one plan): the middle ranks are the
@@ -205,7 +210,7 @@ def filter_passing(blocks: Iterable[np.ndarray], clips: np.ndarray, min_cosine: 
     for block in blocks:
         for c in range(0, block.shape[1], step):
             raw = block[:, c:c + step]
-            med = coordinatewise(torch.from_numpy(raw * clips[:, None]), "median", 0.0)[0].numpy()
+            med = coordinatewise(torch.from_numpy(raw * clips[:, None]), "median", 0.0, overwrite=True)[0].numpy()
             covered = ~np.isnan(raw)
             m = med.astype(np.float64)
             if covered.all():
