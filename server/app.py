@@ -119,7 +119,7 @@ async def task(request: web.Request) -> web.Response:
     wait = min(_int_query(request, "wait", 0), fed.fed.server.long_poll_s)
     deadline = time.monotonic() + wait
     while True:
-        t = fed.task(p, time.time())
+        t = await fed.task(p, time.time())
         if t is not None:
             return _msgpack({"task": t.to_dict(), "version": fed.coord.version})
         if time.monotonic() >= deadline:

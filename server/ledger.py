@@ -77,11 +77,13 @@ class Ledger:
         now = time.time()
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany("UPDATE tasks SET status = 'done', tokens = ?, loss = ?, closed = ? WHERE id = ?",
-                                [(tokens, loss, now, task_id) for task_id, tokens, loss in applied])
-            self.db.executemany("INSERT OR IGNORE INTO tasks (id, client_id, tier, body, status, issued) "
-                                "VALUES (?, ?, ?, ?, 'open', ?)",
-                                [(t.task_id, t.client_id, tier, self._body(t, d), now) for t, tier, d in issued])
+            if applied:
+                self.db.executemany("UPDATE tasks SET status = 'done', tokens = ?, loss = ?, closed = ? WHERE id = ?",
+                                    [(tokens, loss, now, task_id) for task_id, tokens, loss in applied])
+            if issued:
+                self.db.executemany("INSERT OR IGNORE INTO tasks (id, client_id, tier, body, status, issued) "
+                                    "VALUES (?, ?, ?, ?, 'open', ?)",
+                                    [(t.task_id, t.client_id, tier, self._body(t, d), now) for t, tier, d in issued])
 
     def _body(self, task: Task, record: dict) -> str:
         """A task's row, ``record`` as JSON: the plan's and the training settings' part (most of

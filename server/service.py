@@ -119,6 +119,7 @@ class Federation:
         self._decoders = ThreadPoolExecutor(DECODERS, thread_name_prefix="stamen-decode")
         self._committing: dict[str, asyncio.Future] = {}  # task id → its upload's commit, until applied
         self._applied: list[_Applied] = []  # the batch's updates applied, for the ledger, written per batch
+        self._issuing: list[tuple[Task, str, asyncio.Future]] = []  # polled tasks whose rows are next written
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="stamen-eval")
         self._scoring: asyncio.Future | None = None
         self._score_after = 0.0  # monotonic time before which no new scoring starts
@@ -151,7 +152,9 @@ class Federation:
             self.last_seen[p.client_id] = now
         return p
 
-    def task(self, p: Principal, now: float) -> Task | None:
+    async def task(self, p: Principal, now: float) -> Task | None:
+        """The client's task (a new one, or the one it holds), or None: none is free now. It is
+        answered only once its ledger row is written (``_issue``)."""
         if p.role == "admin":
             raise RequestError("an admin token does not train", 403)
         self._expire(now)
@@ -159,8 +162,33 @@ class Federation:
         task = self.coord.next_task(p.client_id, now)
         # A new task is written to the ledger; one held already was, unless that write failed.
         if task is not None and (task is not held or self.ledger.get(task.task_id) is None):
-            self.ledger.issued([(task, self.coord.assignment(p.client_id).tier)])
+            await self._issue(task)
         return task
+
+    def _issue(self, task: Task) -> asyncio.Future:
+        """Write ``task``'s ledger row with every other task issued in this step of the event
+        loop, in one transaction (``_write_issued``): a burst of polls (1,000 clients asking at
+        once) pays one commit, not one each. The future fails, and the poll with it, if the
+        write does."""
+        loop = asyncio.get_running_loop()
+        if not self._issuing:
+            loop.call_soon(self._write_issued)
+        done = loop.create_future()
+        self._issuing.append((task, self.coord.assignment(task.client_id).tier, done))
+        return done
+
+    def _write_issued(self) -> None:
+        batch, self._issuing = self._issuing, []
+        try:
+            self.ledger.issued([(task, tier) for task, tier, _ in batch])
+        except Exception as e:  # nothing of the batch was written: each of its polls fails
+            for *_, done in batch:
+                if not done.done():
+                    done.set_exception(e)
+            return
+        for *_, done in batch:
+            if not done.done():
+                done.set_result(None)
 
     def _expire(self, now: float) -> None:
         lapsed = self.coord.expire(now)
@@ -195,12 +223,12 @@ class Federation:
             if entry.status == "done":
                 if entry.task.client_id != p.client_id:
                     raise RequestError(f"task {task_id!r} belongs to another client", 403)
-                return self._duplicate(p, now, next_task)
+                return await self._duplicate(p, now, next_task)
             task = entry.task
         self._expire(now)
         try:
             if not self.coord.open(p.client_id, task):
-                return self._duplicate(p, now, next_task)
+                return await self._duplicate(p, now, next_task)
             if len(body) <= INLINE_DECODE_BYTES:
                 update, loss = self.coord.decode(task, body)
             else:
@@ -208,9 +236,9 @@ class Federation:
                     self._decoders, self.coord.decode, task, body)
             if task_id in self._committing:  # a re-send raced the first upload: answer as it is answered
                 await asyncio.shield(self._committing[task_id])
-                return self._duplicate(p, time.time(), next_task)
+                return await self._duplicate(p, time.time(), next_task)
             if not self.coord.open(p.client_id, task):
-                return self._duplicate(p, time.time(), next_task)
+                return await self._duplicate(p, time.time(), next_task)
             admitted = self.coord.judge(update, loss)
         except StaleUpdate:
             self.ledger.lapsed([task_id])  # the coordinator closed it: never mergeable now
@@ -225,10 +253,10 @@ class Federation:
         except (OSError, sqlite3.Error) as e:
             raise RequestError(f"the server could not store the update ({e}); send it again later", 503) from None
 
-    def _duplicate(self, p: Principal, now: float, next_task: bool) -> dict:
+    async def _duplicate(self, p: Principal, now: float, next_task: bool) -> dict:
         """The answer to a re-sent upload (its update was accepted already)."""
         answer = {"status": "duplicate", "version": self.coord.version}
-        task = self.task(p, now) if next_task else None
+        task = await self.task(p, now) if next_task else None
         if task is not None:
             answer["task"] = task.to_dict()
         return answer

@@ -71,7 +71,7 @@ async def _run_row(tmp, name, forge, data):
         answers = []
         for rnd in range(2):
             for i, me in enumerate(clients):
-                task = fed.task(me, 0.0)
+                task = await fed.task(me, 0.0)
                 delta, tokens = honest(fed, me, task, train, seed=100 * rnd + i + CONTROL_SEEDS.get(name, 0))
                 if rnd == 1 and i == 4 and forge is not None:
                     delta = forge(delta)

@@ -121,6 +121,23 @@ def test_an_upload_can_carry_the_next_task(server):
     assert status == 202 and plain["status"] == "accepted" and "task" not in plain
 
 
+def test_polls_at_once_each_get_a_task_written_before_the_answer(server):
+    """Polls that arrive together have their tasks' ledger rows written in one transaction:
+    each still gets its own task, and its row is in the ledger when the answer arrives."""
+    from concurrent.futures import ThreadPoolExecutor
+    url, state = server
+    join_token = create_token(state, "device")
+    tokens = [join(url, join_token) for _ in range(8)]  # within the join burst
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda c: call(url + "/v1/task?wait=1", token=c), tokens))
+    tasks = [Task.from_dict(a["task"]) for status, a in answers if status == 200]
+    assert len(tasks) == 8 and len({t.task_id for t in tasks}) == 8
+    db = sqlite3.connect(Path(state) / "tasks.db")
+    rows = [db.execute("SELECT status, body FROM tasks WHERE id = ?", (t.task_id,)).fetchone() for t in tasks]
+    db.close()
+    assert all(r is not None and r[0] == "open" and Task.from_dict(json.loads(r[1])) == t for r, t in zip(rows, tasks))
+
+
 def test_lapsed_task_is_refused(server):
     url, state = server
     c = join(url, create_token(state, "device"))
