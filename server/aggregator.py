@@ -74,7 +74,6 @@ triggered still read as a duplicate rather than as stale).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from collections.abc import Iterator
 from typing import Any
 
 import itertools
@@ -92,8 +91,8 @@ from stamen.core.plan import Model, Plan, full_plan, global_shapes
 from stamen.core.records import Update
 from stamen.server.outer import STATE, OuterConfig, direction_, init_state
 from stamen.server.privacy import PrivacyConfig, add_noise_, epsilon
-from stamen.server.robust import (FILTER_BLOCK, SAFE_MAX, DefenceConfig, NormHistory, coordinatewise, filter_passing, norm_of, square,
-                                  step_bound)
+from stamen.server.robust import SAFE_MAX, DefenceConfig, NormHistory, filter_passing, norm_of, square, step_bound
+from stamen.server.robust_matrix import coordinatewise_stats, filter_blocks, prefix_view
 
 
 COMBINE = ("mean", "add")
@@ -183,7 +182,7 @@ class _Layout:
 
     def views(self, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The plan's parts of global-shaped tensors (as S's views are of S)."""
-        return [full[n] if cut is None else _cut(full[n], *cut) for (n, _), cut in zip(self.parts, self.cuts)]
+        return [full[n] if cut is None else prefix_view(full[n], *cut) for (n, _), cut in zip(self.parts, self.cuts)]
 
 
 @dataclass
@@ -272,7 +271,7 @@ class Aggregator:
                 raise ValueError(f"{n}: plan {plan.name!r} keeps {runs}, not a prefix of each of {g} equal groups")
             parts.append((n, None if g == 1 else shapes[n][:dim] + (g, k) + shapes[n][dim + 1:]))
             cuts.append((dim, g, k))
-            S.append(_cut(self.S[n], dim, g, k))
+            S.append(prefix_view(self.S[n], dim, g, k))
             W.append(_wcut(self.W[n], (dim, g, k)))
         numel = sum(math.prod(shapes[n]) for n in names)
         at = torch.arange(self._w.size)  # each W element's place in the buffer, seen as W's views see it
@@ -481,16 +480,9 @@ class Aggregator:
         if d.rule == "filter":
             self._filter(kept, d.min_cosine)
             return
-        names = list(dict.fromkeys(n for u, _, _ in kept for n in u.delta))
-        values = {}
-        for n in names:  # (k, *shape), NaN where update i did not cover the element
-            values[n] = torch.full((len(kept), *self.S[n].shape), math.nan)
-        for i, (u, _, c) in enumerate(kept):
-            lay = self._layout(u.plan)
-            torch._foreach_copy_(lay.views({n: values[n][i] for n in u.delta}), lay.pieces(u.delta))
-            torch._foreach_mul_(lay.views({n: values[n][i] for n in u.delta}), c)
-        for n in names:
-            stat, _ = coordinatewise(values[n], d.rule, d.trim)
+        updates = [u for u, _, _ in kept]
+        layouts = [self._layout(u.plan) for u in updates]
+        for n, stat in coordinatewise_stats(updates, [c for _, _, c in kept], layouts, self.S, d.rule, d.trim):
             dim = self._wdim[n]
             W = self.W[n] if dim is None else _along(self.W[n], dim, stat.dim())
             self.S[n].copy_(stat * W.float())
@@ -498,11 +490,13 @@ class Aggregator:
     def _filter(self, kept: list[tuple[Update, float, float]], min_cosine: float) -> None:
         """The filter rule: S, W become the weighted sums of the kept updates that
         ``robust.filter_passing`` passes. Its median is taken only over the region some kept
-        update covered (``_filter_blocks``), not the whole model: per element the statistic is
-        the one a full-model matrix gives, at the cost of the covered region. A torch sort of K
-        copies of every whole tensor and a cosine per update had been 44% of the server's
-        event loop at 1,000 clients."""
-        passing = filter_passing(self._filter_blocks(kept), np.array([c for _, _, c in kept], np.float32), min_cosine)
+        update covered (``robust_matrix.filter_blocks``), not the whole model: per element the
+        statistic is the one a full-model matrix gives, at the cost of the covered region. A
+        torch sort of K copies of every whole tensor and a cosine per update had been 44% of the
+        server's event loop at 1,000 clients."""
+        updates = [u for u, _, _ in kept]
+        blocks = filter_blocks(updates, [self._layout(u.plan) for u in updates], self.S)
+        passing = filter_passing(blocks, np.array([c for _, _, c in kept], np.float32), min_cosine)
         if passing.all():  # S and W already hold exactly these sums, added in this order
             return
         names = list(dict.fromkeys(n for u, _, _ in kept for n in u.delta))
@@ -513,54 +507,6 @@ class Aggregator:
                 lay = self._layout(u.plan)
                 torch._foreach_add_(lay.S, lay.pieces(u.delta), alpha=w * c)
                 self._w[lay.windex] += w
-
-    def _filter_blocks(self, kept: list[tuple[Update, float, float]]) -> Iterator[np.ndarray]:
-        """The filter rule's (K, M) float32 matrix in column blocks, for ``robust.filter_passing``:
-        row i is update i over the union of the regions the kept updates cover, NaN where it did
-        not cover an element. Plans cut a tensor along the same dimension in the same groups, so
-        their regions nest and the union is the widest one's prefix (``_union``). Columns run
-        through the tensors in the model's order, each region in row-major order, so an update's
-        covered columns, in order, are its pieces flattened in order.
-
-        A block is a run of whole tensors of at most ``FILTER_BLOCK`` elements (a larger tensor
-        alone), filled only when it is taken: the matrix is never whole in memory (at K = 2,500
-        device updates of gpt-tiny it would be 2.2 GiB)."""
-        lays = [self._layout(u.plan) for u, _, _ in kept]
-        cuts = [dict(zip((n for n, _ in lay.parts), lay.cuts)) for lay in lays]
-        views = [dict(lay.parts) for lay in lays]  # a part's delta as its layout views it
-        names = [n for n in self.S if any(n in c for c in cuts)]
-        union = {n: _union([c[n] for c in cuts if n in c]) for n in names}
-        shapes = {n: (self.S[n] if union[n] is None else _cut(self.S[n], *union[n])).shape for n in names}
-        runs: list[list[str]] = []
-        room = 0
-        for n in names:
-            size = len(kept) * math.prod(shapes[n])
-            if not runs or size > room:
-                runs.append([])
-                room = FILTER_BLOCK
-            runs[-1].append(n)
-            room -= size
-        return (self._filter_block(kept, cuts, views, run, union, shapes) for run in runs)
-
-    @staticmethod
-    def _filter_block(kept: list[tuple[Update, float, float]], cuts: list[dict], views: list[dict],
-                      run: list[str], union: dict, shapes: dict) -> np.ndarray:
-        """The columns of tensors ``run`` of ``_filter_blocks``'s matrix."""
-        sizes = [math.prod(shapes[n]) for n in run]
-        raw = np.full((len(kept), sum(sizes)), np.nan, np.float32)
-        values = torch.from_numpy(raw)  # torch views of it, to place each update's pieces
-        region = {n: r.view(len(kept), *shapes[n]) for n, r in zip(run, values.split(sizes, dim=1))}
-        for i, ((u, _, _), cut, view) in enumerate(zip(kept, cuts, views)):
-            mine = [n for n in run if n in cut]
-            if len(mine) == len(run) and all(cut[n] == union[n] for n in run):  # it covers the whole row
-                if u.flat is not None and len(u.delta) == len(run) and all(map(str.__eq__, u.delta, run)):
-                    values[i].copy_(u.flat)  # the decoder's buffer is these tensors end to end, in this order
-                else:
-                    torch.cat([u.delta[n].reshape(-1) for n in run], out=values[i])  # a piece flattens as its delta
-            elif mine:
-                torch._foreach_copy_([_within(region[n][i], union[n], cut[n]) for n in mine],
-                                     [u.delta[n] if view[n] is None else u.delta[n].reshape(view[n]) for n in mine])
-        return raw
 
     def _divisor(self) -> dict[str, torch.Tensor]:
         """What a flush divides S by, per element: W for the mean; for "add", the largest
@@ -649,30 +595,6 @@ def versions_in_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     for v in sorted(meta["history"], reverse=True)[1:]:
         out[v] = {n: tensors.get(f"hist/{v}/{n}", t) for n, t in out[v + 1].items()}
     return out
-
-
-def _cut(t: torch.Tensor, dim: int, g: int, k: int) -> torch.Tensor:
-    """The prefix k of each of g equal groups along ``dim``, as one view."""
-    if g == 1:
-        return t.narrow(dim, 0, k)
-    return t.unflatten(dim, (g, t.shape[dim] // g)).narrow(dim + 1, 0, k)
-
-
-def _union(cuts: list[tuple[int, int, int] | None]) -> tuple[int, int, int] | None:
-    """The cut covering every one of ``cuts`` (one tensor's, from several plans): the widest
-    prefix, or the whole tensor (None) if one plan takes it whole."""
-    if any(c is None for c in cuts) or len({c[:2] for c in cuts}) > 1:
-        return None
-    return cuts[0][0], cuts[0][1], max(c[2] for c in cuts)
-
-
-def _within(region: torch.Tensor, union: tuple[int, int, int] | None, cut: tuple[int, int, int] | None) -> torch.Tensor:
-    """A plan's part (``cut``, shaped as ``_Layout.pieces`` shapes its delta) of a tensor's
-    ``union`` region (shaped as ``_cut`` shapes it)."""
-    if union is None:
-        return region if cut is None else _cut(region, *cut)
-    dim, g, _ = union
-    return region.narrow(dim if g == 1 else dim + 1, 0, cut[2])
 
 
 def _wcut(W: torch.Tensor, cut: tuple[int, int, int] | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from stamen.core.records import Update
 from stamen.server.aggregator import Aggregator, AggregatorConfig, BadUpdate
 from stamen.server.outer import OuterConfig
 from stamen.server.robust import DefenceConfig, coordinatewise
+from stamen.server.robust_matrix import filter_blocks
 
 CFG = PRESETS["gpt-tiny"]
 LN = Plan("ln", (0,), 1.0, ("ln_f.bias",))  # one vector of n_embd elements, sliced by no plan
@@ -183,7 +184,7 @@ def test_filter_over_unequal_plans_matches_a_full_model_oracle(block, monkeypatc
     split into 21-column slices): the same matrix, the same verdicts."""
     if block is not None:
         monkeypatch.setattr("stamen.server.robust.FILTER_BLOCK", block)
-        monkeypatch.setattr("stamen.server.aggregator.FILTER_BLOCK", block)
+        monkeypatch.setattr("stamen.server.robust_matrix.FILTER_BLOCK", block)
     from stamen.core.plan import tier_plans
     plans = tier_plans(CFG)
     mix = [plans["phone-low"], plans["phone-high"], plans["jetson"], plans["laptop"]] * 3
@@ -203,7 +204,7 @@ def test_filter_over_unequal_plans_matches_a_full_model_oracle(block, monkeypatc
     med = {n: coordinatewise(v, "median", 0.0)[0] for n, v in full.items()}
     S, W = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}, {n: torch.zeros_like(t, dtype=torch.float64) for n, t in w.items()}
     kept = 0
-    blocks = list(a._filter_blocks([(u, 1.0, 1.0) for u in ups]))
+    blocks = list(filter_blocks(ups, lays, a.S))
     assert (len(blocks) > 1) == (block is not None)
     raw = np.concatenate(blocks, axis=1)
     centres = coordinatewise(torch.from_numpy(raw), "median", 0.0)[0].numpy()
@@ -274,6 +275,7 @@ def test_filter_rows_read_from_the_decoders_buffer_are_the_tensors():
         assert np.array_equal(p.flat, torch.cat([t.reshape(-1) for t in p.tensors.values()]).numpy())
         ups.append(Update(f"t{i}", 0, plan, p.tensors, 100, flat=torch.from_numpy(p.flat)))
         plain.append(Update(f"t{i}", 0, plan, {n: t.clone() for n, t in p.tensors.items()}, 100))
-    got = np.concatenate(list(a._filter_blocks([(u, 1.0, 1.0) for u in ups])), axis=1)
-    want = np.concatenate(list(a._filter_blocks([(u, 1.0, 1.0) for u in plain])), axis=1)
+    lays = [a._layout(plan)] * len(ups)
+    got = np.concatenate(list(filter_blocks(ups, lays, a.S)), axis=1)
+    want = np.concatenate(list(filter_blocks(plain, lays, a.S)), axis=1)
     assert not np.isnan(got).any() and np.array_equal(got, want)
