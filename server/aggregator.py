@@ -85,14 +85,13 @@ import numpy as np
 import torch
 
 from stamen.core.errors import UserError
-from stamen.core.lora import LoraSpace
-from stamen.core.model import GPTConfig
-from stamen.core.plan import Model, Plan, full_plan, global_shapes
+from stamen.core.plan import Model, Plan, global_shapes
 from stamen.core.records import Update
+from stamen.server.layout import Layout, along, runs, wcut, weight_dims
 from stamen.server.outer import STATE, OuterConfig, direction_, init_state
 from stamen.server.privacy import PrivacyConfig, add_noise_, epsilon
 from stamen.server.robust import SAFE_MAX, DefenceConfig, NormHistory, filter_passing, norm_of, square, step_bound
-from stamen.server.robust_matrix import coordinatewise_stats, filter_blocks, prefix_view
+from stamen.server.robust_matrix import coordinatewise_stats, filter_blocks
 
 
 COMBINE = ("mean", "add")
@@ -161,30 +160,6 @@ class FlushReport:
     reason: str  # "k", "tokens" or "wait"
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """How one plan's delta lands in the buffer, built once per plan: one view of S per delta
-    tensor, and the elements of W it covers. A width cut keeps a prefix of each of g equal
-    groups along one dimension (g = 1 for MLP units, 3 for c_attn's q|k|v rows), so with that
-    dimension seen as (g, group) the kept part of S is a single strided view, and the delta,
-    seen as (g, prefix), lands in it with one add: the whole update is one fused
-    ``_foreach_add_``, and its weight one numpy add over ``windex``."""
-
-    shapes: dict[str, tuple[int, ...]]
-    parts: list[tuple[str, tuple[int, ...] | None]]  # (name, shape to view the delta as, or None: as is)
-    cuts: list[tuple[int, int, int] | None]  # per part: (dim, groups g, kept prefix k), None: whole
-    S: list[torch.Tensor]
-    numel: int
-    windex: np.ndarray  # the elements of the aggregator's W buffer the plan covers (its parts' W views)
-
-    def pieces(self, delta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [delta[n] if shape is None else delta[n].reshape(shape) for n, shape in self.parts]
-
-    def views(self, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The plan's parts of global-shaped tensors (as S's views are of S)."""
-        return [full[n] if cut is None else prefix_view(full[n], *cut) for (n, _), cut in zip(self.parts, self.cuts)]
-
-
 @dataclass
 class _Buffer:
     count: int = 0
@@ -208,10 +183,10 @@ class Aggregator:
         self._weights = {n: w.detach().clone() for n, w in weights.items()}
         self.opt_state = init_state(config.outer, self._weights)
         self.S = {n: torch.zeros_like(w) for n, w in self._weights.items()}
-        self._wdim = _weight_dims(cfg)
+        self._wdim = weight_dims(cfg)
         self._numel = sum(w.numel() for w in self._weights.values())
         # W's tensors are views of one float64 buffer, so an update's weight lands on every
-        # element its plan covers with one numpy add (``_Layout.windex``: a float64 add, the
+        # element its plan covers with one numpy add (``Layout.windex``: a float64 add, the
         # same number torch's gives) instead of a torch op per tensor
         wshapes = {n: (shapes[n][d],) if d is not None else () for n, d in self._wdim.items()}
         self._w = np.zeros(sum(math.prod(s) for s in wshapes.values()))
@@ -222,7 +197,7 @@ class Aggregator:
         self.seen: dict[str, int] = {}  # task id → base version, for ids a re-send could still reach
         self._seen_at: dict[int, list[str]] = {}  # base version → its ids in ``seen``: a flush forgets by base
         self.history: dict[int, dict[str, torch.Tensor]] = {version: self._weights}
-        self._plans: dict[Plan, _Layout] = {}
+        self._plans: dict[Plan, Layout] = {}
         self.norms = NormHistory(config.defence)
         # Scalar bounds on |θ_j| and on each optimizer state |k_j|, for the finite guard.
         self._theta_max = _max_abs(self._weights.values())
@@ -245,38 +220,10 @@ class Aggregator:
         return self.history[version]
 
     # --- admission --------------------------------------------------------------------------
-    def _layout(self, plan: Plan) -> _Layout:
+    def _layout(self, plan: Plan) -> Layout:
         lay = self._plans.get(plan)
-        if lay is not None:
-            return lay
-        sl, shapes, names = plan.slices(self.cfg), plan.shapes(self.cfg), plan.trainable(self.cfg)
-        parts: list[tuple[str, tuple[int, ...] | None]] = []
-        cuts: list[tuple[int, int, int] | None] = []
-        S: list[torch.Tensor] = []
-        W: list[torch.Tensor] = []
-        for n in names:
-            if sl[n] is None:
-                parts.append((n, None))
-                cuts.append(None)
-                S.append(self.S[n])
-                W.append(self.W[n])
-                continue
-            dim, pos = sl[n]
-            size = self.S[n].shape[dim]
-            kept = torch.zeros(size, dtype=torch.bool)
-            kept[pos] = True
-            runs = _runs(kept.numpy())
-            g, k = len(runs), runs[0][1] - runs[0][0]
-            if size % g or runs != [(i * (size // g), i * (size // g) + k) for i in range(g)]:
-                raise ValueError(f"{n}: plan {plan.name!r} keeps {runs}, not a prefix of each of {g} equal groups")
-            parts.append((n, None if g == 1 else shapes[n][:dim] + (g, k) + shapes[n][dim + 1:]))
-            cuts.append((dim, g, k))
-            S.append(prefix_view(self.S[n], dim, g, k))
-            W.append(_wcut(self.W[n], (dim, g, k)))
-        numel = sum(math.prod(shapes[n]) for n in names)
-        at = torch.arange(self._w.size)  # each W element's place in the buffer, seen as W's views see it
-        windex = torch.cat([at.as_strided(w.shape, w.stride(), w.storage_offset()).reshape(-1) for w in W]).numpy()
-        lay = self._plans[plan] = _Layout({n: shapes[n] for n in names}, parts, cuts, S, numel, windex)
+        if lay is None:
+            lay = self._plans[plan] = Layout.build(plan, self.cfg, self.S, self.W, self._w.size)
         return lay
 
     def measure(self, update: Update, squares: dict[str, float] | None = None) -> float:
@@ -484,7 +431,7 @@ class Aggregator:
         layouts = [self._layout(u.plan) for u in updates]
         for n, stat in coordinatewise_stats(updates, [c for _, _, c in kept], layouts, self.S, d.rule, d.trim):
             dim = self._wdim[n]
-            W = self.W[n] if dim is None else _along(self.W[n], dim, stat.dim())
+            W = self.W[n] if dim is None else along(self.W[n], dim, stat.dim())
             self.S[n].copy_(stat * W.float())
 
     def _filter(self, kept: list[tuple[Update, float, float]], min_cosine: float) -> None:
@@ -518,7 +465,7 @@ class Aggregator:
         for plan, w in self.buffer.plan_w.items():
             lay = self._layout(plan)
             for (n, _), cut in zip(lay.parts, lay.cuts):
-                _wcut(N[n], cut).clamp_(min=w)
+                wcut(N[n], cut).clamp_(min=w)
         return N
 
     def _covered(self, div: dict[str, torch.Tensor]) -> list[tuple[str, int | None, int, int, torch.Tensor]]:
@@ -532,7 +479,7 @@ class Aggregator:
                 if W.item() > 0:
                     out.append((n, None, 0, 0, div[n]))
             else:
-                out += [(n, dim, a, b, _along(div[n][a:b], dim, self.S[n].dim())) for a, b in _runs(W.numpy() > 0)]
+                out += [(n, dim, a, b, along(div[n][a:b], dim, self.S[n].dim())) for a, b in runs(W.numpy() > 0)]
         return out
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -597,14 +544,6 @@ def versions_in_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     return out
 
 
-def _wcut(W: torch.Tensor, cut: tuple[int, int, int] | None) -> torch.Tensor:
-    """A plan's part of a weight vector W along its sliced dimension (all of a scalar W)."""
-    if cut is None:
-        return W
-    _, g, k = cut
-    return W.view(g, W.shape[0] // g)[:, :k]
-
-
 def _norm_key(plan: Plan) -> str:
     """Whose norm history an update joins: its tier's plan (the name is the tier's, the hash
     the submodel's). Tiers do different work on the same submodel (a GPU node's 10 warm AdamW
@@ -615,35 +554,3 @@ def _norm_key(plan: Plan) -> str:
 
 def _max_abs(tensors) -> float:
     return max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """The maximal runs of True in a 1-d mask as (start, stop): [1 1 0 0 1] → [(0, 2), (4, 5)].
-    In numpy: a flush finds the runs of every sliced tensor's W, and torch's dispatch cost
-    several times numpy's on these short vectors; a mask all one way (most of a flush's: the
-    tensors no update covered, those covered whole) takes one or two calls."""
-    if not mask.any():
-        return []
-    if mask.all():
-        return [(0, mask.size)]
-    edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=np.int8(0), append=np.int8(0))).tolist()
-    return list(zip(edges[::2], edges[1::2]))
-
-
-def _along(v: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
-    """A 1-d tensor shaped to broadcast along dimension ``dim`` of an ``ndim``-d tensor."""
-    shape = [1] * ndim
-    shape[dim] = -1
-    return v.view(shape)
-
-
-def _weight_dims(cfg: Model) -> dict[str, int | None]:
-    """Per global tensor, the one dimension width cuts slice (None if none does), read off the
-    narrowest possible plan: every width plan slices the same dimension of a given tensor. In a
-    LoRA adapter, rank plans slice A's rows and B's columns."""
-    if isinstance(cfg, LoraSpace):
-        return dict(cfg.rank_dims)
-    if not isinstance(cfg, GPTConfig):
-        return {n: None for n in global_shapes(cfg)}
-    narrow = Plan("narrowest", full_plan(cfg).blocks, 1e-9)
-    return {n: (sl[0] if sl is not None else None) for n, sl in narrow.slices(cfg).items()}

@@ -3,7 +3,7 @@ puts it in the model's tensors, NaN where it did not cover an element, so a rule
 ``server.robust`` sees per element only the updates that trained it (the coverage rule).
 
 The aggregator keeps the K updates of a buffer under a robust rule and, at the flush, hands
-them here with their layouts (``Aggregator._layout``: how a plan's delta lands in the model's
+them here with their layouts (``server.layout``: how a plan's delta lands in the model's
 tensors) and the model's global-shaped tensors (read for their order and shapes only). For the
 coordinate-wise rules the matrix is one (K, *shape) stack per tensor (``coordinatewise_stats``);
 for the filter it is the (K, M) matrix over the region the plans covered, in column blocks
@@ -14,25 +14,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
 
 from stamen.core.records import Update
+from stamen.server.layout import Cut, Layout, prefix_view
 from stamen.server.robust import FILTER_BLOCK, coordinatewise
 
-Cut = tuple[int, int, int]  # (dim, groups g, kept prefix k) along one dimension of a tensor
 
-
-def prefix_view(t: torch.Tensor, dim: int, g: int, k: int) -> torch.Tensor:
-    """The prefix k of each of g equal groups along ``dim``, as one view."""
-    if g == 1:
-        return t.narrow(dim, 0, k)
-    return t.unflatten(dim, (g, t.shape[dim] // g)).narrow(dim + 1, 0, k)
-
-
-def coordinatewise_stats(updates: list[Update], clips: list[float], layouts: list[Any], model: dict[str, torch.Tensor],
+def coordinatewise_stats(updates: list[Update], clips: list[float], layouts: list[Layout], model: dict[str, torch.Tensor],
                          rule: str, trim: float) -> Iterator[tuple[str, torch.Tensor]]:
     """Per tensor some update trained, in the updates' order, the coordinate-wise ``rule``
     (``robust.coordinatewise``) over the clipped updates (update i times ``clips[i]``) that
@@ -49,7 +40,7 @@ def coordinatewise_stats(updates: list[Update], clips: list[float], layouts: lis
         yield n, coordinatewise(values[n], rule, trim)[0]
 
 
-def filter_blocks(updates: list[Update], layouts: list[Any], model: dict[str, torch.Tensor]) -> Iterator[np.ndarray]:
+def filter_blocks(updates: list[Update], layouts: list[Layout], model: dict[str, torch.Tensor]) -> Iterator[np.ndarray]:
     """The filter rule's (K, M) float32 matrix in column blocks, for ``robust.filter_passing``:
     row i is update i over the union of the regions the kept updates cover, NaN where it did
     not cover an element. Plans cut a tensor along the same dimension in the same groups, so
