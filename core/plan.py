@@ -209,27 +209,69 @@ class Plan:
         return masks
 
     def cost(self, cfg: Model, batch_size: int, seq_len: int) -> PlanCost:
-        """Training cost estimate. Memory: fp32 weights, grads and two AdamW moments for the
-        trainable tensors, and the activations backward keeps at batch x seq (per block: the
-        residual/LayerNorm streams, q|k|v, the attention output and probabilities, the MLP's
-        two hidden tensors; plus logits and their gradient). FLOPs: 2 per matmul weight
-        forward, 2 more for the input gradient, 2 more for a trainable weight's gradient,
-        and attention's 4·T·inner per block forward, x3 with backward (PaLM's 6N + 12LHQT
-        for the full model)."""
+        """Training cost estimate: what one step (forward + backward) of this plan computes and
+        holds, for the planner's fits (``server/scheduler.py``) and the simulator's virtual
+        compute time (``simulator/engine.py``).
+
+        Backward runs only from the loss down to the lowest trainable tensor: below it nothing
+        needs a gradient, so autograd builds no graph there (a frozen tensor's input does not
+        require grad) and the batched trainer (``simulator/batched.py``) likewise runs those
+        blocks forward only. Walking the submodel in forward order (embeddings; per block ln_1,
+        c_attn, attention, c_proj, ln_2, c_fc, c_proj; ln_f; the head), an op *has a
+        gradient* when a trainable tensor lies strictly below it: every op's input depends on
+        every tensor before it through the residual stream, so its input gradient is needed
+        exactly then.
+
+        FLOPs per token: 2 per matmul weight forward; 2 more for its input gradient where the
+        op has a gradient; 2 more for its weight gradient where that weight trains. Attention
+        (no weights) costs 4·T·inner forward (q·kᵀ and p·v at the full T, as PaLM counts it),
+        and twice that backward (four products) where it has a gradient. With everything
+        training this is PaLM's 6N + 12·L·inner·T; a window plan's frozen lower blocks cost
+        their forward only. ``torch.utils.flop_counter`` measures the same figure on the built
+        submodel (``tests/test_plan.py``).
+
+        Memory: fp32 weights, and grads and two AdamW moments for the trainable tensors; and
+        the activations backward keeps at batch x seq, for the blocks backward traverses (the
+        one holding the lowest trainable tensor and those above it; all of them where an
+        embedding trains): per block the residual/LayerNorm streams, q|k|v, the attention
+        output and probabilities (the ExecuTorch and ORT programs materialise them; torch's CPU
+        kernel keeps only their log-sum-exp), the MLP's two hidden tensors; plus the logits and
+        their gradient. A frozen block below keeps nothing, but its forward holds its own
+        intermediates while it runs, so at least one block's worth is counted. The per-token
+        terms bound what eager torch keeps (its saved tensors, measured in the test)."""
         sub, trainable = self.shapes(cfg), set(self.trainable(cfg))
         params = sum(math.prod(s) for s in sub.values())
         n_train = sum(math.prod(sub[n]) for n in trainable)
         if not isinstance(cfg, GPTConfig):  # no model of activations for a user module
             return PlanCost(params, n_train, 4 * (params + 3 * n_train), 6.0 * params)
-        d, a, m = cfg.n_embd, self.n_head(cfg) * cfg.head_dim, self.mlp_hidden(cfg)
-        matmuls = [n for n in sub if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight", "lm_head.weight"))]
-        matmuls.append("lm_head.weight" if "lm_head.weight" in sub else "wte.weight")  # the head's matmul
-        mm = sum(math.prod(sub[n]) for n in matmuls)
-        mm_train = sum(math.prod(sub[n]) for n in matmuls if n in trainable)
-        L = len(self.blocks)
-        flops = 4.0 * mm + 2.0 * mm_train + 12.0 * L * a * seq_len
-        per_token = L * (6 * d + 4 * a + 2 * m + self.n_head(cfg) * seq_len) + 3 * d + 2 * cfg.vocab_size
-        memory = 4 * (params + 3 * n_train + batch_size * seq_len * per_token)
+        d, a, m, T = cfg.n_embd, self.n_head(cfg) * cfg.head_dim, self.mlp_hidden(cfg), seq_len
+
+        ops = {n.rsplit(".", 1)[0] for n in trainable}  # the modules whose weight or bias trains
+        trains = ops.__contains__
+
+        def matmul(weight: str, grad: bool) -> float:  # forward, input gradient, weight gradient
+            return 2.0 * math.prod(sub[weight]) * (1 + grad + (weight in trainable))
+
+        grad = trains("wte") or trains("wpe")  # a trainable tensor lies below the current op
+        flops, kept = 0.0, 0
+        for b in self.blocks:
+            p = f"blocks.{b}."
+            grad |= trains(p + "ln_1")
+            kept += grad or any(o.startswith(p) for o in ops)  # backward reaches into this block
+            flops += matmul(p + "attn.c_attn.weight", grad)
+            grad |= trains(p + "attn.c_attn")
+            flops += 4.0 * T * a * (1 + 2 * grad)
+            flops += matmul(p + "attn.c_proj.weight", grad)
+            grad |= trains(p + "attn.c_proj") or trains(p + "ln_2")
+            flops += matmul(p + "mlp.c_fc.weight", grad)
+            grad |= trains(p + "mlp.c_fc")
+            flops += matmul(p + "mlp.c_proj.weight", grad)
+            grad |= trains(p + "mlp.c_proj")
+        grad |= trains("ln_f")
+        flops += matmul("lm_head.weight" if "lm_head.weight" in sub else "wte.weight", grad)  # the head
+        kept = max(kept, min(1, len(self.blocks)))
+        per_token = kept * (6 * d + 4 * a + 2 * m + self.n_head(cfg) * T) + 3 * d + 2 * cfg.vocab_size
+        memory = 4 * (params + 3 * n_train + batch_size * T * per_token)
         return PlanCost(params, n_train, memory, flops)
 
 

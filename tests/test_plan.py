@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, PRESETS, GPTConfig, ModelSpec, gpt_param_count, load_weights, weights
@@ -135,6 +137,75 @@ def test_full_model_flops_match_palm_formula():
     T, d, L = 64, CFG.n_embd, CFG.n_layer
     n_mm = L * (4 * d * d + 2 * d * CFG.mlp_hidden) + CFG.vocab_size * d
     assert full_plan(CFG).cost(CFG, 1, T).flops_per_token == 6 * n_mm + 12 * L * d * T
+
+
+UNTIED = GPTConfig(**{**CFG.__dict__, "tie_weights": False})
+COST_PLANS = [  # (config, plan): every kind of lowest trainable tensor, with and without width cuts
+    *((CFG, p) for p in tier_plans(CFG).values()),  # frozen embeddings: backward reaches block 0's ln_1
+    (CFG, window_plan(CFG, "w2", 2)), (CFG, window_plan(CFG, "w1", 1)),  # frozen lower blocks: forward only
+    *((CFG, p) for p in rotating_windows(CFG, "r", 2)),
+    (CFG, Plan("mlp", (0, 1, 3), 0.5, ("blocks.3.mlp.*",))),  # the lowest trainable tensor inside a block
+    (CFG, Plan("ln_f", (0, 1, 2, 3), 1.0, ("ln_f.*",))),  # no block has a gradient
+    (UNTIED, Plan("head", (0, 2), 1.0, ("lm_head.*",))), (UNTIED, full_plan(UNTIED)),
+]
+
+
+def _measured(cfg: GPTConfig, plan: Plan, B: int, T: int) -> tuple[float, int]:
+    """One training step of the plan's real submodel (requires_grad as the plan says): the
+    FLOPs torch's flop counter counts (matmuls; attention through the math kernel, which runs
+    its four products as the ExecuTorch and ORT programs do) and the bytes of the activations
+    autograd saves for backward (distinct storages, the weights excepted)."""
+    model = plan.build(cfg)
+    g = torch.Generator().manual_seed(0)
+    idx, tgt = (torch.randint(0, cfg.vocab_size, (B, T), generator=g) for _ in range(2))
+    weights_at = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights_at:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(idx, tgt)
+        if loss.requires_grad:
+            loss.backward()
+    return counter.get_total_flops() / (B * T), sum(saved.values())
+
+
+@pytest.mark.parametrize("cfg,plan", COST_PLANS, ids=[f"{c is UNTIED and 'untied-' or ''}{p.name}" for c, p in COST_PLANS])
+def test_cost_counts_what_training_the_plan_computes(cfg, plan):
+    """Oracle: torch.utils.flop_counter on a real forward + backward of the plan's submodel.
+    Backward stops at the lowest trainable tensor, so a window plan's frozen lower blocks cost
+    their forward only (and keep no activations), while frozen embeddings below block 0's
+    trainable ln_1 save nothing (every matmul still needs its input gradient)."""
+    B, T = 2, 32
+    flops, saved = _measured(cfg, plan, B, T)
+    c = plan.cost(cfg, B, T)
+    assert c.flops_per_token == flops
+    activations = c.memory_bytes - 4 * (c.params + 3 * c.trainable_params)
+    # Above what autograd saves, by less than twice it plus one block (a frozen block's forward
+    # intermediates, counted once) and the logits' gradients, which backward allocates.
+    d, a, H = cfg.n_embd, plan.n_head(cfg) * cfg.head_dim, plan.n_head(cfg)
+    block = 6 * d + 4 * a + 2 * plan.mlp_hidden(cfg) + H * T
+    assert saved <= activations <= 2 * saved + 4 * B * T * (block + 3 * d + 2 * cfg.vocab_size)
+
+
+def test_window_plans_cost_less_than_the_full_model():
+    """Independent count: the window plan's FLOPs per token by hand, from the shapes. Every
+    block forward (2 per matmul weight, attention 4·T·d), the window's blocks backward too
+    (input and weight gradients, attention x3), the head forward and input gradient (tied to
+    the frozen wte)."""
+    T, d, L, mh, V = 64, CFG.n_embd, CFG.n_layer, CFG.mlp_hidden, CFG.vocab_size
+    per_block = 4 * d * d + 2 * d * mh
+    for window in (1, 2, L):
+        want = 2 * L * per_block + 4 * L * d * T + window * (4 * per_block + 8 * d * T) + 4 * V * d
+        assert window_plan(CFG, "w", window).cost(CFG, 1, T).flops_per_token == want
+    full = full_plan(CFG).cost(CFG, 8, T)
+    top = window_plan(CFG, "w", 2).cost(CFG, 8, T)
+    assert top.flops_per_token < full.flops_per_token and top.memory_bytes < full.memory_bytes
 
 
 def test_user_module_has_only_the_full_plan():
