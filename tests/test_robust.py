@@ -243,6 +243,27 @@ def test_median_is_numpys_to_the_bit():
 
 
 
+def test_full_median_is_the_sorted_median_to_the_bit():
+    """``full_median`` (the filter's median when every update covered every column) skips the
+    sort of columns whose middle ranks are zeros: the same values as sorting every column, for
+    even and odd k, on sparse matrices (top-k-like: most of a column zero, some columns
+    mostly below or above 0, ties among the zeros at the middle ranks) and dense ones."""
+    from stamen.server.robust import full_median
+    gen = np.random.default_rng(3)
+    for k in (1, 2, 7, 50):
+        for keep in (0.03, 0.5, 1.0):
+            x = gen.standard_normal((k, 4000)).astype(np.float32)
+            x[gen.random((k, 4000)) >= keep] = 0
+            x[:, :40] = np.where(x[:, :40] != 0, -np.abs(x[:, :40]), 0)  # columns whose middle ranks are below 0
+            x[:, 40:80] = np.abs(x[:, 40:80])  # ... and above it
+            x[: k // 2, 80:120] = 0  # half zeros exactly at the middle
+            want = coordinatewise(torch.from_numpy(x.copy()), "median", 0.0)[0].numpy()
+            assert np.array_equal(full_median(x.copy()).view(np.int32), want.view(np.int32)), (k, keep)
+            x[:, 120:160] = -0.0  # a zero's sign is the one difference: equal values
+            want = coordinatewise(torch.from_numpy(x.copy()), "median", 0.0)[0].numpy()
+            assert np.array_equal(full_median(x.copy()), want), (k, keep)
+
+
 def test_norm_bound_reads_the_window_median_as_statistics_does():
     """The bound keeps each plan's window sorted as it slides (old norms leave, ties included)
     instead of sorting it per request: the same median, to the bit, as ``statistics.median``."""
