@@ -167,3 +167,18 @@ def test_a_released_task_closes_at_once_and_its_work_goes_to_the_next_poll(serve
     assert status == 410 and "closed" in reason
     again = Task.from_dict(call(url + "/v1/task?wait=1", token=a)[1]["task"])
     assert again.task_id != task.task_id
+
+
+def test_a_request_past_the_request_timeout_answers_408(tmp_path):
+    """The requests' timeouts are swept together (``app.Deadlines``), not a timer each: a long
+    poll that outlasts ``request_timeout_s`` still answers 408 with its reason (at most a sweep,
+    a quarter of the timeout here, late), and the server goes on answering."""
+    fed = "[server]\nrequest_timeout_s = 0.4\nlong_poll_s = 20.0\n[scheduler]\nmax_in_flight = 1\n"
+    with running_server(tmp_path, fed) as (url, state):
+        dev = create_token(state, "device")
+        a, b = join(url, dev), join(url, dev)
+        assert call(url + "/v1/task?wait=0", token=a)[0] == 200  # the one device task in flight
+        t0 = time.monotonic()
+        status, reason = call(url + "/v1/task?wait=20", token=b)  # no task frees: it would wait 20 s
+        assert status == 408 and "request timeout" in reason and time.monotonic() - t0 < 5
+        assert call(url + "/v1/task?wait=0", token=b)[0] == 204
