@@ -226,13 +226,15 @@ class Aggregator:
             lay = self._plans[plan] = Layout.build(plan, self.cfg, self.S, self.W, self._w.size)
         return lay
 
-    def measure(self, update: Update, squares: dict[str, float] | None = None) -> float:
+    def measure(self, update: Update, squares: dict[str, float] | None = None, shaped: bool = False) -> float:
         """Check an update's structure against its plan and return its norm: the part of the
         judgement that does not depend on the current version, and the only part that reads
         the update's values. Pure and thread-safe, so the server runs it on the decode worker;
         remembered per update object (weakly), so ``check`` and ``submit`` on the event loop
         do not read the update again. ``squares``: sums of squares of (some of) its float32
-        tensors that the decoder computed already (``robust.square`` of each). Raises BadUpdate."""
+        tensors that the decoder computed already (``robust.square`` of each); ``shaped``: the
+        decoder checked its tensors' names and shapes against the plan's manifest already
+        (``Coordinator.decode``), so they are not compared again. Raises BadUpdate."""
         key = id(update)
         known = self._measured.get(key)
         if known is not None and known[0]() is update:
@@ -240,10 +242,10 @@ class Aggregator:
         shapes = self._layout(update.plan).shapes
         if not shapes:
             raise BadUpdate(f"plan {update.plan.name!r} trains no tensor of this model")
-        if set(update.delta) != set(shapes):
+        if not shaped and set(update.delta) != set(shapes):
             missing, extra = sorted(set(shapes) - set(update.delta)), sorted(set(update.delta) - set(shapes))
             raise BadUpdate(f"delta tensors do not match plan {update.plan.name!r}: missing {missing[:3]}, extra {extra[:3]}")
-        for n, d in update.delta.items():
+        for n, d in () if shaped else update.delta.items():
             if d.shape != shapes[n]:
                 raise BadUpdate(f"{n}: shape {tuple(d.shape)} but plan {update.plan.name!r} needs {shapes[n]}")
             if not d.is_floating_point():

@@ -300,7 +300,9 @@ class Coordinator:
             flat = torch.from_numpy(payload.flat)
         update = Update(task.task_id, task.base_version, task.plan, delta, tokens, {} if loss is None else {"loss": loss},
                         flat)
-        self._agg.measure(update, payload.squares)  # the values' pass, here on the worker rather than in ``judge``
+        # the values' pass, here on the worker rather than in ``judge``; names and shapes were
+        # checked against the plan's manifest by the decode
+        self._agg.measure(update, payload.squares, shaped=True)
         return update, loss
 
     def judge(self, update: Update, loss: float | None = None) -> Admitted:
