@@ -131,3 +131,32 @@ def test_restart_survives_a_client_no_tier_fits(tmp_path):
         out = proc.startup + proc.communicate(timeout=60)[0]
     assert f"client {me['client_id']} no longer fits this federation" in out
     assert "Traceback" not in out and clients_in(state) == 0
+
+
+def test_a_revocation_is_seen_from_the_next_step_of_the_event_loop(tmp_path):
+    """On an event loop the server reads auth.db's data version once per step of the loop
+    (``Auth._read_version``): a revocation by another process is seen by every request whose
+    handler runs after it, i.e. from the next step on; without a loop, by every call."""
+    import asyncio
+
+    from stamen.server.auth import Auth, Unauthorized, revoke_token
+    join_token = create_token(tmp_path, "device", init=True)
+    auth = Auth(tmp_path)
+    _, token = auth.join(join_token, {"role": "device"}, time.time())
+    prefix = auth.tokens()[0].id
+
+    async def steps():
+        assert auth.principal(token).role == "device"
+        revoke_token(tmp_path, prefix)  # another connection, as `stamen token revoke` is
+        assert auth.principal(token).role == "device"  # the same step: read before the revocation
+        await asyncio.sleep(0)
+        with pytest.raises(Unauthorized):
+            auth.principal(token)
+
+    asyncio.run(steps())
+    _, again = Auth(tmp_path).join(create_token(tmp_path, "device"), {"role": "device"}, time.time())
+    assert auth.principal(again).role == "device"
+    revoke_token(tmp_path, [t for t in auth.tokens() if not t.revoked][0].id)
+    with pytest.raises(Unauthorized):  # no loop: read at every call
+        auth.principal(again)
+    auth.close()
