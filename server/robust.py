@@ -233,16 +233,16 @@ def filter_passing(blocks: Iterable[np.ndarray], clips: np.ndarray, min_cosine: 
         for c in range(0, block.shape[1], step):
             raw = block[:, c:c + step]
             covered = ~np.isnan(raw)
-            scaled = raw * clips[:, None]
             if covered.all():
-                m = full_median(scaled).astype(np.float64)
+                m = full_median(raw * clips[:, None]).astype(np.float64)
                 x = raw.astype(np.float64)
                 # every row's centre is the whole median: its sum, taken once (over two broadcast
                 # rows, which einsum sums exactly as it sums each of K)
                 centres = np.broadcast_to(m, (min(k, 2), m.size))
                 cc += np.einsum("ij,ij->i", centres, centres)[0]
             else:
-                m = coordinatewise(torch.from_numpy(scaled), "median", 0.0, overwrite=True)[0].numpy().astype(np.float64)
+                m = coordinatewise(torch.from_numpy(raw * clips[:, None]), "median", 0.0, overwrite=True)[0].numpy()
+                m = m.astype(np.float64)
                 x = np.where(covered, raw, 0).astype(np.float64)
                 centres = np.where(covered, m, 0)  # row i: the median over update i's elements
                 cc += np.einsum("ij,ij->i", centres, centres)
