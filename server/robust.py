@@ -198,7 +198,8 @@ def full_median(x: np.ndarray) -> np.ndarray:
     them had been most of a flush (K = 50 phone updates: ~80% of the filter's time)."""
     k = x.shape[0]
     lo, hi = (k - 1) // 2, k // 2
-    rest = np.flatnonzero((np.count_nonzero(x < 0, axis=0) > lo) | (np.count_nonzero(x <= 0, axis=0) <= hi))
+    count = np.uint16 if k < 1 << 16 else np.int64  # rows of bools summed in a narrow type: ~3x faster than count_nonzero
+    rest = np.flatnonzero(((x < 0).sum(0, dtype=count) > lo) | ((x <= 0).sum(0, dtype=count) <= hi))
     if 2 * rest.size > x.shape[1]:  # mostly real medians: one sort of the whole matrix
         x.sort(axis=0)
         return np.array(x[lo] if lo == hi else (x[lo] + x[hi]) / np.float32(2), dtype=np.float32)
