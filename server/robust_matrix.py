@@ -73,14 +73,21 @@ def _filter_block(updates: list[Update], cuts: list[dict], views: list[dict],
                   run: list[str], union: dict, shapes: dict) -> np.ndarray:
     """The columns of tensors ``run`` of ``filter_blocks``'s matrix."""
     sizes = [math.prod(shapes[n]) for n in run]
+    # the rows that are a decoder's buffer: the whole row's tensors, end to end in this order
+    flat = [u.flat is not None and len(u.delta) == len(run) and all(map(str.__eq__, u.delta, run))
+            and all(cut.get(n, False) == union[n] for n in run) for u, cut in zip(updates, cuts)]
+    if all(flat):  # one stack of them instead of a NaN fill and a copy per row
+        raw = np.empty((len(updates), sum(sizes)), np.float32)
+        torch.stack([u.flat for u in updates], out=torch.from_numpy(raw))
+        return raw
     raw = np.full((len(updates), sum(sizes)), np.nan, np.float32)
     values = torch.from_numpy(raw)  # torch views of it, to place each update's pieces
     region = {n: r.view(len(updates), *shapes[n]) for n, r in zip(run, values.split(sizes, dim=1))}
     for i, (u, cut, view) in enumerate(zip(updates, cuts, views)):
         mine = [n for n in run if n in cut]
         if len(mine) == len(run) and all(cut[n] == union[n] for n in run):  # it covers the whole row
-            if u.flat is not None and len(u.delta) == len(run) and all(map(str.__eq__, u.delta, run)):
-                values[i].copy_(u.flat)  # the decoder's buffer is these tensors end to end, in this order
+            if flat[i]:
+                values[i].copy_(u.flat)
             else:
                 torch.cat([u.delta[n].reshape(-1) for n in run], out=values[i])  # a piece flattens as its delta
         elif mine:
