@@ -75,6 +75,9 @@ class Clock:
         return out
 
 
+PROBE_FLOPS = 2 * 2 * 1024**3  # one matmul_probe: two products of 1024x1024 matrices
+
+
 def matmul_probe(a: torch.Tensor, b: torch.Tensor, count: int = 2) -> None:
     """``count`` products of the probe's matrices: only the matmuls are timed (drawing two
     fresh 1024x1024 random matrices inside the clock cost a fifth of the probe's time and
@@ -105,7 +108,7 @@ def stamen_rate(work: Workload, base: dict, group: int) -> dict:
     for first in range(0, work.devices, group):
         ids = range(first, min(first + group, work.devices))
         deltas.update(train.time(lambda: updates(model, work, base, ids), len(ids) * work.flops_per_update()))
-        floor.time(lambda: matmul_probe(a, b), 2 * 2 * 1024**3)
+        floor.time(lambda: matmul_probe(a, b), PROBE_FLOPS)
     return {"updates_per_s": work.devices / train.wall,
             "floor_updates_per_s": floor.flops / floor.wall / work.flops_per_update(),
             "floor_fraction": train.flops * floor.wall / (train.wall * floor.flops),

@@ -30,6 +30,7 @@ from types import ModuleType
 
 import torch
 
+from simulator import PROBE_FLOPS, matmul_probe  # bench/simulator.py's floor (bench/ is on sys.path when run)
 from stamen.simulator import batched
 from stamen.simulator.flower_baseline import Workload
 
@@ -85,11 +86,10 @@ def main() -> None:
                 cpu[name] += time.thread_time() - start
                 trained[name] = result.weights
             start = time.thread_time()
-            a @ b
-            a @ b
+            matmul_probe(a, b)
             probe += time.thread_time() - start
             diff = max(diff, max((trained["old"][n] - trained["new"][n]).abs().max().item() for n in trained["old"]))
-    rate = 2 * 2 * 1024**3 * args.groups / probe
+    rate = PROBE_FLOPS * args.groups / probe
     flops = work.flops_per_update() * args.group * args.groups
     print(json.dumps({
         "old": args.old, "groups": args.groups, "group": args.group,
