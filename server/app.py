@@ -34,6 +34,7 @@ from aiohttp import web
 from threadpoolctl import threadpool_limits
 
 from stamen.core.errors import UserError
+from stamen.core.wire import packb
 from stamen.server.bundles import BundlePublisher
 from stamen.server.config import FederationConfig, load_config
 from stamen.server.metrics import render
@@ -54,7 +55,7 @@ GC_GEN0 = 100_000  # net new tracked objects between the collector's young-gener
 
 
 def _msgpack(obj, status: int = 200) -> web.Response:
-    return web.Response(body=msgpack.packb(obj), status=status, content_type="application/msgpack")
+    return web.Response(body=packb(obj), status=status, content_type="application/msgpack")
 
 
 def _error(status: int, reason: str) -> web.Response:
