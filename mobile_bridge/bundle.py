@@ -79,13 +79,21 @@ def publish_bundle(spec: ModelSpec, plan: Plan | LoraPlan, runtime: str, bundles
                          cache_dir, lora=lora)
 
 
+def cache_folder(spec: ModelSpec, plan: Plan | LoraPlan, runtime: str, batch_size: int = 8, seq_len: int = 64,
+                 cache_dir: str | Path | None = None, xnnpack: bool = True, lora: dict | None = None) -> Path:
+    """Where the cache keeps this key's bundle, whether or not it is there yet: a folder
+    appears there only whole (``cached_bundle`` renames a finished export into place)."""
+    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
+    return root / (bundle_key(spec, plan, runtime, batch_size, seq_len, lora)
+                   + (f"-{XNNPACK_KEY}" if xnnpack and runtime == "executorch" else ""))
+
+
 def cached_bundle(spec: ModelSpec, plan: Plan | LoraPlan, runtime: str, batch_size: int = 8, seq_len: int = 64,
                   cache_dir: str | Path | None = None, xnnpack: bool = True, lora: dict | None = None) -> Path:
     """The cache's bundle folder for this key, exported now if absent or failing verification.
     Exports go to a temporary folder renamed into place, so a crash leaves no half bundle."""
-    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    key = bundle_key(spec, plan, runtime, batch_size, seq_len, lora) + (f"-{XNNPACK_KEY}" if xnnpack and runtime == "executorch" else "")
-    folder = root / key
+    folder = cache_folder(spec, plan, runtime, batch_size, seq_len, cache_dir, xnnpack, lora)
+    root, key = folder.parent, folder.name
     if folder.is_dir():
         try:
             read_bundle(folder, spec.hash, plan.hash, runtime)

@@ -16,6 +16,7 @@ from stamen.server.auth import create_token
 SPEC = ModelSpec("gpt-tiny")
 CFG = PRESETS["gpt-tiny"]
 PLAN = tier_plans(CFG)["phone-high"]  # what a device declaring 8 MiB gets at batch 8 x seq 64
+EXPORTS = [dict(spec=SPEC, plan=PLAN, runtime=r, batch_size=8, seq_len=64) for r in ("ort", "executorch")]  # conftest.py
 FED = """
 [training]
 seq_len = 64

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-import federation_procs
 from federation_procs import start_server, stdlib_folders
 from stamen.core.errors import UserError
-from stamen.core.model import PRESETS
+from stamen.core.model import PRESETS, ModelSpec
 from stamen.core.plan import tier_plans
 from stamen.core.records import Capabilities
 from stamen.edge_client.bundle_runtime import available_runtimes
@@ -23,6 +22,8 @@ from stamen.server.scheduler import Scheduler
 
 CFG = PRESETS["gpt-tiny"]
 PLAN = tier_plans(CFG)["phone-high"]  # what 8 MiB gets at batch 8 x the default seq_len 64
+EXPORTS = [dict(spec=ModelSpec("gpt-tiny"), plan=PLAN, runtime=r, batch_size=8, seq_len=64)  # what the server publishes
+           for r in ("ort", "executorch")]  # made ahead: conftest.py
 MiB = 2**20
 FED = """
 [aggregation]
@@ -35,15 +36,13 @@ batch_size = 8
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory, export_cache):
-    """A server and two data folders. The server's export cache is the session's: the programs
-    are test_bundle_device's (phone-high at 8 x 64), exported once; test_server_bundles is the
-    one that has a server really export on first need."""
+def federation(tmp_path_factory):
+    """A server and two data folders. The server's export cache is the session's (conftest.py):
+    the programs are test_bundle_device's (phone-high at 8 x 64), exported once, ahead;
+    test_server_bundles is the one that has a server really export on first need."""
     root = tmp_path_factory.mktemp("runtimes")
     (root / "fed.toml").write_text(FED)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(federation_procs.ENV, "STAMEN_CACHE", str(export_cache.parent))
-        proc, url = start_server(root / "state", root / "fed.toml")
+    proc, url = start_server(root / "state", root / "fed.toml")
     yield root, url, stdlib_folders(root, [["json"], ["email"]])
     proc.terminate()
     proc.communicate(timeout=60)

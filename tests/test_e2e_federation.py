@@ -12,8 +12,8 @@ import torch
 from federation_procs import free_port, start_client, start_server, stdlib_folders
 from stamen.compression.codecs import decode
 from stamen.core.data import Shard, folder_corpus
-from stamen.core.model import GPT, PRESETS, load_weights
-from stamen.core.plan import full_plan
+from stamen.core.model import GPT, PRESETS, ModelSpec, load_weights
+from stamen.core.plan import full_plan, tier_plans
 from stamen.core.train import evaluate
 from stamen.server.auth import create_token
 from stamen.server.store import Store
@@ -23,6 +23,8 @@ MiB = 2**20
 # Memory that fits exactly one device tier each at batch 8 x seq 64 (phone-low 2.9, phone-high
 # 5.7, laptop 10.0, jetson 15.5 MiB): three devices, three different plans.
 DEVICE_MEMORY = {"phone-low": 4 * MiB, "phone-high": 8 * MiB, "laptop": 12 * MiB}
+# The devices train on ORT (on CPU the edge client's first runtime), from the bundles the server publishes.
+EXPORTS = [dict(spec=ModelSpec("gpt-tiny"), plan=tier_plans(CFG)[tier], runtime="ort") for tier in DEVICE_MEMORY]
 FED = """
 [aggregation]
 buffer_k = 3

@@ -32,6 +32,8 @@ PLANS = {  # plan, batch, seq, ExecuTorch with XNNPACK
     "bottom": (rotating_windows(CFG, "rotate", 2)[0], 4, 32, True),
 }
 RUNTIMES = {"ort": OrtRuntime, "executorch": ExecuTorchRuntime}
+EXPORTS = [dict(spec=SPEC, plan=plan, runtime=r, batch_size=b, seq_len=t, xnnpack=xnnpack)  # made ahead: conftest.py
+           for plan, b, t, xnnpack in PLANS.values() for r in RUNTIMES]
 CASES = [pytest.param(p, r, id=f"{p}-{r}" + ("" if r == "ort" else "-xnnpack" if PLANS[p][3] else "-portable"))
          for p in PLANS for r in RUNTIMES]
 SGD = TrainConfig(optimizer="sgd", lr=0.5, warmup_steps=5, total_steps=STEPS, grad_clip=1.0)
