@@ -212,14 +212,19 @@ def _check_depth(obj, max_depth: int) -> None:
         level, depth = below, depth + 1
 
 
+def _unpacker(data: bytes, limits: Limits) -> msgpack.Unpacker:
+    """A msgpack reader over ``data`` with the frame's length limits."""
+    return msgpack.Unpacker(io.BytesIO(data), raw=False, strict_map_key=True,
+                            max_buffer_size=len(data) or 1, max_str_len=limits.max_len,
+                            max_array_len=limits.max_len, max_map_len=limits.max_len,
+                            max_bin_len=limits.max_len, max_ext_len=0)
+
+
 def _unpack(data: bytes, limits: Limits) -> tuple[dict, memoryview]:
     """The header, checked, and the body bytes after it."""
     if len(data) > limits.max_compressed_bytes:
         raise FrameTooLarge(f"frame of {len(data)} bytes exceeds max_compressed_bytes={limits.max_compressed_bytes}")
-    unpacker = msgpack.Unpacker(io.BytesIO(data), raw=False, strict_map_key=True,
-                                max_buffer_size=len(data) or 1, max_str_len=limits.max_len,
-                                max_array_len=limits.max_len, max_map_len=limits.max_len,
-                                max_bin_len=limits.max_len, max_ext_len=0)
+    unpacker = _unpacker(data, limits)
     try:
         head = unpacker.unpack()
     except msgpack.StackError:
@@ -235,6 +240,12 @@ def _unpack(data: bytes, limits: Limits) -> tuple[dict, memoryview]:
     if not isinstance(head, dict) or set(head) != HEADER_KEYS:
         _check_depth(head, limits.max_depth)
         raise MalformedFrame(f"header must hold exactly the keys {sorted(HEADER_KEYS)}")
+    return head, _checked(head, data, unpacker.tell(), limits)
+
+
+def _checked(head: dict, data: bytes, end: int, limits: Limits) -> memoryview:
+    """The checks of a header holding exactly ``HEADER_KEYS``, whose bytes end at ``end``; the
+    body bytes after it."""
     # The tensor entries are checked one scalar at a time at their fixed depth by
     # ``_parse_header``, which walks their depth only when one is malformed: walking their ~80
     # small lists on every update was a tenth of its decode.
@@ -245,12 +256,46 @@ def _unpack(data: bytes, limits: Limits) -> tuple[dict, memoryview]:
             and isinstance(head["meta"], dict) and isinstance(head["tensors"], list)
             and isinstance(head["zstd"], bool) and isinstance(head["body_bytes"], int)):
         raise MalformedFrame("header field of the wrong type")
-    body = memoryview(data)[unpacker.tell():]
+    body = memoryview(data)[end:]
     if len(body) < head["body_bytes"]:
         raise TruncatedFrame(f"body holds {len(body)} bytes, the header declares {head['body_bytes']}")
     if len(body) > head["body_bytes"]:
         raise MalformedFrame(f"{len(body) - head['body_bytes']} trailing bytes after the body")
-    return head, body
+    return body
+
+
+def _known_table(data: bytes, limits: Limits) -> tuple[dict, Table, int] | bytes | None:
+    """The header read without its tensor entries, when their bytes are a table checked before
+    (``_raw_tables``): (the header, its ``tensors`` the entries as a list, the table, where the
+    header ends). Every upload of a plan declares the same entries, and unpacking their ~100
+    small objects and re-packing them to find the table (``_table``) cost more than the rest of
+    the header. Anything else, including any error, is left to ``_unpack`` (the one place a bad
+    header gets its error), and the answer is the entries' bytes when found, else None."""
+    if len(data) > limits.max_compressed_bytes:
+        return None
+    unpacker, entries = _unpacker(data, limits), None
+    try:
+        if unpacker.read_map_header() != len(HEADER_KEYS):
+            return None
+        head = {}
+        for _ in HEADER_KEYS:
+            key = unpacker.unpack()
+            if key == "tensors" and entries is None:
+                start = unpacker.tell()
+                unpacker.skip()
+                entries = bytes(data[start:unpacker.tell()])
+                head[key] = None
+            else:
+                head[key] = unpacker.unpack()
+    except Exception:  # whatever it is, ``_unpack`` says it
+        return None
+    if set(head) != HEADER_KEYS or entries is None:
+        return None
+    known = _raw_tables.get((entries, limits))
+    if known is None:
+        return entries
+    head["tensors"] = known[1]
+    return head, known[0], unpacker.tell()
 
 
 def _parse_header(entries: list, limits: Limits) -> list[tuple[str, str, tuple[int, ...], list[tuple[str, int]]]]:
@@ -291,6 +336,9 @@ def _parse_header(entries: list, limits: Limits) -> list[tuple[str, str, tuple[i
 
 
 _tables: dict[tuple[bytes, Limits], Table] = {}
+# a checked table by the bytes of its entries as a frame sent them (``_known_table``), with the
+# entries as parsed from those bytes
+_raw_tables: dict[tuple[bytes, Limits], tuple[Table, list]] = {}
 _zstd = threading.local()  # a decompressor per thread (one costs more to make than a phone's body to inflate)
 _packers = threading.local()
 
@@ -360,9 +408,18 @@ def read_frame(data: bytes, limits: Limits = Limits()) -> tuple[dict, Table, byt
     """Parse and check a frame: its header, its checked tensor table (one object per distinct
     table, ``_table``) and its body's bytes, inflated, where the table's part offsets point.
     A decoder that knows the table (``compression.codecs.decode``) reads the parts from the
-    body in a few whole-body operations instead of one array per part."""
+    body in a few whole-body operations instead of one array per part. A header whose entries'
+    bytes passed as a table before is read without unpacking them (``_known_table``)."""
+    known = _known_table(data, limits)
+    if isinstance(known, tuple):
+        head, table, end = known
+        return head, table, _read_body(head, _checked(head, data, end, limits), table.size, limits)
     head, raw = _unpack(data, limits)
     table = _table(head["tensors"], limits)
+    if known is not None:  # the entries' bytes, now a checked table
+        if len(_raw_tables) >= TABLES:
+            _raw_tables.clear()
+        _raw_tables[(known, limits)] = (table, head["tensors"])
     return head, table, _read_body(head, raw, table.size, limits)
 
 

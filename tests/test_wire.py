@@ -86,6 +86,45 @@ def test_trailing_bytes_and_corrupt_zstd_are_malformed():
         decode(msgpack.packb({"format": 1}))
 
 
+def test_a_known_table_changes_no_verdict(monkeypatch):
+    """A frame whose tensor entries are a table checked before skips their unpack
+    (``wire._known_table``); every other part is checked as ever, with the same error as for a
+    table seen for the first time, and a good frame decodes to the same values."""
+    nested = 1
+    for _ in range(20):
+        nested = [nested]
+    data = encode({"w": torch.arange(10.0), "v": torch.ones(3)}, "int8(block=4)+zstd(1)")
+    head, n = msgpack.Unpacker(), len(data)
+    head.feed(data)
+    header = head.unpack()
+    body = data[head.tell():]
+
+    def variant(**changes) -> bytes:
+        return msgpack.packb({**header, **changes}) + body
+
+    frames = [data, data + b"x", data[:-1], variant(format=2), variant(kind=3), variant(meta={"x": nested}),
+              variant(meta={"x": list(range(101))}), variant(body_bytes=n), msgpack.packb({**header, "extra": 1}) + body,
+              msgpack.packb({**header, "zstd": None}) + body, variant(codec="nope")]
+
+    def verdicts(limits: Limits) -> list:
+        out = []
+        for f in frames:
+            try:
+                out.append({k: t.tolist() for k, t in decode(f, limits).tensors.items()})
+            except wire.WireError as e:
+                out.append((type(e), str(e)))
+        return out
+
+    for limits in (Limits(), Limits(max_len=100)):
+        decode(data, limits)  # the table is known from here on
+        known = verdicts(limits)
+        monkeypatch.setattr(wire, "_raw_tables", {})
+        monkeypatch.setattr(wire, "_known_table", lambda data, limits: None)
+        assert verdicts(limits) == known
+        monkeypatch.undo()
+    assert isinstance(known[0], dict) and all(isinstance(v, tuple) for v in known[1:])
+
+
 def test_wrong_format_version():
     with pytest.raises(wire.UnsupportedVersion, match="format version 2"):
         decode(frame(GOOD_BODY, format=2))
