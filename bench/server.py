@@ -1,8 +1,8 @@
 """How many device updates per second one stamen server takes over HTTP, against the I/O floor.
 
 Starts a real server process on loopback (gpt-tiny), then N concurrent device clients in this
-process, each doing join once and then cycles of uploads with real phone-low updates (the
-plan's trainable slices, encoded with the tier's codec). A client asks for its first task
+process, each doing join once and then cycles of uploads with a real phone-low update of its own (a
+random delta of the plan's trainable slices, encoded with the tier's codec). A client asks for its first task
 (``GET /v1/task``) and then takes each next one from its upload's answer (``?next=1``), as the
 edge client does, so a steady client makes one request per update; it asks again only when an
 answer carried no task. In the same run the same clients drive the floor: a bare aiohttp process
@@ -164,15 +164,23 @@ async def join(http: aiohttp.ClientSession, url: str, join_token: str) -> dict:
         return msgpack.unpackb(await r.read())
 
 
-def payload_for(me: dict, config: Path) -> bytes:
-    """A real update for the client's plan, encoded with its tier's codec (made once, outside
-    the timed phase: the bench measures the server, not the client's encoder)."""
+def payloads_for(me: dict, config: Path, n: int) -> list[bytes]:
+    """``n`` real updates for the client's plan, one per client, each its own random delta
+    encoded with the tier's codec (made outside the timed phase: the bench measures the server,
+    not the client's encoder). Distinct deltas matter: a top-k codec keeps different coordinates
+    for each, as real devices' updates do, so the server's filter and apply see a realistic
+    spread of columns (with one payload for every client, 1,236 of the filter matrix's 12,912
+    columns held a non-zero)."""
     plan = Plan.from_dict(me["plan"])
     shapes = plan.shapes(CFG)
-    g = torch.Generator().manual_seed(0)
-    delta = {n: torch.randn(shapes[n], generator=g) * 1e-3 for n in plan.trainable(CFG)}
-    tier = load_config(config).tiers[me["tier"]]
-    return encode(delta, tier.codec, meta={"tokens": tier.batch_size * load_config(config).training.seq_len})
+    fed = load_config(config)
+    tier = fed.tiers[me["tier"]]
+    payloads = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        delta = {name: torch.randn(shapes[name], generator=g) * 1e-3 for name in plan.trainable(CFG)}
+        payloads.append(encode(delta, tier.codec, meta={"tokens": tier.batch_size * fed.training.seq_len}))
+    return payloads
 
 
 async def device(http: aiohttp.ClientSession, url: str, token: str, cycles: int, payload: bytes,
@@ -192,13 +200,14 @@ async def device(http: aiohttp.ClientSession, url: str, token: str, cycles: int,
         task_id = msgpack.unpackb(body).get("task", {}).get("task_id") if status == 202 else None
 
 
-async def drive(url: str, tokens: list[str], cycles: int, payload: bytes) -> tuple[float, Stats]:
+async def drive(url: str, tokens: list[str], cycles: int, payloads: list[bytes]) -> tuple[float, Stats]:
     """N clients through ``cycles`` uploads each: (updates per second, stats)."""
     stats = Stats()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=300)) as http:
         t0 = time.perf_counter()
-        await asyncio.gather(*(device(http, url, token, cycles, payload, stats) for token in tokens))
+        await asyncio.gather(*(device(http, url, token, cycles, payload, stats)
+                               for token, payload in zip(tokens, payloads)))
         wall = time.perf_counter() - t0
     return stats.updates / wall, stats
 
@@ -206,11 +215,11 @@ async def drive(url: str, tokens: list[str], cycles: int, payload: bytes) -> tup
 async def run(url: str, floor: str, join_token: str, n: int, cycles: int, config: Path, pid: int) -> dict:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         joined = await asyncio.gather(*(join(http, url, join_token) for _ in range(n)))
-    payload = payload_for(joined[0], config)  # every client declares the same memory: one plan
+    payloads = payloads_for(joined[0], config, n)  # every client declares the same memory: one plan
     cpu0 = cpu_seconds(pid)
-    rate, stats = await drive(url, [me["token"] for me in joined], cycles, payload)
+    rate, stats = await drive(url, [me["token"] for me in joined], cycles, payloads)
     cpu1 = cpu_seconds(pid)
-    floor_rate, _ = await drive(floor, ["floor"] * n, cycles, payload)
+    floor_rate, _ = await drive(floor, ["floor"] * n, cycles, payloads)
     lat = np.array(stats.latencies) * 1000
     return {"clients": n, "updates_per_s": round(rate, 1), "floor_updates_per_s": round(floor_rate, 1),
             "ratio": round(rate / floor_rate, 3),
