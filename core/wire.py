@@ -266,7 +266,7 @@ def _checked(head: dict, data: bytes, end: int, limits: Limits) -> memoryview:
 
 def _known_table(data: bytes, limits: Limits) -> tuple[dict, Table, int] | bytes | None:
     """The header read without its tensor entries, when their bytes are a table checked before
-    (``_raw_tables``): (the header, its ``tensors`` the entries as a list, the table, where the
+    (``_tables``): (the header, its ``tensors`` the entries as a list, the table, where the
     header ends). Every upload of a plan declares the same entries, and unpacking their ~100
     small objects and re-packing them to find the table (``_table``) cost more than the rest of
     the header. Anything else, including any error, is left to ``_unpack`` (the one place a bad
@@ -291,7 +291,7 @@ def _known_table(data: bytes, limits: Limits) -> tuple[dict, Table, int] | bytes
         return None
     if set(head) != HEADER_KEYS or entries is None:
         return None
-    known = _raw_tables.get((entries, limits))
+    known = _tables.get((entries, limits))
     if known is None:
         return entries
     head["tensors"] = known[1]
@@ -335,10 +335,9 @@ def _parse_header(entries: list, limits: Limits) -> list[tuple[str, str, tuple[i
     return out
 
 
-_tables: dict[tuple[bytes, Limits], Table] = {}
-# a checked table by the bytes of its entries as a frame sent them (``_known_table``), with the
-# entries as parsed from those bytes
-_raw_tables: dict[tuple[bytes, Limits], tuple[Table, list]] = {}
+# a checked table by the bytes of its entries as a frame sent them, with the entries as parsed
+# from those bytes (``_table``, ``_known_table``)
+_tables: dict[tuple[bytes, Limits], tuple[Table, list]] = {}
 _zstd = threading.local()  # a decompressor per thread (one costs more to make than a phone's body to inflate)
 _packers = threading.local()
 
@@ -355,12 +354,12 @@ def packb(obj) -> bytes:
     return packer.pack(obj)
 
 
-def _table(entries: list, limits: Limits) -> Table:
-    """``_parse_header``'s verdict on a tensor table, remembered by the table's msgpack bytes
-    (equal bytes are an equal table, so an equal verdict): a phone's uploads all declare the
-    same 14 entries, and checking them again for each was a sixth of its frame's decode. A
+def _table(entries: list, raw: bytes, limits: Limits) -> Table:
+    """``_parse_header``'s verdict on a tensor table, remembered by ``raw``, the entries' msgpack
+    bytes (equal bytes are an equal table, so an equal verdict): a phone's uploads all declare
+    the same 14 entries, and checking them again for each was a sixth of its frame's decode. A
     table that breaks a limit raises every time and is never remembered."""
-    key = (packb(entries), limits)
+    key = (raw, limits)
     known = _tables.get(key)
     if known is None:
         spans, size = [], 0
@@ -370,11 +369,11 @@ def _table(entries: list, limits: Limits) -> Table:
                 placed.append((d, n, size))
                 size += _padded(n * PART_DTYPES[d].itemsize)
             spans.append((name, dtype, shape, tuple(placed)))
-        known = Table(tuple(spans), size)
+        known = Table(tuple(spans), size), entries
         if len(_tables) >= TABLES:  # bounded whatever a sender declares: start over
             _tables.clear()
         _tables[key] = known
-    return known
+    return known[0]
 
 
 def _read_body(head: dict, body: memoryview, size: int, limits: Limits) -> bytearray:
@@ -415,11 +414,7 @@ def read_frame(data: bytes, limits: Limits = Limits()) -> tuple[dict, Table, byt
         head, table, end = known
         return head, table, _read_body(head, _checked(head, data, end, limits), table.size, limits)
     head, raw = _unpack(data, limits)
-    table = _table(head["tensors"], limits)
-    if known is not None:  # the entries' bytes, now a checked table
-        if len(_raw_tables) >= TABLES:
-            _raw_tables.clear()
-        _raw_tables[(known, limits)] = (table, head["tensors"])
+    table = _table(head["tensors"], known if known is not None else packb(head["tensors"]), limits)
     return head, table, _read_body(head, raw, table.size, limits)
 
 

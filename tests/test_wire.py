@@ -118,7 +118,7 @@ def test_a_known_table_changes_no_verdict(monkeypatch):
     for limits in (Limits(), Limits(max_len=100)):
         decode(data, limits)  # the table is known from here on
         known = verdicts(limits)
-        monkeypatch.setattr(wire, "_raw_tables", {})
+        monkeypatch.setattr(wire, "_tables", {})
         monkeypatch.setattr(wire, "_known_table", lambda data, limits: None)
         assert verdicts(limits) == known
         monkeypatch.undo()
