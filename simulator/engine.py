@@ -244,7 +244,7 @@ class Simulation:
         if t >= self.session_end[d.id]:
             return self._offline(d, t)
         task = self.coord.next_task(_cid(d.id), t)
-        if task is None and self.fed.aggregation.mode == "rounds":
+        if task is None and (self.fed.aggregation.mode == "rounds" or self.tiers[d.id] in self.fed.aggregation.paced_by):
             return self._hold(d)
         # None: the federation's cap on tasks in flight. A task it ran already: the device
         # dropped out of it without telling the server, which holds it until its deadline.
@@ -390,8 +390,10 @@ class Simulation:
         row["bytes_up"] += nbytes
 
     def _hold(self, d: VirtualDevice) -> None:
-        """The round has no place for ``d`` (the scheduler's rounds policy): it waits for the
-        next version, or for the first of the round's tasks to lapse, which may free a place."""
+        """The round has no place for ``d`` (the scheduler's rounds policy), or ``d`` is a paced
+        node whose update waits in the buffer for its peers': it waits for the next version, or
+        for the first of this version's tasks to lapse, which may free a place (or leave it
+        the only node training)."""
         self.waiting.add(d.id)
         lapse = self.coord.round_deadline()
         if lapse is not None and lapse < self._sweep_at:

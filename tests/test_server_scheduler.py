@@ -1,6 +1,8 @@
 """Scheduler: tiers from declared memory, steps from declared compute, the global step
 counter, idempotent re-polls, concurrency caps and deadlines — with a virtual clock."""
 
+from dataclasses import replace
+
 import pytest
 
 from stamen.core.errors import UserError
@@ -167,6 +169,52 @@ def test_global_step_runs_on_the_nodes_work():
         assert s.published() == expect, merged
     assert expect == 2 * steps  # six node updates: two rounds of the three nodes
     assert s.next_task("d", 5, now=9.0).step_offset == 2 * steps
+
+
+def paced(buffer_k=2):
+    fed = load_config()
+    return replace(fed, aggregation=replace(fed.aggregation, buffer_k=buffer_k, paced_by=("gpu",)))
+
+
+def test_a_paced_node_waits_for_its_peers_update_to_publish():
+    # Two paced nodes and a device: the first node back gets nothing while the other trains at
+    # this version (its next task would start from the version about to be replaced), the
+    # device is not held, and after the publish both nodes train from the new version.
+    s = Scheduler(CFG, paced())
+    for g in "ab":
+        s.register(g, caps(role="gpu"))
+    s.register("d", caps(mem=10**12))
+    ta, tb = s.next_task("a", 0, now=0.0), s.next_task("b", 0, now=0.0)
+    s.complete(ta.task_id)
+    assert s.next_task("a", 0, now=1.0) is None
+    td = s.next_task("d", 0, now=1.0)
+    s.complete(td.task_id)
+    assert s.next_task("d", 0, now=2.0) is not None  # devices are never held for a flush
+    s.complete(tb.task_id)
+    s.published()
+    assert s.next_task("a", 1, now=3.0).base_version == s.next_task("b", 1, now=3.0).base_version == 1
+
+
+def test_a_paced_node_with_no_peer_training_is_not_held():
+    # Its peer's task lapsed (or the peer holds one of an older version, whose update cannot
+    # publish this one alone): nothing else would publish, so the node trains on.
+    s = Scheduler(CFG, paced())
+    for g in "ab":
+        s.register(g, caps(role="gpu"))
+    ta, tb = s.next_task("a", 0, now=0.0), s.next_task("b", 0, now=0.0)
+    s.complete(ta.task_id)
+    assert s.next_task("a", 0, now=1.0) is None
+    assert s.abandon(tb.task_id) == tb
+    assert s.next_task("a", 0, now=2.0).base_version == 0
+
+
+def test_without_pacing_a_node_gets_its_next_task_at_once():
+    s = Scheduler(CFG, load_config())  # FedBuff: paced_by empty
+    for g in "ab":
+        s.register(g, caps(role="gpu"))
+    ta, _ = s.next_task("a", 0, now=0.0), s.next_task("b", 0, now=0.0)
+    s.complete(ta.task_id)
+    assert s.next_task("a", 0, now=1.0).base_version == 0
 
 
 def test_a_restart_with_two_open_tasks_of_one_client_holds_the_newer():

@@ -8,6 +8,7 @@ import torch
 
 from stamen.server.aggregator import Aggregator, StaleUpdate
 from stamen.server.config import load_config
+from stamen.simulator.compare import synchronous
 from stamen.simulator.engine import SimConfig, Simulation
 from stamen.simulator.profiles import PopulationConfig, load_classes
 
@@ -183,6 +184,25 @@ def test_paced_by_the_nodes_devices_weighing_nothing_change_nothing(fed, monkeyp
     assert final[0][0] == final[8][0] == 3
     assert set(final[8][2]) > {"gpu"} and final[0][2]["gpu"] == final[8][2]["gpu"]  # devices did send updates
     assert all(torch.equal(final[0][1][n], final[8][1][n]) for n in final[0][1])
+
+
+def test_nodes_paced_alone_are_synchronous_rounds_bit_for_bit(fed):
+    """Two GPU nodes alone, versions paced by them (K = 2, ``paced_by = ["gpu"]``, FedBuff's
+    async mode), publish exactly DiLoCo's synchronous rounds (``mode = "rounds"``, K = 2,
+    tau_max = 0, the reference): a node back first waits for its peer's update instead of
+    training from the version that update replaces, so no node update is stale."""
+    torch.set_num_threads(1)
+    paced = dataclasses.replace(fed, aggregation=dataclasses.replace(fed.aggregation, buffer_k=2, paced_by=("gpu",)))
+    final = []
+    for run in (paced, synchronous(fed, 0, gpu_nodes=2)):
+        population = PopulationConfig(devices=0, gpu_nodes={"gpu-h100": 2}, seed=0)
+        sim = Simulation(SimConfig(population=population, max_versions=4, eval_every=4, eval_batches=1), run,
+                         always_on())
+        result = sim.run()
+        final.append((sim.coord.version, result.staleness, [f["updates"] for f in result.flushes], dict(sim.weights)))
+    assert final[0][0] == final[1][0] == 4
+    assert final[0][1] == final[1][1] == [0] * 8 and final[0][2] == final[1][2] == [2, 2, 2, 2]
+    assert all(torch.equal(final[0][3][n], final[1][3][n]) for n in final[0][3])
 
 
 def test_paced_by_a_tier_nobody_is_in_counts_every_update(fed):
