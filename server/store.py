@@ -15,12 +15,27 @@ a flush ahead of it in the journal made too stale is refused (HTTP 409) although
 kept, and replay refuses it the same way, so live and restored states agree.
 
 Checkpoints hold the model, the outer optimizer state, the buffer (S, W and its counters) and
-the kept versions as of one applied journal row; they are written to a temp file, fsynced and
-renamed into place, so a half-written one is never read. The newest two are kept, and the
+the kept versions as of one applied journal row; each file is written to a temp file, fsynced
+and renamed into place, so a half-written one is never read. The newest two are kept, and the
 journal keeps the payloads after the older one: if the newest cannot be read (truncated,
 corrupt), ``restore`` sets it aside and falls back to the previous one plus a longer replay.
 A checkpoint that fails to write (disk full) loses nothing: the journal still holds every row
 after the last good one, and the next checkpoint tries again.
+
+A kept older version v is stored as the tensors in which it differs from v + 1 (copy-on-write:
+the rest are v + 1's), which never change once v + 1 is published; so each is written once, by
+the first checkpoint that holds it: the versions no kept checkpoint holds yet go into one file
+(``checkpoints/versions/<first>-<last>.safetensors``), and the checkpoint file
+(``ckpt-<seq>.safetensors``, format 2) holds the rest and maps each kept older version to its
+file in its metadata (``versions``). Rewriting every kept version's tensors at each checkpoint
+had made a checkpoint's size grow with τ_max (at the bench's τ_max = 64, 15.7 MB a checkpoint,
+12.8 of it the old versions'); a file per version instead cost as much again in per-file work
+(ten files a checkpoint). Order: the new versions' file (temp, fsync, rename), its folder
+fsynced, then the checkpoint file, then the version files no kept checkpoint names are deleted:
+a crash at any point leaves every kept checkpoint's files in place. A version file is reused
+only when a kept checkpoint names it (so it is complete and of this journal's history); any
+other is written again. Checkpoints of format 1 (every kept version inline, no ``format`` key)
+are still read.
 
 An update is journaled as the bytes its client uploaded (a wire frame the server has already
 checked), so a batch costs the disk no more than the uploads themselves; replay decodes them
@@ -63,6 +78,8 @@ CREATE TABLE IF NOT EXISTS journal (
 """
 JOURNAL_CODEC = "fp32"  # how an update that arrived without its upload's bytes is journaled (lossless)
 KEEP = 2  # checkpoints kept: the newest, and one to fall back to
+FORMAT = "2"  # checkpoint files: 1 held every kept version inline; 2 names its versions' files
+VERSIONS = "versions"  # the checkpoints' folder of version files
 BUSY_MS = 30_000  # how long a write waits for another connection's write to finish
 
 
@@ -79,11 +96,14 @@ class Row:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """An aggregator's state as of journal row ``seq``, detached from the live aggregator."""
+    """An aggregator's state as of journal row ``seq``, detached from the live aggregator:
+    ``versions`` holds each kept older version's tensors that differ from the next version's,
+    ``tensors`` the rest."""
 
     seq: int
     version: int
     tensors: dict[str, torch.Tensor]
+    versions: dict[int, dict[str, torch.Tensor]]
     metadata: dict[str, str]
 
 
@@ -208,36 +228,52 @@ class Store:
         while the aggregator moves on: the tensors it updates in place (optimizer state, S, W)
         are copied; weights and kept versions are copy-on-write (a flush makes new tensors), so
         they are shared."""
-        tensors, meta = agg.state()
-        tensors = {k: t.clone() if k.split("/", 1)[0] in ("opt", "S", "W") else t.contiguous()
-                   for k, t in tensors.items()}
+        state, meta = agg.state()
+        tensors, versions = {}, {v: {} for v in meta["history"][:-1]}
+        for k, t in state.items():
+            group, rest = k.split("/", 1)
+            if group == "hist":
+                v, name = rest.split("/", 1)
+                versions[int(v)][name] = t.contiguous()
+            else:
+                tensors[k] = t.clone() if group in ("opt", "S", "W") else t.contiguous()
         self._ckpt_version = agg.version
-        return Snapshot(self.applied_seq, agg.version, tensors,
-                        {"meta": json.dumps(meta), "seq": str(self.applied_seq), "config": _config_json(agg.config)})
+        return Snapshot(self.applied_seq, agg.version, tensors, versions,
+                        {"meta": json.dumps(meta), "seq": str(self.applied_seq), "config": _config_json(agg.config),
+                         "format": FORMAT})
 
     def write_checkpoint(self, snap: Snapshot) -> Path:
-        """Write ``snap`` atomically (temp file, fsync, rename, fsync the folder), keep the newest
-        ``KEEP`` checkpoints, and drop the journal payloads older than the oldest kept one: every
-        kept checkpoint can still be replayed forward. May run on a worker thread.
+        """Write ``snap`` atomically (the kept versions no kept checkpoint holds yet to one file,
+        then the checkpoint file: each a temp file, fsync, rename, fsync the folder), keep the
+        newest ``KEEP`` checkpoints and the version files they name, and drop the journal
+        payloads older than the oldest kept one: every kept checkpoint can still be replayed
+        forward. May run on a worker thread.
 
         Written through safetensors' numpy API (the same file format; the aggregator's tensors
         are float32 and float64, views of the same memory): its torch API spent ~50 us of Python
-        per tensor, and a checkpoint at the bench's tau_max = 64 holds ~1,100 (every kept
-        version's changed tensors): 57 -> 19 ms of CPU each."""
+        per tensor."""
         name = f"ckpt-{snap.seq:012d}.safetensors"
-        tmp = self.ckpt_dir / (name + ".tmp")
-        try:
-            save_file({k: t.numpy() for k, t in snap.tensors.items()}, tmp, metadata=snap.metadata)
-            _fsync(tmp)
-        except (OSError, SafetensorError) as e:
-            tmp.unlink(missing_ok=True)  # a full disk: free what the attempt took
-            raise OSError(f"cannot write checkpoint {tmp}: {e}") from e
-        os.replace(tmp, self.ckpt_dir / name)
+        versions = self.ckpt_dir / VERSIONS
+        have = _version_files(self._checkpoints()[:KEEP])
+        present = {f for f in set(have.values()) if (versions / f).is_file()}
+        files = {v: have[v] for v in snap.versions if have.get(v) in present}
+        new = [v for v in snap.versions if v not in files]
+        if new:
+            files |= dict.fromkeys(new, f"{new[0]:012d}-{new[-1]:012d}.safetensors")
+            versions.mkdir(exist_ok=True)
+            _put({f"{v}/{n}": t for v in new for n, t in snap.versions[v].items()}, versions / files[new[0]], {})
+            _fsync(versions)
+        _put(snap.tensors, self.ckpt_dir / name, snap.metadata | {"versions": json.dumps(files)})
         _fsync(self.ckpt_dir)
         kept = self._checkpoints()[:KEEP]
         for old in [*self.ckpt_dir.glob("ckpt-*.safetensors"), *self.ckpt_dir.glob("ckpt-*.tmp")]:
             if old not in kept:
                 old.unlink()  # older checkpoints, and temp files a crash left behind
+        if versions.is_dir():
+            named = set(_version_files(kept).values())
+            for old in versions.iterdir():
+                if old.name not in named:
+                    old.unlink()  # versions no kept checkpoint holds, and temp files
         covered = _seq_of(kept[-1])
         db = self._connect("NORMAL")  # its own connection: the journal's may be mid-commit on another thread
         try:
@@ -328,8 +364,10 @@ def _delta(payload: bytes) -> dict[str, torch.Tensor]:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A checkpoint's tensors and metadata; raises (SafetensorError, OSError, ValueError,
-    KeyError) when the file is cut short, overwritten or not one of ours."""
+    """A checkpoint's tensors (its version files' included, as ``Aggregator.state`` names them)
+    and metadata; raises (SafetensorError, OSError, ValueError, KeyError) when the file or a
+    version file it names is cut short, overwritten, missing or not one of ours, UserError when
+    a newer stamen wrote it."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -337,7 +375,44 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError("no stamen metadata")
     json.loads(meta["meta"])
     int(meta["seq"])
+    fmt = meta.get("format", "1")
+    if fmt not in ("1", FORMAT):
+        raise UserError(f"checkpoint {path} is of format {fmt}, newer than this stamen reads ({FORMAT}): upgrade stamen")
+    if fmt == FORMAT:
+        files: dict[str, list[str]] = {}
+        for v, name in json.loads(meta["versions"]).items():
+            files.setdefault(name, []).append(v)
+        for name, held in files.items():
+            with safe_open(str(path.parent / VERSIONS / name), framework="pt") as f:
+                tensors |= {f"hist/{k}": f.get_tensor(k) for k in f.keys() if k.split("/", 1)[0] in held}
     return tensors, meta
+
+
+def _version_files(checkpoints: list[Path]) -> dict[int, str]:
+    """Each kept older version these checkpoints hold → the file it is in (a checkpoint whose
+    header cannot be read names none: it will never be restored from)."""
+    out: dict[int, str] = {}
+    for path in checkpoints:
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+            if meta.get("format") == FORMAT:
+                out |= {int(v): name for v, name in json.loads(meta["versions"]).items()}
+        except (SafetensorError, OSError, ValueError, KeyError):
+            continue
+    return out
+
+
+def _put(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically: a temp file, fsynced, renamed to ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: t.numpy() for k, t in tensors.items()}, tmp, metadata=metadata)
+        _fsync(tmp)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)  # a full disk: free what the attempt took
+        raise OSError(f"cannot write checkpoint {tmp}: {e}") from e
+    os.replace(tmp, path)
 
 
 def _seq_of(path: Path) -> int:

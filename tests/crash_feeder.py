@@ -3,8 +3,11 @@
 store holds; ``STAMEN_CRASH=<point>:<n>`` makes it SIGKILL itself at the n-th pass through a
 point (``submit``: journaled but not applied; ``flush``: a max-wait flush journaled but not
 applied; ``fsync``: checkpoint temp file written, not renamed; ``replace``: renamed, journal
-payloads not yet dropped; ``write``: a journal batch about to be committed; ``written``: a
-batch committed, none of it applied). The test also kills it from outside at random instants.
+payloads not yet dropped; ``version``: a kept version's file renamed into place, the checkpoint
+file that names it not yet written; ``write``: a journal batch about to be committed;
+``written``: a batch committed, none of it applied; ``fsync`` and ``replace`` count the
+checkpoint file's steps, not the version files'). The test also kills it from outside at random
+instants.
 
 Two ways to feed: one update at a time through ``Store.accept`` (``feed``), or as the server
 does, through the group-committing ``Committer`` (``feed_batched``, ``STAMEN_BATCHED=1``): waves
@@ -18,6 +21,7 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -108,10 +112,12 @@ def feed_batched(root: str, serial: bool = False) -> tuple[Aggregator, Store]:
     return asyncio.run(_feed_batched(root, serial))
 
 
-def _kill_at(owner: object, attr: str, n: int, before: bool) -> None:
+def _kill_at(owner: object, attr: str, n: int, before: bool, counts=lambda *args: True) -> None:
     original, calls = getattr(owner, attr), [0]
 
     def wrapper(*args, **kwargs):
+        if not counts(*args):
+            return original(*args, **kwargs)
         calls[0] += 1
         if before and calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -127,10 +133,16 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if os.environ.get("STAMEN_CRASH"):
         point, n = os.environ["STAMEN_CRASH"].split(":")
+        def versions(*args) -> bool:
+            """A call on a version file or their folder: ``_fsync(path)``, ``os.replace(tmp, path)``."""
+            return store.VERSIONS in Path(args[-1]).parts
+
         target = {"submit": (aggregator.Aggregator, "submit", True), "flush": (aggregator.Aggregator, "flush", True),
-                  "fsync": (store, "_fsync", False), "replace": (store.os, "replace", False),
+                  "fsync": (store, "_fsync", False, lambda *a: not versions(*a)),
+                  "replace": (store.os, "replace", False, lambda *a: not versions(*a)),
+                  "version": (store.os, "replace", False, versions),
                   "write": (store.Store, "write", True), "written": (store.Store, "write", False)}[point]
-        _kill_at(*target[:2], int(n), target[2])
+        _kill_at(*target[:2], int(n), *target[2:])
     if os.environ.get("STAMEN_BATCHED"):
         write = store.Store.write
 

@@ -1,5 +1,7 @@
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import crash_feeder as cf
 from stamen.core.errors import UserError
@@ -78,6 +82,8 @@ SCENARIOS = {
     "checkpoint-temp-written": ["fsync:3"],
     "first-checkpoint-torn": ["fsync:1"],
     "checkpoint-renamed-payloads-kept": ["replace:4", "fsync:2"],
+    "version-file-renamed-checkpoint-not": ["version:1"],
+    "version-files-of-two-checkpoints-then-torn": ["version:3", "version:2"],
 }
 
 
@@ -91,6 +97,7 @@ BATCHED_SCENARIOS = {
     "max-wait-flush-journaled-not-applied": ["flush:2"],
     "checkpoint-temp-written-while-journal-commits": ["fsync:3"],
     "checkpoint-renamed-payloads-kept": ["replace:3"],
+    "version-file-renamed-while-journal-commits": ["version:3"],
 }
 
 
@@ -181,3 +188,78 @@ def test_accept_rejects_before_journaling_and_ignores_resends(tmp_path):
         Store(tmp_path).restore(cf.CFG, AggregatorConfig(buffer_k=2, tau_max=0))
     with pytest.raises(UserError, match="no checkpoint"):
         Store(tmp_path / "empty").restore(cf.CFG, cf.CONFIG)
+
+
+def version_files(root: Path) -> dict[str, int]:
+    """The version files of a store's checkpoints, name → inode (a rewrite gives a new inode)."""
+    return {p.name: p.stat().st_ino for p in (root / "checkpoints" / "versions").glob("*.safetensors")}
+
+
+def manifests(root: Path) -> list[dict[int, str]]:
+    """Each kept checkpoint's map of the older versions it holds to their files, newest first."""
+    out = []
+    for path in sorted((root / "checkpoints").glob("ckpt-*.safetensors"), reverse=True):
+        with safe_open(str(path), framework="pt") as f:
+            out.append({int(v): name for v, name in json.loads(f.metadata()["versions"]).items()})
+    return out
+
+
+def test_each_kept_version_is_written_once_and_deleted_with_the_last_checkpoint_naming_it(tmp_path):
+    config = AggregatorConfig(buffer_k=1, tau_max=3)
+    st = Store(tmp_path, checkpoint_every=2)
+    agg = st.start(cf.CFG, cf.initial_weights(), config)
+    seen: dict[str, int] = {}
+    for i in range(11):
+        st.accept(agg, cf.update_for(i, agg.version), float(i))  # K = 1: a version each, a checkpoint every 2
+        files = version_files(tmp_path)
+        assert all(seen[n] == ino for n, ino in files.items() if n in seen)  # never written again
+        seen |= files
+        kept = manifests(tmp_path)
+        held = agg.version - agg.version % 2  # the newest checkpoint's version
+        assert sorted(kept[0]) == list(range(max(0, held - 3), held))  # every kept older version, in a file
+        assert set(files) == {name for m in kept for name in m.values()}  # and no other file
+    assert len(seen) == 5  # one file per checkpoint that held new versions (at 2, 4, 6, 8, 10)
+    assert_same_state(Store(tmp_path).restore(cf.CFG, config), agg)
+
+
+def test_a_checkpoint_of_format_1_is_still_read_and_the_next_writes_its_versions_once(tmp_path):
+    """Format 1 held every kept version inline, in one file without a ``format`` key."""
+    config = AggregatorConfig(buffer_k=1, tau_max=3)
+    st = Store(tmp_path, checkpoint_every=1)
+    agg = st.start(cf.CFG, cf.initial_weights(), config)
+    for i in range(6):
+        st.accept(agg, cf.update_for(i, agg.version), float(i))
+    newest, older = sorted((tmp_path / "checkpoints").glob("ckpt-*.safetensors"), reverse=True)
+    with safe_open(str(newest), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k not in ("format", "versions")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for v, name in manifests(tmp_path)[0].items():
+        with safe_open(str(tmp_path / "checkpoints" / "versions" / name), framework="pt") as f:
+            tensors |= {f"hist/{k}": f.get_tensor(k) for k in f.keys() if k.startswith(f"{v}/")}
+    older.unlink()
+    shutil.rmtree(tmp_path / "checkpoints" / "versions")
+    save_file(tensors, newest, metadata=meta)
+    st.close()
+    st = Store(tmp_path, checkpoint_every=1)
+    resumed = st.restore(cf.CFG, config)
+    assert_same_state(resumed, agg)
+    st.accept(resumed, cf.update_for(6, resumed.version), 6.0)
+    first = resumed.version - 3
+    assert list(version_files(tmp_path)) == [f"{first:012d}-{first + 2:012d}.safetensors"]  # all three at once
+    update = cf.update_for(6, agg.version)
+    agg.check(update)
+    agg.submit(update, 6.0)  # the state that went on without a restart
+    assert_same_state(resumed, agg)
+    assert_same_state(Store(tmp_path).restore(cf.CFG, config), agg)
+
+
+def test_a_checkpoint_of_a_newer_format_stops_with_one_line_and_is_left_as_it_is(tmp_path):
+    st = Store(tmp_path, checkpoint_every=1)
+    agg = st.start(cf.CFG, cf.initial_weights(), cf.CONFIG)
+    path = st.checkpoint(agg)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata() | {"format": "3"}, {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(UserError, match="format 3, newer than this stamen reads"):
+        Store(tmp_path).restore(cf.CFG, cf.CONFIG)
+    assert path.is_file()
