@@ -1,6 +1,6 @@
 """LoRA as a plan kind the server issues, end to end on loopback (issue 14, acceptance 2): a real
 server process fine-tuning a saved tiny GPT-2 base with ``[lora]``, a gpu-role client, a device
-edge client and a runtime-only reference device on ExecuTorch (the server exports its plan's
+edge client and a runtime-only reference device on ExecuTorch (the server publishes its plan's
 bundle: the frozen base and the tokenizer ride in it, only the adapter travels), at three
 different ranks; adapters uploaded, versions published and scored on held-out instructions;
 then ``stamen export-model`` writes the adapter in PEFT's format, which ``peft`` loads with the
@@ -8,7 +8,9 @@ same logits as stamen's merged model."""
 
 import json
 import math
+import os
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +59,22 @@ batch_size = 4
 """
 TASKS = 2
 
+# The base lives in the session's folder (conftest.py's STAMEN_CACHE, removed at its end), saved
+# at collection, so that the device's ExecuTorch bundle is exported ahead like the other modules'
+# (~80 s on a loaded core): its cache key is the base's config and weight bytes, the plan, the
+# tier's batch x seq_len and the adapter space, not the folder, so the server's export process
+# finds it in the cache and publishes it; any difference in those and the server exports it itself.
+SESSION = Path(os.environ["STAMEN_CACHE"])
+BASE = save_tiny("gpt2", SESSION / "lora-base", positions=256)
+MODEL = f"hf:{BASE}"
+(SESSION / "lora-fed.toml").write_text(FED)
+FEDERATION = load_config(SESSION / "lora-fed.toml")
+SPACE = FEDERATION.lora.space(ModelSpec(MODEL))
+PLANS = {t: p for t, (p,) in FEDERATION.plans(SPACE).items()}  # one plan per LoRA tier
+EXPORTS = [dict(spec=ModelSpec(MODEL), plan=PLANS["phone-low"], runtime="executorch",
+                batch_size=FEDERATION.tiers["phone-low"].batch_size, seq_len=FEDERATION.training.seq_len,
+                lora=SPACE.describe())]
+
 
 def get(url, token):
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
@@ -83,16 +101,10 @@ def test_plan_records_carry_the_lora_kind():
 
 @pytest.mark.timeout(600)
 def test_lora_federation_over_http(tmp_path):
-    base = save_tiny("gpt2", tmp_path / "base", positions=256)
-    model = f"hf:{base}"
-    (tmp_path / "fed.toml").write_text(FED)
-    fed = load_config(tmp_path / "fed.toml")
-    space = fed.lora.space(ModelSpec(model))
-    plans = {t: p for t, (p,) in fed.plans(space).items()}  # one plan per LoRA tier
-    seq = fed.training.seq_len
-    memory = {t: plans[t].cost(space, fed.tiers[t].batch_size, seq).memory_bytes for t in plans}
+    memory = {t: PLANS[t].cost(SPACE, FEDERATION.tiers[t].batch_size, FEDERATION.training.seq_len).memory_bytes
+              for t in PLANS}
     state = tmp_path / "state"
-    server, url = start_server(state, tmp_path / "fed.toml", model=model)
+    server, url = start_server(state, SESSION / "lora-fed.toml", model=MODEL)
     try:
         admin, gpu_tok, dev_tok = (create_token(state, r) for r in ("admin", "gpu", "device"))
         clients = [start_client(url, gpu_tok, "stdlib", "gpu", 2**30, tmp_path / "gpu", TASKS),
@@ -110,15 +122,15 @@ def test_lora_federation_over_http(tmp_path):
         assert status["version"] >= 2  # 6 updates at K = 2
         assert status["loss_unit"] == "nats/response token"
         tiers = {c["client_id"]: c["tier"] for c in status["clients"]}
-        ranks = sorted(plans[t].rank for t in tiers.values())
+        ranks = sorted(PLANS[t].rank for t in tiers.values())
         assert len(set(ranks)) == 3 and ranks[-1] == 8 and ranks[0] == 1, tiers
         for entries in logs:
             assert len(entries) == TASKS
             assert all(e["outcome"] in ("accepted", "duplicate") and e["runtime"] == "torch" for e in entries)
-        # The reference device trained the rank-1 plan's ExecuTorch bundle, exported by the
+        # The reference device trained the rank-1 plan's ExecuTorch bundle, published by the
         # server, with no stamen model or plan code, and its updates were taken.
         assert len(device_log) == TASKS and device_log[0]["bundle_downloads"] == 1
-        assert all(e["plan"] == plans["phone-low"].hash and e["outcome"] in ("accepted", "stale") for e in device_log)
+        assert all(e["plan"] == PLANS["phone-low"].hash and e["outcome"] in ("accepted", "stale") for e in device_log)
         assert any(e["outcome"] == "accepted" for e in device_log)
         assert not any(m.startswith(("stamen.core.model", "stamen.core.plan", "stamen.core.lora", "stamen.server"))
                        for m in modules)
@@ -127,21 +139,21 @@ def test_lora_federation_over_http(tmp_path):
         assert 0 in evals and len(evals) >= 2 and all(math.isfinite(v) for v in evals.values())
         assert "stamen_val_loss_latest" in get(f"{url}/metrics", admin).decode()
         # An update is only the adapter's slice, under the tier's codec: far below the base.
-        base_bytes = sum(p.numel() * 4 for p in ModelSpec(model).build(weights=False).parameters())
+        base_bytes = sum(p.numel() * 4 for p in ModelSpec(MODEL).build(weights=False).parameters())
         assert max(e["upload_bytes"] for entries in logs for e in entries) < base_bytes / 10
-        gpu_plan = plans["gpu"]
+        gpu_plan = PLANS["gpu"]
         published = decode(get(f"{url}/v1/weights/{status['version']}?plan={gpu_plan.hash}", admin)).tensors
-        assert set(published) == set(space) and any(t.abs().sum() > 0 for n, t in published.items()
+        assert set(published) == set(SPACE) and any(t.abs().sum() > 0 for n, t in published.items()
                                                      if n.endswith("lora_B"))
     finally:
         server.terminate()
         server.communicate(timeout=120)
 
     # The final checkpoint holds the last version; export-model writes it in PEFT's format.
-    assert state_lora(state) == space.describe()
-    version, adapter = published_weights(state, space)
+    assert state_lora(state) == SPACE.describe()
+    version, adapter = published_weights(state, SPACE)
     assert version == status["version"]
-    assert all(torch.equal(adapter[n], published[n]) for n in space)
+    assert all(torch.equal(adapter[n], published[n]) for n in SPACE)
     r = stamen("export-model", "--state", state, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
 
@@ -149,16 +161,16 @@ def test_lora_federation_over_http(tmp_path):
     from transformers import AutoModelForCausalLM
 
     idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    ours = LoraPlan("merged", space.r_max).build(ModelSpec(model).build(), described_space(
-        ModelSpec(model).build(weights=False), state_lora(state)))
+    ours = LoraPlan("merged", SPACE.r_max).build(ModelSpec(MODEL).build(), described_space(
+        ModelSpec(MODEL).build(weights=False), state_lora(state)))
     load_adapter(ours, adapter)
     with torch.no_grad():
         expected = merge(ours)(idx)
-        hf = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(BASE, local_files_only=True)
         peft_logits = PeftModel.from_pretrained(hf, tmp_path / "out" / "adapter").eval()(input_ids=idx).logits
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged", local_files_only=True)
         merged_logits = merged(input_ids=idx).logits
-        base_logits = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)(input_ids=idx).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(BASE, local_files_only=True)(input_ids=idx).logits
     torch.testing.assert_close(peft_logits, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged_logits, expected, rtol=1e-5, atol=1e-5)
     assert (expected - base_logits).abs().max() > 1e-4  # the federation changed the model
