@@ -126,16 +126,23 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every process group at once (a SuperNode takes a few seconds to exit), then
+    SIGKILL to the groups of those still running 20 s later."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=20)
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 20
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        if all(proc.poll() is not None for proc in procs):
             return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def wait_for(what: str, check, timeout: float):
@@ -207,8 +214,7 @@ def run_readme_commands(tmp_path: Path, url: str, state: Path) -> tuple[str, dic
         [run] = json.loads(subprocess.run(["flwr", "ls", "stamen", "--run-id", values["RUN_ID"], "--format", "json"],
                                           env=env, capture_output=True, text=True, timeout=60).stdout)["runs"]
     finally:
-        for proc in reversed(procs):
-            stop(proc)
+        stop(procs)
     print(f"flwr stop: no open task {released_s:.1f} s later")
     return stream.read_text(), after_stop, {**fetch_status(url, admin), "run": run}
 
