@@ -129,7 +129,6 @@ class Coordinator:
         if not isinstance(cfg, LoraSpace):  # a LoRA federation has only its tiers' rank plans
             self._plans.setdefault(full_plan(cfg).hash, full_plan(cfg))
         self._limits: dict[Plan, Limits] = {}
-        self._pacers = 0  # registered clients of a ``paced_by`` tier
         agg.pace(False)
 
     # --- reads ------------------------------------------------------------------------------
@@ -214,11 +213,8 @@ class Coordinator:
     def register(self, client_id: str, caps: Capabilities) -> Assignment:
         """Place a client in its tier. Versions are paced by ``paced_by``'s tiers only while one
         of their clients is registered: a federation without any counts every update toward K."""
-        paced = self._agg.config.paced_by
-        old = self._scheduler.clients.get(client_id)
         a = self._scheduler.register(client_id, caps)
-        self._pacers += (a.tier in paced) - (old is not None and old.tier in paced)
-        self._agg.pace(self._pacers > 0)
+        self._agg.pace(self._scheduler.pacing)
         return a
 
     def next_task(self, client_id: str, now: float) -> Task | None:

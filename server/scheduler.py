@@ -243,6 +243,12 @@ class Scheduler:
         places = math.ceil(self.fed.scheduler.overselect * (self.fed.aggregation.buffer_k - nodes))
         return out + done >= places
 
+    @property
+    def pacing(self) -> bool:
+        """Whether a client of a ``paced_by`` tier is registered: only then are versions paced by
+        those tiers (``Aggregator.pace``), and only then does one of them wait for a flush."""
+        return bool(self._pacers)
+
     def _awaits_flush(self, a: Assignment, version: int) -> bool:
         """Whether ``a`` is a paced client whose update is in the open buffer while another
         paced client trains at ``version`` (whose update will publish it): see the module's
