@@ -328,7 +328,7 @@ class Coordinator:
         except StaleUpdate:  # a group-committed batch: a flush ahead of it in the journal made it stale
             self._scheduler.abandon(update.task_id)
             raise
-        self._scheduler.complete(update.task_id)
+        self._scheduler.complete(update.task_id, now)
         if report is not None:
             self._scheduler.published()
         return Accepted(self._agg.version, report)

@@ -73,6 +73,9 @@ class Scheduler:
         # registers again), and the deadlines in a heap (entries of closed tasks are skipped).
         self._held: dict[str, str] = {}
         self._device_tasks: set[str] = set()
+        self._refused_at = -math.inf  # when a device was last refused for the cap on tasks in flight
+        self._served: dict[str, float] = {}  # device → when its last update was accepted (recent ones)
+        self._served_cap = 64  # prune ``_served`` when it grows past this
         self._deadlines: list[tuple[float, str]] = []
         # Plans and settings never change, so neither do the tiers' costs (a join asked for
         # them a dozen times: registering 100,000 simulated devices took minutes). A rotating
@@ -173,8 +176,12 @@ class Scheduler:
             return None
         if self._awaits_flush(a, version):
             return None
-        if a.caps.role == "device" and len(self._device_tasks) >= self._device_cap():
-            return None
+        if a.caps.role == "device":
+            if len(self._device_tasks) >= self._device_cap():
+                self._refused_at = now
+                return None
+            if self._yields(client_id, now):
+                return None
         tier = self.fed.tiers[a.tier]
         seq = self.next_seq
         self.next_seq += 1
@@ -187,6 +194,21 @@ class Scheduler:
             deadline=now + self.fed.scheduler.task_deadline_s, seed=self.seed * 1_000_003 + seq)
         self._open(task)
         return task
+
+    def _yields(self, client_id: str, now: float) -> bool:
+        """Whether a device gives a free place to the devices waiting for one: it had an update
+        accepted within the last long poll, and since then another device was refused for the
+        cap. FedBuff draws its concurrent clients from all who are available; first come, first
+        served let the devices that took the places first keep them, since a device back with
+        its update asks again at once (``POST /v1/updates?next=1``) while the refused wait in a
+        long poll: in the simulator's default 120 virtual s, 28 of the 1,000 devices did all the
+        devices' work, so their text was the only private text the model saw
+        (docs/FINDINGS.md, session 14). Yielding, it long-polls like the others."""
+        window = self.fed.server.long_poll_s
+        if len(self._served) > self._served_cap:  # keep only the recent, pruning as it doubles
+            self._served = {c: t for c, t in self._served.items() if now - t < window}
+            self._served_cap = max(64, 2 * len(self._served))
+        return now - self._refused_at < window and now - self._served.get(client_id, -math.inf) < window
 
     def _device_cap(self) -> int:
         """Device tasks out at once: ``max_in_flight``, or ``max_in_flight_alone`` while no GPU
@@ -290,8 +312,9 @@ class Scheduler:
         toward the global step counter."""
         return self._close(task_id)
 
-    def complete(self, task_id: str) -> Task:
-        """An accepted update closes its task; its steps count toward the next publish."""
+    def complete(self, task_id: str, now: float | None = None) -> Task:
+        """An accepted update (at ``now``, when known) closes its task; its steps count toward
+        the next publish."""
         task = self._close(task_id)
         if task is None:
             raise KeyError(task_id)
@@ -299,6 +322,8 @@ class Scheduler:
         a = self.clients.get(task.client_id)
         if a is not None and a.caps.role == "gpu":
             self._node_steps += task.steps
+        elif a is not None and now is not None:
+            self._served[task.client_id] = now
         self._round_done.append(task.client_id)
         return task
 

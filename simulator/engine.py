@@ -183,6 +183,7 @@ class Simulation:
         self._download_sizes: dict[tuple, int] = {}
         self._issued: set[str] = set()
         self.waiting: set[int] = set()  # devices a full round held back until its next version
+        self.polling: dict[int, None] = {}  # devices in a long poll for a place in flight, oldest first
         self._sweep_at = math.inf
         self.gpu_nodes = sum(d.id in self.tiers and d.capabilities.role != "device" for d in self.devices)
         self.attackers = Attackers(config.attack, [d.id for d in self.devices if d.capabilities.role == "device"],
@@ -246,11 +247,13 @@ class Simulation:
         task = self.coord.next_task(_cid(d.id), t)
         if task is None and (self.fed.aggregation.mode == "rounds" or self.tiers[d.id] in self.fed.aggregation.paced_by):
             return self._hold(d)
-        # None: the federation's cap on tasks in flight. A task it ran already: the device
-        # dropped out of it without telling the server, which holds it until its deadline.
-        if task is None or task.task_id in self._issued:
-            retry = task.deadline if task is not None else t + self.fed.server.long_poll_s
-            return self._push(max(retry, t + 1.0), "online", d)
+        if task is None:  # the cap on tasks in flight, or it yields its place: a long poll
+            self.polling[d.id] = None
+            return self._push(t + self.fed.server.long_poll_s, "poll", d)
+        # A task it ran already: the device dropped out of it without telling the server, which
+        # holds it until its deadline.
+        if task.task_id in self._issued:
+            return self._push(max(task.deadline, t + 1.0), "online", d)
         self._issued.add(task.task_id)
         self._count(d, tasks=1)
         job = _Job(task, d, self.tiers[d.id], started=t)
@@ -299,11 +302,28 @@ class Simulation:
         self._count(d, bytes_up=len(payload))
         self._push(arrive, "arrive", (job, payload))
 
+    def _on_poll(self, d: VirtualDevice, t: float) -> None:
+        """A long poll ran out without a place (none was woken): the device asks again."""
+        if d.id in self.polling:
+            del self.polling[d.id]
+            self._on_online(d, t)
+
+    def _wake_polling(self, places: int, t: float) -> None:
+        """Places in flight came free: the devices longest in a long poll ask now, as the
+        server's long poll answers a waiting client within a poll step of a place freeing
+        (``server.app.task``), where a device back with its update yields (``Scheduler._yields``)."""
+        while places > 0 and self.polling:
+            i = next(iter(self.polling))
+            del self.polling[i]
+            if t < self.session_end[i]:
+                self._push(t, "online", self.devices[i])
+                places -= 1
+
     def _on_arrive(self, item: tuple[_Job, bytes], t: float) -> None:
         job, payload = item
         task = job.task
         self._count(job.device, busy_s=t - job.started)
-        self.coord.expire(t)
+        self._wake_polling(1 + len(self.coord.expire(t)), t)
         try:  # the server's admission, rule for rule (Federation.submit)
             admitted = self.coord.admit(task.client_id, task, payload)
         except TaskClosed:

@@ -249,6 +249,30 @@ def test_deadline_lapses_and_cap():
         s.complete(ta.task_id)
 
 
+def test_a_device_back_with_its_update_yields_to_the_devices_refused_meanwhile():
+    """With the cap reached, b is refused; a, back with its update, does not take the place it
+    freed while b may still be long-polling (within long_poll_s), so b gets it. Without a
+    refusal in that time, or once a long poll has passed, a device takes its next task at once."""
+    fed = load_config()
+    object.__setattr__(fed.scheduler, "max_in_flight", 1)
+    wait = fed.server.long_poll_s
+    s = Scheduler(CFG, fed)
+    for c in "abc":
+        s.register(c, caps())
+    ta = s.next_task("a", 0, now=0.0)
+    assert s.next_task("b", 0, now=1.0) is None  # the cap
+    s.complete(ta.task_id, now=2.0)
+    assert s.next_task("a", 0, now=2.0) is None  # a yields
+    tb = s.next_task("b", 0, now=3.0)
+    assert tb is not None
+    s.complete(tb.task_id, now=4.0 + wait)  # no refusal for a long poll: b goes on
+    assert s.next_task("b", 0, now=4.0 + wait) is not None
+    assert s.next_task("a", 0, now=5.0 + wait) is None  # the cap again: a refused
+    s.complete(s.held("b").task_id, now=6.0 + wait)
+    assert s.next_task("b", 0, now=6.0 + wait) is None  # b yields to a
+    assert s.next_task("c", 0, now=7.0 + wait) is not None  # never refused, never served: c may take it
+
+
 def test_devices_alone_take_their_own_cap_and_lr(tmp_path):
     """While no GPU node is registered, device tasks are capped at max_in_flight_alone and
     train at their tier's lr_alone; once a node registers, at max_in_flight and lr; a tier

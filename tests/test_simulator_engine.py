@@ -218,3 +218,19 @@ def test_paced_by_a_tier_nobody_is_in_counts_every_update(fed):
         final.append((sim.coord.version, [f["updates"] for f in result.flushes], dict(sim.weights)))
     assert final[0][0] == final[1][0] == 4 and final[0][1] == final[1][1] == [2, 2, 2, 2]
     assert all(torch.equal(final[0][2][n], final[1][2][n]) for n in final[0][2])
+
+
+def test_places_in_flight_pass_among_the_devices(fed):
+    """With the cap on device tasks in flight binding, a device back with its update yields its
+    place to the devices refused meanwhile (``Scheduler._yields``): more devices train than there
+    are places. First come, first served, the first 4 kept them for the whole run."""
+    capped = dataclasses.replace(fed, scheduler=dataclasses.replace(fed.scheduler, max_in_flight=4))
+    torch.set_num_threads(1)
+    population = PopulationConfig(devices=16, mix={"phone-high": 0.5, "laptop": 0.5}, gpu_nodes={}, seed=0)
+    sim = Simulation(SimConfig(population=population, max_versions=8, eval_every=8, eval_batches=1), capped,
+                     always_on())
+    trained = set()
+    accepted = sim._accepted
+    sim._accepted = lambda job, tau, nbytes: (trained.add(job.device.id), accepted(job, tau, nbytes))
+    sim.run()
+    assert sim.coord.version == 8 and len(trained) > 8
