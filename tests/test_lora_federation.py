@@ -64,7 +64,9 @@ TASKS = 2
 # (~80 s on a loaded core): its cache key is the base's config and weight bytes, the plan, the
 # tier's batch x seq_len and the adapter space, not the folder, so the server's export process
 # finds it in the cache and publishes it; any difference in those and the server exports it itself.
-SESSION = Path(os.environ["STAMEN_CACHE"])
+# Each pytest-xdist worker collects this module and saves its own base (same bytes, same key):
+# two processes writing one folder at once could hand a reader half a file.
+SESSION = Path(os.environ["STAMEN_CACHE"]) / os.environ.get("PYTEST_XDIST_WORKER", "main")
 BASE = save_tiny("gpt2", SESSION / "lora-base", positions=256)
 MODEL = f"hf:{BASE}"
 (SESSION / "lora-fed.toml").write_text(FED)
