@@ -205,9 +205,6 @@ class Scheduler:
         devices' work, so their text was the only private text the model saw
         (docs/FINDINGS.md, session 14). Yielding, it long-polls like the others."""
         window = self.fed.server.long_poll_s
-        if len(self._served) > self._served_cap:  # keep only the recent, pruning as it doubles
-            self._served = {c: t for c, t in self._served.items() if now - t < window}
-            self._served_cap = max(64, 2 * len(self._served))
         return now - self._refused_at < window and now - self._served.get(client_id, -math.inf) < window
 
     def _device_cap(self) -> int:
@@ -324,6 +321,10 @@ class Scheduler:
             self._node_steps += task.steps
         elif a is not None and now is not None:
             self._served[task.client_id] = now
+            if len(self._served) > self._served_cap:  # keep only the recent, pruning as it doubles
+                window = self.fed.server.long_poll_s
+                self._served = {c: t for c, t in self._served.items() if now - t < window}
+                self._served_cap = max(64, 2 * len(self._served))
         self._round_done.append(task.client_id)
         return task
 

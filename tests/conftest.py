@@ -22,8 +22,8 @@ stay together in one worker, with its module fixtures; not yet ``make test``'s, 
 says why). The workers share the controller's
 session folder (inherited through STAMEN_CACHE) and one export process, which worker gw0 starts
 (or the test process of a plain run); it holds an exclusive lock on ``export-ahead.lock`` for as
-long as it lives, so every worker can tell that it still runs, and the starter waits for it at the
-end (the other worker may still need its bundles) unless the session was cut short."""
+long as it lives, so every worker can tell that it still runs, and gw0 waits for it at the end
+(the other worker may still need its bundles) unless the session was cut short."""
 
 import fcntl
 import os
@@ -91,14 +91,15 @@ class ExportsAhead:
     proc: subprocess.Popen | None
 
     def close(self, cut_short: bool) -> None:
-        """At the end of the starter's session: the process has made every bundle that a
-        collected test needs, for this worker's tests or the other's, so it is waited for;
-        a session cut short (interrupted, ``-x``) ends it instead."""
+        """At the end of the starter's session. In worker gw0 the other worker may still need
+        the process's bundles, so it is waited for, unless the session was cut short
+        (interrupted, ``-x``); in a plain run every test has run, so it is ended at once."""
         if self.proc is None:
             return
-        if cut_short and self.proc.poll() is None:
+        wait = WORKER is not None and not cut_short
+        if not wait and self.proc.poll() is None:
             self.proc.terminate()
-        self.proc.wait(timeout=60 if cut_short else None)
+        self.proc.wait(timeout=None if wait else 60)
 
 
 AHEAD = pytest.StashKey[ExportsAhead]()
