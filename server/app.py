@@ -90,8 +90,9 @@ class Deadlines:
     loop). Every request has the same timeout, so they come due in the order they started:
     requests in flight are kept in that order, and one sweep a second (``SWEEP_S``, or a
     quarter of the timeout if shorter) cancels those past their deadline, which then answer
-    408, at most a sweep late. As with ``asyncio.timeout``, a cancellation from elsewhere
-    (shutdown) still propagates."""
+    408, at most a sweep late (an upload waiting on its journal commit once its row is applied:
+    the committer's futures refuse cancellation). As with ``asyncio.timeout``, a cancellation
+    from elsewhere (shutdown) still propagates."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s

@@ -235,7 +235,7 @@ class Federation:
                 update, loss = await asyncio.get_running_loop().run_in_executor(
                     self._decoders, self.coord.decode, task, body)
             if task_id in self._committing:  # a re-send raced the first upload: answer as it is answered
-                await asyncio.shield(self._committing[task_id])
+                await self._committing[task_id]  # the committer's future: no waiter can cancel it
                 return await self._duplicate(p, time.time(), next_task)
             if not self.coord.open(p.client_id, task):
                 return await self._duplicate(p, time.time(), next_task)
@@ -249,7 +249,7 @@ class Federation:
         self._committing[task_id] = committed  # until it is applied, even if this request is cancelled
         committed.add_done_callback(lambda _: self._committing.pop(task_id, None))
         try:
-            return await asyncio.shield(committed)
+            return await committed
         except (OSError, sqlite3.Error) as e:
             raise RequestError(f"the server could not store the update ({e}); send it again later", 503) from None
 

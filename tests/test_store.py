@@ -1,3 +1,4 @@
+import asyncio
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 import crash_feeder as cf
 from stamen.core.errors import UserError
 from stamen.server.aggregator import AggregatorConfig, StaleUpdate
+from stamen.server.committer import Committer
 from stamen.server.store import Store
 
 FEEDER = Path(__file__).with_name("crash_feeder.py")
@@ -188,6 +190,40 @@ def test_accept_rejects_before_journaling_and_ignores_resends(tmp_path):
         Store(tmp_path).restore(cf.CFG, AggregatorConfig(buffer_k=2, tau_max=0))
     with pytest.raises(UserError, match="no checkpoint"):
         Store(tmp_path / "empty").restore(cf.CFG, cf.CONFIG)
+
+
+def test_a_wait_cancelled_while_its_row_commits_leaves_the_row_to_the_committer(tmp_path):
+    """A request's timeout cancels its wait on its row, never the row's future: the row is still
+    made durable and applied, whoever else waits on it (a re-sent upload) gets its result, and
+    the cancelled request sees its cancellation once the row is applied."""
+    st = Store(tmp_path, checkpoint_every=1000)
+    agg = st.start(cf.CFG, cf.initial_weights(), cf.BATCHED)
+
+    async def main() -> None:
+        committer = Committer(st, agg)
+        row = st.row(cf.update_for(0, 0), 0.0)
+
+        def apply() -> str:
+            st.apply(agg, row)
+            return "applied"
+
+        done = committer.commit(row, apply)
+
+        async def request() -> str:
+            return await done
+
+        waiting = asyncio.create_task(request())
+        await asyncio.sleep(0)  # the request now waits on the row
+        waiting.cancel()
+        assert not done.cancelled() and not waiting.done()
+        assert await done == "applied"
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await committer.drain()
+        committer.close()
+
+    asyncio.run(main())
+    assert st.journaled_task_ids() == ["t0"] and "t0" in agg.seen
 
 
 def version_files(root: Path) -> dict[str, int]:
