@@ -1,7 +1,7 @@
 """The crash test's victim: feeds a fixed, seeded stream of updates through a Store, printing
-``ack <task id>`` once each is acknowledged. Run as a script it resumes whatever state the
-store holds; ``STAMEN_CRASH=<point>:<n>`` makes it SIGKILL itself at the n-th pass through a
-point (``submit``: journaled but not applied; ``flush``: a max-wait flush journaled but not
+``ack <task id>`` once each is acknowledged. Run in a process of its own (``forked``) it
+resumes whatever state the store holds; ``crash="<point>:<n>"`` makes it SIGKILL itself at the
+n-th pass through a point (``submit``: journaled but not applied; ``flush``: a max-wait flush journaled but not
 applied; ``fsync``: checkpoint temp file written, not renamed; ``replace``: renamed, journal
 payloads not yet dropped; ``version``: a kept version's file renamed into place, the checkpoint
 file that names it not yet written; ``write``: a journal batch about to be committed;
@@ -10,7 +10,7 @@ checkpoint file's steps, not the version files'). The test also kills it from ou
 instants.
 
 Two ways to feed: one update at a time through ``Store.accept`` (``feed``), or as the server
-does, through the group-committing ``Committer`` (``feed_batched``, ``STAMEN_BATCHED=1``): waves
+does, through the group-committing ``Committer`` (``feed_batched``, ``batched=True``): waves
 of ``WAVE`` concurrent uploads, each wave one journal batch, a max-wait poll after each wave,
 checkpoints on the committer's thread while the next batches commit. Its bases are a fixed
 function of the position in the stream, so the stream does not depend on timing."""
@@ -21,6 +21,7 @@ import asyncio
 import os
 import signal
 import sys
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -129,10 +130,14 @@ def _kill_at(owner: object, attr: str, n: int, before: bool, counts=lambda *args
     setattr(owner, attr, wrapper)
 
 
-if __name__ == "__main__":
+def forked(out: Connection, root: str, crash: str, batched: bool) -> None:
+    """The victim's life in a process of its own (forked from test_store's forkserver): arm
+    the crash point, then feed (or resume) to the end, printing to the pipe ``out``."""
+    sys.stdout = os.fdopen(os.dup(out.fileno()), "w")
+    out.close()
     torch.set_num_threads(1)
-    if os.environ.get("STAMEN_CRASH"):
-        point, n = os.environ["STAMEN_CRASH"].split(":")
+    if crash:
+        point, n = crash.split(":")
         def versions(*args) -> bool:
             """A call on a version file or their folder: ``_fsync(path)``, ``os.replace(tmp, path)``."""
             return store.VERSIONS in Path(args[-1]).parts
@@ -143,7 +148,7 @@ if __name__ == "__main__":
                   "version": (store.os, "replace", False, versions),
                   "write": (store.Store, "write", True), "written": (store.Store, "write", False)}[point]
         _kill_at(*target[:2], int(n), *target[2:])
-    if os.environ.get("STAMEN_BATCHED"):
+    if batched:
         write = store.Store.write
 
         def counted(self, rows):
@@ -151,6 +156,8 @@ if __name__ == "__main__":
             print(f"batch {len(rows)}", flush=True)
 
         store.Store.write = counted
-        feed_batched(sys.argv[1])
+        feed_batched(root)
     else:
-        feed(sys.argv[1])
+        feed(root)
+    sys.stdout.flush()
+

@@ -47,6 +47,32 @@ def stamen(*args) -> subprocess.CompletedProcess:
                           env=ENV, timeout=300)
 
 
+EACH = """
+import contextlib, io, json, sys
+from stamen.cli import main
+answers = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's usage errors end ``python -m stamen`` so
+            code = e.code
+    answers.append([code, err.getvalue()])
+print(json.dumps(answers))
+"""
+
+
+def stamen_each(*argvs: list[str]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of ``stamen ARGV`` for each ARGV, all in one Python process that calls
+    ``main(ARGV)`` as ``python -m stamen`` does: for mistakes found after the command has
+    imported torch (and matplotlib, Ray), which cost 3-5 CPU-s in each process of their own."""
+    r = subprocess.run([sys.executable, "-c", EACH, json.dumps([list(map(str, a)) for a in argvs])],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return [tuple(answer) for answer in json.loads(r.stdout)]
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now (for processes that cannot report the one they bound)."""
     with socket.socket() as s:

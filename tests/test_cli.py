@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from federation_procs import ENV, stamen
+from federation_procs import ENV, stamen, stamen_each
 
 
 def test_models_lists_every_preset_with_its_count():
@@ -155,17 +155,21 @@ def test_simulate_writes_the_report(tmp_path):
     assert f"report in {tmp_path / 'run'}/" in r.stdout
 
 
-@pytest.mark.parametrize("body, message", [
+BAD_CONFIGS = [
     ("[simulation]\nmax_versions = 'many'\n", "max_versions"),
     ("[simulaton]\nseed = 1\n", "simulaton"),
     ("[simulation]\ntext = 'secret'\n", "unknown text mode"),
     ("[simulation]\ntext = 'private'\npublic_share = 1.5\n", "public share"),
-])
-def test_simulate_bad_config_is_one_line(tmp_path, body, message):
-    config = tmp_path / "sim.toml"
-    config.write_text(body)
-    r = stamen("simulate", "--config", str(config), "--out", str(tmp_path / "run"))
-    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+]
+
+
+def test_simulate_bad_config_is_one_line(tmp_path):
+    argvs = []
+    for i, (body, _) in enumerate(BAD_CONFIGS):
+        (tmp_path / f"sim{i}.toml").write_text(body)
+        argvs.append(["simulate", "--config", tmp_path / f"sim{i}.toml", "--out", tmp_path / f"run{i}"])
+    for (code, err), (_, message) in zip(stamen_each(*argvs), BAD_CONFIGS, strict=True):
+        assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_simulate_refuses_at_start_up_a_population_its_text_cannot_feed(tmp_path):

@@ -92,12 +92,18 @@ def test_federation_evaluates_exports_and_generates(tmp_path):
         server.terminate()
         log = server.communicate(timeout=60)[0]
     evals = status["evaluations"]
-    assert status["version"] == 3 and [e["version"] for e in evals] == [0, 1, 2, 3]
+    # Scoring takes at most a tenth of the server's time (service.EVAL_SHARE): a version published
+    # while the scorer works or rests is skipped, the newest never. Which of versions 1 and 2 a
+    # loaded machine skips is timing (the scorer fell behind in 1 of 3 parallel suite runs), so
+    # the scored versions are asserted as the policy promises: from v0, in order, to the newest.
+    scored = [e["version"] for e in evals]
+    assert status["version"] == 3 and scored[0] == 0 and scored[-1] == 3 and scored == sorted(set(scored)), scored
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2, evals  # the federation learned something
-    for e in evals:
+    for v in (1, 2, 3):  # one log line per published version
+        assert re.search(rf"version {v}: 1 updates, ", log), log
+    for e in evals:  # and one per score, each in /metrics
         assert f'stamen_val_loss{{version="{e["version"]}"}} {e["val_loss"]:g}' in metrics
-        if e["version"]:  # one log line per published version, and one for its score
-            assert re.search(rf"version {e['version']}: 1 updates, ", log), log
+        if e["version"]:
             assert re.search(rf"version {e['version']}: validation loss {e['val_loss']:.4f} on 384 held-out tokens", log), log
     assert f"stamen_val_loss_latest {evals[-1]['val_loss']:g}" in metrics
 

@@ -1,11 +1,10 @@
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,12 @@ from stamen.server.aggregator import AggregatorConfig, StaleUpdate
 from stamen.server.committer import Committer
 from stamen.server.store import Store
 
-FEEDER = Path(__file__).with_name("crash_feeder.py")
+# The feeders are forked from a server process that has imported what crash_feeder imports:
+# real processes, SIGKILLed as before, without the imports of torch and stamen in each of ~30
+# fresh interpreters (2-3 CPU-s each). Named as installed: Python 3.11's forkserver drops the
+# test's sys.path, so crash_feeder itself (cheap on top of these) is imported in each child.
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["pytest", "torch", "stamen.server.committer", "stamen.server.store"])
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +57,32 @@ def assert_same_state(agg, ref) -> None:
 
 
 def run_feeder(root: Path, crash: str | None = None, kill_after_acks: int | None = None,
-               delay: float = 0.0, batched: bool = False) -> tuple[int, set[str], list[int]]:
+               delay: float = 0.0, batched: bool = False) -> tuple[int | None, set[str], list[int]]:
     """One feeder process, killed at a point (``crash``) or from outside after some acks:
     (exit code, task ids acknowledged, sizes of the journal batches it committed)."""
-    env = dict(os.environ, STAMEN_CRASH=crash or "", STAMEN_BATCHED="1" if batched else "")
-    proc = subprocess.Popen([sys.executable, str(FEEDER), str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    lines, into = FORKS.Pipe(duplex=False)
+    proc = FORKS.Process(target=cf.forked, args=(into, str(root), crash or "", batched))
+    proc.start()
+    into.close()  # the child holds the only writer: its death ends the lines
     acked, batches = set(), []
-    for line in proc.stdout:
-        what, value = line.split()
-        if what == "batch":
-            batches.append(int(value))
-            continue
-        acked.add(value)
-        if kill_after_acks is not None and len(acked) >= kill_after_acks:
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-            break
-    for line in proc.stdout:
-        what, value = line.split()
-        if what == "ack":
+    with os.fdopen(os.dup(lines.fileno())) as out:
+        lines.close()
+        for line in out:
+            what, value = line.split()
+            if what == "batch":
+                batches.append(int(value))
+                continue
             acked.add(value)
-    return proc.wait(timeout=60), acked, batches
+            if kill_after_acks is not None and len(acked) >= kill_after_acks:
+                time.sleep(delay)
+                proc.kill()
+                break
+        for line in out:
+            what, value = line.split()
+            if what == "ack":
+                acked.add(value)
+    proc.join(60)
+    return proc.exitcode, acked, batches
 
 
 # Each scenario is a list of crashes, one feeder process each; the test then resumes in-process.
