@@ -15,7 +15,6 @@ import ctypes
 import ctypes.util
 import gc
 import itertools
-import json
 import os
 import re
 import signal
@@ -23,8 +22,6 @@ import socket
 import sqlite3
 import ssl
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -431,25 +428,3 @@ def _loop_factory():
     except ImportError:
         return None
     return uvloop.new_event_loop
-
-
-def fetch_status(url: str, token: str | None = None, ca_file: str | None = None) -> dict:
-    """``stamen status URL --token ADMIN``: the server's /v1/status as a dict (the public
-    aggregate without a token, where the server allows it); ``ca_file`` is trusted for https."""
-    target = url.rstrip("/") + "/v1/status"
-    if ca_file is not None and not Path(ca_file).is_file():
-        raise UserError(f"CA file not found: {ca_file}")
-    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        with urllib.request.urlopen(request, timeout=10, context=context) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            reason = json.loads(e.read())["error"]
-        except (ValueError, KeyError, TypeError):
-            reason = e.reason
-        raise UserError(f"cannot read {target}: {e.code} {reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise UserError(f"cannot read {target}: {e}") from None
-

@@ -4,7 +4,12 @@ clients that train for it (``client``, ``device-emulator``)."""
 from __future__ import annotations
 
 import argparse
+import json
+import ssl
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from stamen.cli_models import MODEL_HELP, positive_float, positive_int
@@ -74,8 +79,6 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def _when(t: float | None) -> str:
-    import time
-
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
 
 
@@ -110,13 +113,31 @@ def duration(text: str) -> float:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    import json
-    import time
-
-    from stamen.server.app import fetch_status
-
     status = fetch_status(args.url, args.token, args.ca_file)
     print(json.dumps(status, indent=2) if args.json else status_table(status, time.time()))
+
+
+def fetch_status(url: str, token: str | None = None, ca_file: str | None = None) -> dict:
+    """``stamen status URL --token ADMIN``: the server's /v1/status as a dict (the public
+    aggregate without a token, where the server allows it); ``ca_file`` is trusted for https.
+    A plain HTTP read, here rather than beside the server, so that it does not import the
+    server (torch, aiohttp): ~3 CPU-s a call, which a script polling the status paid each time."""
+    target = url.rstrip("/") + "/v1/status"
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise UserError(f"CA file not found: {ca_file}")
+    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        with urllib.request.urlopen(request, timeout=10, context=context) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = e.reason
+        raise UserError(f"cannot read {target}: {e.code} {reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {target}: {e}") from None
 
 
 def _ago(t: float | None, now: float) -> str:

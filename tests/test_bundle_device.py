@@ -10,7 +10,7 @@ from stamen.core.model import PRESETS, ModelSpec
 from stamen.core.plan import Plan, tier_plans
 from stamen.mobile_bridge.bundle import publish_bundle
 from stamen.mobile_bridge.device import ReferenceDevice, plan_hash
-from stamen.server.app import fetch_status
+from stamen.cli_federation import fetch_status
 from stamen.server.auth import create_token
 
 SPEC = ModelSpec("gpt-tiny")

@@ -100,6 +100,7 @@ MISTAKES_BEFORE_TORCH = [
     ["device-emulator", "--server", "http://127.0.0.1:9", "--token", "t", "--runtime", "tflite", "--data", "d"],
     ["export", "--plan", "missing.json", "--runtime", "ort", "--out", "x"],
     ["export", "--model", "gpt-huge", "--plan", "gpu", "--runtime", "ort", "--out", "x"],
+    ["status", "http://127.0.0.1:9"],  # nothing listens there; a status read never loads torch
 ]
 
 

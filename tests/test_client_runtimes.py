@@ -15,7 +15,7 @@ from stamen.core.plan import tier_plans
 from stamen.core.records import Capabilities
 from stamen.edge_client.bundle_runtime import available_runtimes
 from stamen.edge_client.client import EdgeClient, declared_runtimes
-from stamen.server.app import fetch_status
+from stamen.cli_federation import fetch_status
 from stamen.server.auth import create_token
 from stamen.server.config import load_config
 from stamen.server.scheduler import Scheduler

@@ -32,7 +32,7 @@ from stamen.core.records import Capabilities
 from stamen.edge_client.client import EdgeClient
 from stamen.edge_client.flower import client_app, gateway_app
 from stamen.edge_client.probe import capabilities, probe
-from stamen.server.app import fetch_status
+from stamen.cli_federation import fetch_status
 from stamen.server.auth import create_token
 
 APP = Path(__file__).resolve().parents[1] / "edge_client" / "flower_app"

@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from federation_procs import stamen, start_server, stdlib_folders
 from stamen.core.errors import UserError
-from stamen.server.app import fetch_status
+from stamen.cli_federation import fetch_status
 from stamen.server.auth import create_token
 
 FED = "[aggregation]\nbuffer_k = 1\n[tiers.gpu]\nsteps = 2\nbatch_size = 2\n"
