@@ -84,12 +84,12 @@ class Committer:
 
     def _write(self, loop: asyncio.AbstractEventLoop, batch: list) -> None:
         """On the journal thread: commit the batch, then hand it back to the loop."""
+        error = None
         try:
             self.store.write([row for row, _, _ in batch])
         except Exception as e:  # nothing of the batch is durable: nothing of it is applied
-            loop.call_soon_threadsafe(self._written, batch, e)
-        else:
-            loop.call_soon_threadsafe(self._written, batch, None)
+            error = e
+        loop.call_soon_threadsafe(self._written, batch, error)
 
     def _written(self, batch: list, error: Exception | None) -> None:
         """On the loop, once ``batch`` is durable (or its commit failed): start the next batch,

@@ -160,4 +160,3 @@ def forked(out: Connection, root: str, crash: str, batched: bool) -> None:
     else:
         feed(root)
     sys.stdout.flush()
-
