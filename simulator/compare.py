@@ -34,6 +34,7 @@ import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from stamen.core.baseline import BaselineConfig, run_baseline
 from stamen.core.errors import UserError
@@ -131,6 +132,16 @@ def variant(setup: SimSetup, name: str) -> SimSetup:
     raise UserError(f"unknown variant {name!r}: use {', '.join(VARIANTS)}")
 
 
+def run_variant(setup: SimSetup, name: str, end_h: float | None = None,
+                on_version: Callable[[int], None] | None = None) -> tuple[Simulation, dict]:
+    """The variant run to its own horizon, or to ``end_h`` virtual hours (another run's end:
+    variants are compared at equal virtual time, whatever versions each publishes)."""
+    s = variant(setup, name)
+    sim = s.sim if end_h is None else replace(s.sim, horizon_h=end_h, max_versions=10**9)
+    simulation = Simulation(sim, s.fed, s.classes)
+    return simulation, simulation.run(on_version=on_version).summary()
+
+
 def _final(evals: list[dict]) -> dict[str, float]:
     last = evals[-1]
     return {k.removeprefix("val_").replace("loss", "all"): v for k, v in last.items() if k.startswith("val_")}
@@ -155,10 +166,7 @@ def compare_variants_once(setup: SimSetup, names: tuple[str, ...], out: Path) ->
     centralizing its text, the second how far the devices' own work is."""
     runs, sims, end_h = {}, {}, None
     for name in names:
-        s = variant(setup, name)
-        sim = s.sim if end_h is None else replace(s.sim, horizon_h=end_h, max_versions=10**9)
-        sims[name] = Simulation(sim, s.fed, s.classes)
-        runs[name] = sims[name].run().summary()
+        sims[name], runs[name] = run_variant(setup, name, end_h)
         end_h = runs[name]["end_time_h"] if end_h is None else end_h
     domains = {k: v for k, v in sims[names[0]].val.items() if k != "all"}
     seed = setup.sim.seed

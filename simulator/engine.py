@@ -56,7 +56,7 @@ class SimConfig:
     # split it too (devices bring compute only). "private": GPU nodes read a public share of
     # the packages (``public_share`` of the bytes) and devices split the rest, text nobody
     # else holds (Photon's premise); validation is then also reported per domain.
-    text: str = "shared"
+    text: str = "private"
     public_share: float = 0.5
     population: PopulationConfig = field(default_factory=PopulationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # [population.attackers]
@@ -67,6 +67,7 @@ class SimConfig:
     eval_batches: int = 8
     max_group: int = 128  # devices trained together in one batched step (bounds memory)
     baseline: bool = True  # the report also trains centrally on as many tokens
+    nodes_alone: bool = True  # the report also runs the GPU nodes without the devices (to the same virtual time)
     backend: str = "local"  # where devices train: "local" (this process) or "ray" (ray_backend.py)
     address: str = ""  # the Ray cluster's head, HOST:6379 ("" = start a local Ray)
 

@@ -1,6 +1,7 @@
 """The simulation report's plots, drawn from ``summary.json`` alone (so a report can be redrawn
-without rerunning): validation loss against virtual time and against tokens (with the
-centralized baseline on the same axes), who contributed what, traffic, utilisation, staleness."""
+without rerunning): validation loss against virtual time and against tokens (with the GPU nodes
+alone and the centralized baseline on the same axes) and per text domain, who contributed what,
+traffic, utilisation, staleness."""
 
 from __future__ import annotations
 
@@ -13,18 +14,39 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 
 def plot_loss(summary: dict, path: Path) -> None:
-    evals = summary["evals"]
-    fig, (ax_t, ax_n) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax_t.plot([e["time_h"] * 60 for e in evals], [e["val_loss"] for e in evals], marker="o", ms=3)
-    ax_t.set(xlabel="virtual time (minutes)", ylabel="validation loss (nats/byte)", title="Federated run vs virtual time")
-    ax_n.plot([e["tokens"] / 1e6 for e in evals], [e["val_loss"] for e in evals], marker="o", ms=3, label="federated")
+    """Validation loss against virtual time (beside the GPU nodes alone) and against tokens
+    (beside centralized training too), and, with private device text, the final loss per
+    domain: the text only the devices hold is where they should count."""
+    runs = [("federated", summary)] + ([("GPU nodes alone", summary["gpu_only"])] if "gpu_only" in summary else [])
+    domains = [k.removeprefix("val_") for k in summary["evals"][-1] if k.startswith("val_") and k != "val_loss"]
+    fig, axes = plt.subplots(1, 3 if domains else 2, figsize=(18 if domains else 12, 4.5))
+    ax_t, ax_n = axes[0], axes[1]
+    for name, run in runs:
+        evals = run["evals"]
+        ax_t.plot([e["time_h"] * 60 for e in evals], [e["val_loss"] for e in evals], marker="o", ms=3, label=name)
+        ax_n.plot([e["tokens"] / 1e6 for e in evals], [e["val_loss"] for e in evals], marker="o", ms=3, label=name)
+    ax_t.set(xlabel="virtual time (minutes)", ylabel="validation loss (nats/byte)", title="Loss vs virtual time")
     if "baseline" in summary:
         tokens, losses = zip(*summary["baseline"]["val_curve"])
         ax_n.plot([t / 1e6 for t in tokens], losses, marker="s", ms=3, label="centralized, same tokens")
     ax_n.set(xlabel="tokens trained (millions)", ylabel="validation loss (nats/byte)", title="Loss vs tokens")
-    ax_n.legend()
-    for ax in (ax_t, ax_n):
+    if domains:
+        ax_d = axes[2]
+        bars = [(name, [run["evals"][-1][f"val_{d}"] for d in domains]) for name, run in runs]
+        if "final_by_domain" in summary.get("baseline", {}):
+            bars.append(("centralized, same tokens", [summary["baseline"]["final_by_domain"][d] for d in domains]))
+        width = 0.8 / len(bars)
+        for i, (name, values) in enumerate(bars):
+            at = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(domains))]
+            ax_d.bar(at, values, width=width, label=name)
+            for x, v in zip(at, values):
+                ax_d.annotate(f"{v:.3f}", (x, v), ha="center", va="bottom", fontsize=8)
+        ax_d.set_xticks(range(len(domains)), [f"{d} text" for d in domains])
+        ax_d.set(ylabel="final validation loss (nats/byte)", title="Final loss by who holds the text")
+        ax_d.set_ylim(bottom=min(v for _, values in bars for v in values) * 0.9)
+    for ax in axes:
         ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

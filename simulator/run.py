@@ -1,6 +1,7 @@
-"""``stamen simulate``: run a simulation, the centralized baseline on as many tokens, and write
-the report folder: ``summary.json``, the final weights (``model/``) (deterministic for a seed), ``timing.json`` (wall time and
-peak memory, which are not), the plots, and the baseline's own folder."""
+"""``stamen simulate``: run a simulation, its GPU nodes alone to the same virtual time and the
+centralized baseline on as many tokens, and write the report folder: ``summary.json`` and the
+final weights (``model/``), deterministic for a seed, ``timing.json`` (wall time and peak memory,
+which are not), the plots, and the baseline's own folder."""
 
 from __future__ import annotations
 
@@ -16,26 +17,37 @@ from stamen.core.baseline import BaselineConfig, run_baseline
 from stamen.core.gpt2 import save_model
 from stamen.core.model import ModelSpec
 from stamen.simulator.config import SimSetup
-from stamen.simulator.engine import EVAL_BATCH, Simulation
+from stamen.simulator.compare import run_variant
+from stamen.simulator.engine import EVAL_BATCH
 from stamen.simulator.report import write_plots
 
 
 def simulate(setup: SimSetup, out: Path, progress: bool = True) -> dict:
-    """Run ``setup`` and write its report into ``out``; returns the summary."""
+    """Run ``setup`` and write its report into ``out``; returns the summary. Beside the run, the
+    report holds what a reader compares it with: the GPU nodes alone to the same virtual time
+    (what the devices add, ``gpu_only``) and centralized training on as many tokens
+    (``baseline``), each on the run's validation domains."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    sim = Simulation(setup.sim, setup.fed, setup.classes)
     bar = tqdm(total=setup.sim.max_versions, desc="simulate", unit="version", disable=not progress)
-    result = sim.run(on_version=lambda v: bar.update(v - bar.n))
+    sim, result = run_variant(setup, "mixed", on_version=lambda v: bar.update(v - bar.n))
     bar.close()
-    summary = {"config": {"simulation": asdict(setup.sim), "federation": asdict(setup.fed)}, **result.summary()}
+    summary = {"config": {"simulation": asdict(setup.sim), "federation": asdict(setup.fed)}, **result}
+    pop = setup.sim.population
+    if setup.sim.nodes_alone and pop.devices and sum(pop.gpu_nodes.values()):
+        bar = tqdm(desc="GPU nodes alone", unit="version", disable=not progress)
+        _, alone = run_variant(setup, "gpu-only", summary["end_time_h"], on_version=lambda v: bar.update(v - bar.n))
+        bar.close()
+        summary["gpu_only"] = {k: alone[k] for k in ("versions", "end_time_h", "final_val_loss", "counters", "evals")}
     simulated_s = time.perf_counter() - start
-    if setup.sim.baseline and result.counters.tokens > 0:
-        base = run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data, tokens=result.counters.tokens,
-                                           batch_size=EVAL_BATCH, seq_len=setup.fed.training.seq_len,
-                                           eval_batches=setup.sim.eval_batches, seed=setup.sim.seed),
-                            out / "baseline", progress)
-        summary["baseline"] = {k: base[k] for k in ("tokens", "final_val_loss", "val_curve")}
+    if setup.sim.baseline and summary["counters"]["tokens"] > 0:
+        domains = {k: v for k, v in sim.val.items() if k != "all"}
+        base = run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data,
+                                           tokens=summary["counters"]["tokens"], batch_size=EVAL_BATCH,
+                                           seq_len=setup.fed.training.seq_len, eval_batches=setup.sim.eval_batches,
+                                           seed=setup.sim.seed),
+                            out / "baseline", progress, domains=domains)
+        summary["baseline"] = {k: base[k] for k in ("tokens", "final_val_loss", "val_curve", "final_by_domain") if k in base}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     save_model(ModelSpec(setup.sim.model), sim.weights, out / "model", extra={"version": summary["versions"]})
     write_plots(summary, out)

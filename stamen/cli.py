@@ -76,9 +76,20 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     timing = json.loads((out / "timing.json").read_text())
     line = (f"{summary['versions']} versions in {summary['end_time_h']:.2f} virtual hours, final validation loss "
             f"{summary['final_val_loss']:.3f}")
+    against = []
+    if "gpu_only" in summary:
+        against.append(f"GPU nodes alone {summary['gpu_only']['final_val_loss']:.3f}")
     if "baseline" in summary:
-        line += f" (centralized on the same tokens: {summary['baseline']['final_val_loss']:.3f})"
+        against.append(f"centralized on the same tokens {summary['baseline']['final_val_loss']:.3f}")
+    if against:
+        line += f" ({'; '.join(against)})"
     print(f"{line}; {timing['wall_s']:.0f} s wall, peak {timing['peak_rss_mib']:.0f} MiB; report in {out}/")
+    last = summary["evals"][-1]
+    for d in (k.removeprefix("val_") for k in last if k.startswith("val_") and k != "val_loss"):
+        row = f"{d} text: {last[f'val_{d}']:.3f}"
+        if "gpu_only" in summary:
+            row += f" (GPU nodes alone {summary['gpu_only']['evals'][-1][f'val_{d}']:.3f})"
+        print(row)
 
 
 class _Help(argparse.HelpFormatter):

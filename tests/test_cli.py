@@ -181,7 +181,7 @@ def test_simulate_refuses_at_start_up_a_population_its_text_cannot_feed(tmp_path
         (tmp_path / "text" / name).mkdir(parents=True)
         (tmp_path / "text" / name / "f.txt").write_text("x = 1\n" * 100)
     config = tmp_path / "sim.toml"
-    config.write_text(f"[simulation]\ndata = '{tmp_path / 'text'}'\n")
+    config.write_text(f"[simulation]\ndata = '{tmp_path / 'text'}'\ntext = 'shared'\n")
     r = stamen("simulate", "--config", str(config), "--devices", "100", "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.splitlines()[-1] == ("stamen: error: the text holds 18 training windows of 66 bytes, fewer than "

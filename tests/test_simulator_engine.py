@@ -132,7 +132,7 @@ def test_a_stale_refusal_frees_the_task(fed):
 
 def test_gpu_nodes_train_on_the_whole_split_devices_on_partitions(fed):
     population = PopulationConfig(devices=6, mix={"laptop": 1.0}, gpu_nodes={"gpu-h100": 1}, seed=0)
-    sim = Simulation(SimConfig(population=population), fed, always_on())
+    sim = Simulation(SimConfig(population=population, text="shared"), fed, always_on())
     gpu = [d for d in sim.devices if d.capabilities.role == "gpu"]
     devices = [d for d in sim.devices if d.capabilities.role == "device"]
     assert len(gpu) == 1 and len(devices) == 6

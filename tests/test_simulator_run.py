@@ -8,6 +8,7 @@ import torch
 
 from stamen.simulator.compare import compare, hours_to_loss, sync_vs_async, synchronous
 from stamen.simulator.config import load_simulation
+from stamen.simulator.engine import Simulation
 from stamen.simulator.run import simulate
 
 SIM_TOML = """
@@ -88,6 +89,29 @@ def test_report_folder_is_complete_and_deterministic(setup, tmp_path):
     # of 32 sequences x 32 tokens.
     assert a["counters"]["tokens"] == a["evals"][-1]["tokens"]
     assert a["baseline"]["tokens"] == max(1, a["counters"]["tokens"] // 1024) * 1024
+    assert "gpu_only" not in a  # no GPU nodes to run alone
+
+
+def test_report_holds_the_gpu_nodes_alone(setup, tmp_path):
+    sim = dataclasses.replace(setup.sim, text="private", max_versions=4, eval_every=2,
+                              population=dataclasses.replace(setup.sim.population, gpu_nodes={"gpu-x": 2}))
+    paced = dataclasses.replace(setup.fed.aggregation, buffer_k=2, paced_by=("gpu",))  # as the packaged default
+    s = simulate(dataclasses.replace(setup, sim=sim, fed=dataclasses.replace(setup.fed, aggregation=paced)), tmp_path,
+                 progress=False)
+    # The reference: the engine itself on the population without its devices, each version one
+    # update per node (DiLoCo's workers), stopped at the virtual time the federated run ended.
+    alone_sim = dataclasses.replace(sim, horizon_h=s["end_time_h"], max_versions=10**9,
+                                    population=dataclasses.replace(sim.population, devices=0))
+    alone_fed = dataclasses.replace(setup.fed, aggregation=paced)
+    ref = Simulation(alone_sim, alone_fed, setup.classes).run().summary()
+    alone = s["gpu_only"]
+    assert alone["evals"] == ref["evals"] and alone["counters"] == ref["counters"]
+    assert alone["versions"] == ref["versions"] >= 1 and alone["final_val_loss"] == ref["evals"][-1]["val_loss"]
+    assert alone["end_time_h"] <= s["end_time_h"] and s["per_tier"].keys() - {"gpu"}  # devices were in the run
+    assert {"val_public", "val_private"} <= alone["evals"][-1].keys()
+    assert s["baseline"]["final_by_domain"].keys() == {"public", "private"}
+    assert json.loads((tmp_path / "summary.json").read_text())["gpu_only"] == alone
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_synchronous_is_the_same_machinery(setup):
