@@ -87,7 +87,7 @@ import torch
 from stamen.core.errors import UserError
 from stamen.core.plan import Model, Plan, global_shapes
 from stamen.core.records import Update
-from stamen.server.layout import Layout, along, runs, wcut, weight_dims
+from stamen.server.layout import Layout, along, wcut, weight_dims
 from stamen.server.outer import STATE, OuterConfig, direction_, init_state
 from stamen.server.privacy import PrivacyConfig, add_noise_, epsilon
 from stamen.server.robust import SAFE_MAX, DefenceConfig, NormHistory, filter_passing, norm_of, square, step_bound
@@ -193,6 +193,13 @@ class Aggregator:
         ends = itertools.accumulate(math.prod(s) for s in wshapes.values())
         base = torch.from_numpy(self._w)  # one storage: the views' offsets are places in the buffer
         self.W = {n: base[e - math.prod(s):e].view(s) for (n, s), e in zip(wshapes.items(), ends)}
+        # W's elements laid out with a gap after each tensor's, so a flush finds the runs of
+        # W > 0 of every tensor at once (``_covered``) and no run crosses from one to the next
+        sizes = [math.prod(s) for s in wshapes.values()]
+        self._wgap = np.arange(self._w.size) + np.repeat(np.arange(len(sizes)), sizes)
+        self._wgap_start = np.cumsum([0] + sizes[:-1], dtype=np.int64) + np.arange(len(sizes))
+        self._wnames = list(wshapes)
+        self._wruns: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, start, stop) → that run of W, shaped for S
         self.buffer = _Buffer()
         self.seen: dict[str, int] = {}  # task id → base version, for ids a re-send could still reach
         self._seen_at: dict[int, list[str]] = {}  # base version → its ids in ``seen``: a flush forgets by base
@@ -473,15 +480,29 @@ class Aggregator:
     def _covered(self, div: dict[str, torch.Tensor]) -> list[tuple[str, int | None, int, int, torch.Tensor]]:
         """The regions some buffered update covered, as (name, dim, start, stop, the divisor
         ``div`` there shaped to broadcast over them): runs of W > 0 along a sliced dimension,
-        or a whole tensor (dim None, with its scalar)."""
+        or a whole tensor (dim None, with its scalar). The runs of every tensor's W are found
+        in one pass over W's buffer (``_wgap``): the flush had read each of ~50 small W
+        tensors in a few numpy calls of its own."""
+        gapped = np.zeros(self._wgap.size + len(self._wnames) + 1, np.int8)
+        gapped[self._wgap] = self._w > 0
+        step = np.diff(gapped, prepend=np.int8(0))
+        starts, stops = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
+        tensor = np.searchsorted(self._wgap_start, starts, side="right") - 1
+        first = self._wgap_start[tensor]
         out = []
-        for n, W in self.W.items():
+        for t, a, b in zip(tensor.tolist(), (starts - first).tolist(), (stops - first).tolist()):
+            n = self._wnames[t]
             dim = self._wdim[n]
             if dim is None:
-                if W.item() > 0:
-                    out.append((n, None, 0, 0, div[n]))
+                out.append((n, None, 0, 0, div[n]))
+            elif div is self.W:  # W's views of a run are the same every flush that covers it
+                key = (n, a, b)
+                view = self._wruns.get(key)
+                if view is None:
+                    view = self._wruns[key] = along(div[n][a:b], dim, self.S[n].dim())
+                out.append((n, dim, a, b, view))
             else:
-                out += [(n, dim, a, b, along(div[n][a:b], dim, self.S[n].dim())) for a, b in runs(W.numpy() > 0)]
+                out.append((n, dim, a, b, along(div[n][a:b], dim, self.S[n].dim())))
         return out
 
     # --- checkpoints ------------------------------------------------------------------------

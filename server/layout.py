@@ -98,10 +98,9 @@ def wcut(W: torch.Tensor, cut: Cut | None) -> torch.Tensor:
 
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """The maximal runs of True in a 1-d mask as (start, stop): [1 1 0 0 1] → [(0, 2), (4, 5)].
-    In numpy: a flush finds the runs of every sliced tensor's W, and torch's dispatch cost
-    several times numpy's on these short vectors; a mask all one way (most of a flush's: the
-    tensors no update covered, those covered whole) takes one or two calls."""
+    """The maximal runs of True in a 1-d mask as (start, stop): [1 1 0 0 1] → [(0, 2), (4, 5)];
+    a mask all one way takes one or two calls. (A flush finds the runs of every tensor's W at
+    once, ``Aggregator._covered``.)"""
     if not mask.any():
         return []
     if mask.all():

@@ -138,6 +138,7 @@ class Store:
         self.last_seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0]
         self.applied_seq = self.last_seq  # the last row applied to the aggregator
         self._ckpt_version = -1  # the version of the last checkpoint written or being written
+        self._plan_json: dict[Plan, str] = {}  # a plan's journal column, made once per plan
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
@@ -166,7 +167,10 @@ class Store:
                 values.append((r.seq, "flush", None, None, None, None, None, None, r.at))
             else:
                 payload = r.body if r.body is not None else encode(u.delta, JOURNAL_CODEC, meta={"tokens": u.tokens})
-                values.append((r.seq, "update", u.task_id, u.base_version, u.plan.to_json(), u.tokens,
+                plan = self._plan_json.get(u.plan)
+                if plan is None:
+                    plan = self._plan_json[u.plan] = u.plan.to_json()
+                values.append((r.seq, "update", u.task_id, u.base_version, plan, u.tokens,
                                json.dumps(u.metrics), payload, r.at))
         # An explicit transaction: in autocommit mode (isolation_level=None) ``with db`` opens
         # none, and every INSERT would be its own commit and fsync.
