@@ -147,12 +147,16 @@ def _final(evals: list[dict]) -> dict[str, float]:
     return {k.removeprefix("val_").replace("loss", "all"): v for k, v in last.items() if k.startswith("val_")}
 
 
-def _centralized(setup: SimSetup, tokens: int, out: Path, domains: dict[str, list]) -> dict:
-    """Centralized training on all the training text for ``tokens``, validated on the same
-    domains as the simulations."""
-    base = run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data, tokens=tokens, batch_size=EVAL_BATCH,
+def centralized(setup: SimSetup, tokens: int, out: Path, domains: dict[str, list], progress: bool = False) -> dict:
+    """Centralized training on all the training text for ``tokens`` (the baseline's summary),
+    validated on the same domains as the simulations."""
+    return run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data, tokens=tokens, batch_size=EVAL_BATCH,
                                        seq_len=setup.fed.training.seq_len, eval_batches=setup.sim.eval_batches,
-                                       seed=setup.sim.seed), out, progress=False, domains=domains)
+                                       seed=setup.sim.seed), out, progress=progress, domains=domains)
+
+
+def _centralized(setup: SimSetup, tokens: int, out: Path, domains: dict[str, list]) -> dict:
+    base = centralized(setup, tokens, out, domains)
     return {"tokens": base["tokens"], "final": {"all": base["final_val_loss"], **base.get("final_by_domain", {})},
             "val_curve": base["val_curve"]}
 

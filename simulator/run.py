@@ -13,12 +13,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stamen.core.baseline import BaselineConfig, run_baseline
 from stamen.core.gpt2 import save_model
 from stamen.core.model import ModelSpec
+from stamen.simulator.compare import centralized, run_variant
 from stamen.simulator.config import SimSetup
-from stamen.simulator.compare import run_variant
-from stamen.simulator.engine import EVAL_BATCH
 from stamen.simulator.report import write_plots
 
 
@@ -42,11 +40,7 @@ def simulate(setup: SimSetup, out: Path, progress: bool = True) -> dict:
     simulated_s = time.perf_counter() - start
     if setup.sim.baseline and summary["counters"]["tokens"] > 0:
         domains = {k: v for k, v in sim.val.items() if k != "all"}
-        base = run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data,
-                                           tokens=summary["counters"]["tokens"], batch_size=EVAL_BATCH,
-                                           seq_len=setup.fed.training.seq_len, eval_batches=setup.sim.eval_batches,
-                                           seed=setup.sim.seed),
-                            out / "baseline", progress, domains=domains)
+        base = centralized(setup, summary["counters"]["tokens"], out / "baseline", domains, progress)
         summary["baseline"] = {k: base[k] for k in ("tokens", "final_val_loss", "val_curve", "final_by_domain") if k in base}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     save_model(ModelSpec(setup.sim.model), sim.weights, out / "model", extra={"version": summary["versions"]})
