@@ -188,20 +188,24 @@ def coordinatewise(values: torch.Tensor, rule: str, trim: float, overwrite: bool
     return torch.from_numpy(np.asarray(stat, dtype=np.float32)), torch.from_numpy(np.asarray(n, dtype=np.int64))
 
 
-def full_median(x: np.ndarray) -> np.ndarray:
+def full_median(x: np.ndarray, overwrite: bool = True) -> np.ndarray:
     """The median of each column of ``x`` (k, M), float32 with no NaN: ``coordinatewise``'s
     median of a matrix every update covered, the same values, a zero's sign aside (which no
     cosine of ``filter_passing`` can tell). Sorted in place. A column whose two middle ranks
     both fall among its zeros (at most the lower middle rank of its values below 0, more than
     the upper one at or below 0) has median 0 without a sort: a top-k codec's updates keep a
     few percent of each tensor's elements, so those are most of a buffer's columns, and sorting
-    them had been most of a flush (K = 50 phone updates: ~80% of the filter's time)."""
+    them had been most of a flush (K = 50 phone updates: ~80% of the filter's time).
+    ``overwrite`` False: ``x`` is left as it is (a whole sort then sorts a copy)."""
     k = x.shape[0]
     lo, hi = (k - 1) // 2, k // 2
     count = np.uint16 if k < 1 << 16 else np.int64  # rows of bools summed in a narrow type: ~3x faster than count_nonzero
     rest = np.flatnonzero(((x < 0).sum(0, dtype=count) > lo) | ((x <= 0).sum(0, dtype=count) <= hi))
     if 2 * rest.size > x.shape[1]:  # mostly real medians: one sort of the whole matrix
-        x.sort(axis=0)
+        if overwrite:
+            x.sort(axis=0)
+        else:
+            x = np.sort(x, axis=0)
         return np.array(x[lo] if lo == hi else (x[lo] + x[hi]) / np.float32(2), dtype=np.float32)
     out = np.zeros(x.shape[1], np.float32)
     if rest.size:
@@ -230,18 +234,20 @@ def filter_passing(blocks: Iterable[np.ndarray], clips: np.ndarray, min_cosine: 
     k = len(clips)
     xm, xx, cc = np.zeros(k), np.zeros(k), np.zeros(k)
     step = max(1, FILTER_BLOCK // max(k, 1))
+    unclipped = bool((clips == 1).all())  # x · 1 is x: no scaled copy of the matrix to make
     for block in blocks:
         for c in range(0, block.shape[1], step):
             raw = block[:, c:c + step]
-            covered = ~np.isnan(raw)
-            if covered.all():
-                m = full_median(raw * clips[:, None]).astype(np.float64)
+            missing = np.isnan(raw)
+            if not missing.any():
+                m = (full_median(raw, overwrite=False) if unclipped else full_median(raw * clips[:, None])).astype(np.float64)
                 x = raw.astype(np.float64)
                 # every row's centre is the whole median: its sum, taken once (over two broadcast
                 # rows, which einsum sums exactly as it sums each of K)
                 centres = np.broadcast_to(m, (min(k, 2), m.size))
                 cc += np.einsum("ij,ij->i", centres, centres)[0]
             else:
+                covered = ~missing
                 m = coordinatewise(torch.from_numpy(raw * clips[:, None]), "median", 0.0, overwrite=True)[0].numpy()
                 m = m.astype(np.float64)
                 x = np.where(covered, raw, 0).astype(np.float64)

@@ -52,10 +52,13 @@ def filter_blocks(updates: list[Update], layouts: list[Layout], model: dict[str,
     alone), filled only when it is taken: the matrix is never whole in memory (at K = 2,500
     device updates of gpt-tiny it would be 2.2 GiB). ``layouts[i]``: update i's plan's layout
     (its ``parts`` and ``cuts``); ``model``: global-shaped tensors in the model's order."""
-    cuts = [dict(zip((n for n, _ in lay.parts), lay.cuts)) for lay in layouts]
-    views = [dict(lay.parts) for lay in layouts]  # a part's delta as its layout views it
-    names = [n for n in model if any(n in c for c in cuts)]
-    union = {n: _union([c[n] for c in cuts if n in c]) for n in names}
+    # per distinct layout (a buffer's K updates share a few plans), then per update
+    distinct = {id(lay): lay for lay in layouts}
+    cut_of = {i: dict(zip((n for n, _ in lay.parts), lay.cuts)) for i, lay in distinct.items()}
+    view_of = {i: dict(lay.parts) for i, lay in distinct.items()}  # a part's delta as its layout views it
+    cuts, views = [cut_of[id(lay)] for lay in layouts], [view_of[id(lay)] for lay in layouts]
+    names = [n for n in model if any(n in c for c in cut_of.values())]
+    union = {n: _union([c[n] for c in cut_of.values() if n in c]) for n in names}
     shapes = {n: (model[n] if union[n] is None else prefix_view(model[n], *union[n])).shape for n in names}
     runs: list[list[str]] = []
     room = 0
@@ -74,8 +77,10 @@ def _filter_block(updates: list[Update], cuts: list[dict], views: list[dict],
     """The columns of tensors ``run`` of ``filter_blocks``'s matrix."""
     sizes = [math.prod(shapes[n]) for n in run]
     # the rows that are a decoder's buffer: the whole row's tensors, end to end in this order
-    flat = [u.flat is not None and len(u.delta) == len(run) and all(map(str.__eq__, u.delta, run))
-            and all(cut.get(n, False) == union[n] for n in run) for u, cut in zip(updates, cuts)]
+    whole = {i: all(cut.get(n, False) == union[n] for n in run)  # per distinct layout
+             for i, cut in {id(cut): cut for cut in cuts}.items()}
+    names = tuple(run)
+    flat = [u.flat is not None and whole[id(cut)] and tuple(u.delta) == names for u, cut in zip(updates, cuts)]
     if all(flat):  # one stack of them instead of a NaN fill and a copy per row
         raw = np.empty((len(updates), sum(sizes)), np.float32)
         torch.stack([u.flat for u in updates], out=torch.from_numpy(raw))
