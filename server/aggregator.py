@@ -205,6 +205,7 @@ class Aggregator:
         self._seen_at: dict[int, list[str]] = {}  # base version → its ids in ``seen``: a flush forgets by base
         self.history: dict[int, dict[str, torch.Tensor]] = {version: self._weights}
         self._plans: dict[Plan, Layout] = {}
+        self._last_layout: tuple[Plan | None, Layout | None] = (None, None)
         self.norms = NormHistory(config.defence)
         # Scalar bounds on |θ_j| and on each optimizer state |k_j|, for the finite guard.
         self._theta_max = _max_abs(self._weights.values())
@@ -228,9 +229,16 @@ class Aggregator:
 
     # --- admission --------------------------------------------------------------------------
     def _layout(self, plan: Plan) -> Layout:
+        """The plan's layout, made once; the last one asked for is found by identity (an
+        update's plan is its task's, one object per tier: hashing the frozen plan, asked four
+        times per update, cost more than the lookup)."""
+        last, lay = self._last_layout
+        if last is plan:
+            return lay
         lay = self._plans.get(plan)
         if lay is None:
             lay = self._plans[plan] = Layout.build(plan, self.cfg, self.S, self.W, self._w.size)
+        self._last_layout = (plan, lay)
         return lay
 
     def measure(self, update: Update, squares: dict[str, float] | None = None, shaped: bool = False) -> float:

@@ -75,7 +75,7 @@ class Layout:
         return cls({n: shapes[n] for n in names}, parts, cuts, Sv, numel, windex)
 
     def pieces(self, delta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [delta[n] if shape is None else delta[n].reshape(shape) for n, shape in self.parts]
+        return [delta[n] if shape is None else delta[n].reshape(*shape) for n, shape in self.parts]  # ints parse faster than a tuple
 
     def views(self, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The plan's parts of global-shaped tensors (as S's views are of S)."""
