@@ -4,8 +4,12 @@
 alone, all stopped at the same virtual time, and centralized training on all the text at the
 mixed run's tokens: the project's test (do devices make the model better than the GPU nodes
 alone, and how close does the federation come to centralizing the text?), and centralized
-training at the devices-alone run's tokens (how close do the devices' own tokens come?). Final losses per
-validation domain (all; public and private with private device text), per seed and as medians.
+training at the devices-alone run's tokens (how close do the devices' own tokens come?). With
+private device text, "gpu-only-pooled" is the GPU nodes alone reading the devices' text too, at
+their own steps: the most that text could give them, without the centralized run's other steps
+(at seeds 1 and 2 of the stdlib's private scenario it gives the nodes 0.2-0.3% on private text,
+at seed 0 17%: docs/FINDINGS.md, session 16). Final losses per validation domain (all; public
+and private with private device text), per seed and as medians.
 
 ``sync_vs_async``: synchronous rounds against asynchronous buffering on the same population
 (FedBuff's question): how many virtual hours each needs to reach the same validation loss.
@@ -43,7 +47,7 @@ from stamen.simulator.config import SimSetup
 from stamen.simulator.engine import EVAL_BATCH, Simulation
 from stamen.simulator.report import plot_compare, plot_sync_vs_async
 
-VARIANTS = ("mixed", "gpu-only", "devices-only")
+VARIANTS = ("mixed", "gpu-only", "devices-only", "gpu-only-pooled")
 
 TARGET_FRACTION = 0.9  # of the async run's loss drop that both runs must reach
 SYNC_VERSIONS = 4  # the sync run's version cap, as a multiple of the async run's
@@ -115,14 +119,22 @@ def sync_vs_async(setup: SimSetup, out: Path, seeds: int = 3) -> dict:
 
 def variant(setup: SimSetup, name: str) -> SimSetup:
     """The population as configured ("mixed"), without its devices ("gpu-only": each version
-    then merges one update per node, as DiLoCo's workers), or without its GPU nodes."""
+    then merges one update per node, as DiLoCo's workers), without its GPU nodes, or without
+    its devices but with their private text handed to the GPU nodes ("gpu-only-pooled": the
+    most the devices' text could give the nodes' own steps, the reference for "mixed" on
+    private text)."""
     sim, pop, fed = setup.sim, setup.sim.population, setup.fed
     nodes = sum(pop.gpu_nodes.values())
     if name == "mixed":
         return setup
-    if name == "gpu-only":
+    if name in ("gpu-only", "gpu-only-pooled"):
         if not nodes:
-            raise UserError("the population has no GPU nodes to run gpu-only")
+            raise UserError(f"the population has no GPU nodes to run {name}")
+        if name == "gpu-only-pooled":
+            if sim.text != "private":
+                raise UserError(f'gpu-only-pooled hands the devices\' private text to the GPU nodes: it needs text = "private", '
+                                f"not {sim.text!r}")
+            sim = replace(sim, text="pooled")
         fed = replace(fed, aggregation=replace(fed.aggregation, buffer_k=nodes))
         return replace(setup, sim=replace(sim, population=replace(pop, devices=0)), fed=fed)
     if name == "devices-only":

@@ -55,7 +55,10 @@ class SimConfig:
     # Who holds which text. "shared": GPU nodes read the whole training split and devices
     # split it too (devices bring compute only). "private": GPU nodes read a public share of
     # the packages (``public_share`` of the bytes) and devices split the rest, text nobody
-    # else holds (Photon's premise); validation is then also reported per domain.
+    # else holds (Photon's premise); validation is then also reported per domain. "pooled":
+    # as private, but the GPU nodes read the devices' packages too (their text handed to the
+    # datacenter: what it is worth to the nodes' own steps, the reference ``--compare``'s
+    # gpu-only-pooled measures).
     text: str = "private"
     public_share: float = 0.5
     population: PopulationConfig = field(default_factory=PopulationConfig)
@@ -450,21 +453,22 @@ class Simulation:
         self.result.evals.append(row)
 
 
-TEXT_MODES = ("shared", "private")
+TEXT_MODES = ("shared", "private", "pooled")
 
 
 def text_split(config: SimConfig, corpus, train: Shard, val: Shard) -> tuple[Shard, Shard, dict[str, Shard]]:
     """(GPU nodes' text, the text dealt to devices, validation shards by domain) for
     ``config.text``: "shared" gives both the whole training split and validates on all of
     it; "private" gives the GPU nodes the public packages and the devices the others, and
-    validates on all, public and private held-out documents."""
+    validates on all, public and private held-out documents; "pooled" deals and validates as
+    "private" but gives the GPU nodes the whole training split."""
     if config.text not in TEXT_MODES:
         raise UserError(f"unknown text mode {config.text!r}: use one of {', '.join(TEXT_MODES)}")
     if config.text == "shared":
         return train, train, {"all": val}
     public = public_groups(corpus, config.public_share, config.seed)
     private = set(corpus.doc_groups) - public
-    return (train.select(public), train.select(private),
+    return (train if config.text == "pooled" else train.select(public), train.select(private),
             {"all": val, "public": val.select(public), "private": val.select(private)})
 
 

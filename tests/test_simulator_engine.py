@@ -141,6 +141,22 @@ def test_gpu_nodes_train_on_the_whole_split_devices_on_partitions(fed):
     assert sum(parts) == whole and all(0 < p < whole for p in parts)  # the devices' parts tile the split
 
 
+def test_pooled_text_gives_the_gpu_nodes_every_package_and_the_devices_the_private_ones(fed):
+    population = PopulationConfig(devices=6, mix={"laptop": 1.0}, gpu_nodes={"gpu-h100": 1}, seed=0)
+    held = {}
+    for text in ("shared", "private", "pooled"):
+        sim = Simulation(SimConfig(population=population, text=text), fed, always_on())
+        size = {d.id: sum(int(r[1] - r[0]) for r in sim.shards[d.id].ranges) for d in sim.devices}
+        nodes = sum(size[d.id] for d in sim.devices if d.capabilities.role == "gpu")
+        devices = sum(size[d.id] for d in sim.devices if d.capabilities.role == "device")
+        held[text] = nodes, devices, set(sim.val)
+    whole = held["shared"][0]
+    assert held["private"][0] + held["private"][1] == whole  # public to the nodes, private to the devices
+    assert held["pooled"][0] == whole > held["private"][0]  # pooled: the nodes read the devices' text too
+    assert held["pooled"][1] == held["private"][1]
+    assert held["pooled"][2] == held["private"][2] == {"all", "public", "private"}
+
+
 def test_a_gpu_node_reads_the_same_batches_with_or_without_devices(fed):
     """The node's data order comes from its own stream, not from how many tasks the server
     issued: compare's mixed and gpu-only runs then differ by what the devices do."""

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from stamen.simulator.compare import compare, hours_to_loss, sync_vs_async, synchronous
+from stamen.core.errors import UserError
+from stamen.simulator.compare import compare, hours_to_loss, sync_vs_async, synchronous, variant
 from stamen.simulator.config import load_simulation
 from stamen.simulator.engine import Simulation
 from stamen.simulator.run import simulate
@@ -146,7 +147,8 @@ def test_sync_vs_async(setup, tmp_path):
 def test_compare_variants_on_private_text(setup, tmp_path):
     sim = dataclasses.replace(setup.sim, text="private", max_versions=8, eval_every=4,
                               population=dataclasses.replace(setup.sim.population, gpu_nodes={"gpu-x": 2}))
-    r = compare(dataclasses.replace(setup, sim=sim), ("mixed", "gpu-only", "devices-only"), tmp_path, seeds=1)
+    r = compare(dataclasses.replace(setup, sim=sim), ("mixed", "gpu-only", "devices-only", "gpu-only-pooled"), tmp_path,
+                seeds=1)
     (one,) = r["seeds"]
     runs = one["runs"]
     assert r["domains"] == ["all", "public", "private"]
@@ -154,6 +156,10 @@ def test_compare_variants_on_private_text(setup, tmp_path):
     assert runs["mixed"]["versions"] == 8 and one["virtual_h"] == runs["mixed"]["end_time_h"]
     assert all(run["end_time_h"] <= one["virtual_h"] + 1e-12 for run in runs.values())
     assert set(runs["gpu-only"]["per_tier"]) == {"gpu"} and "gpu" not in runs["devices-only"]["per_tier"]
+    # The same nodes on the pooled text (other batches, so other losses and upload sizes).
+    pooled = runs["gpu-only-pooled"]
+    assert set(pooled["per_tier"]) == {"gpu"} and pooled["counters"]["accepted"] > 0
+    assert pooled["evals"][-1]["val_loss"] != runs["gpu-only"]["evals"][-1]["val_loss"]
     assert {"gpu", "laptop"} <= set(runs["mixed"]["per_tier"])
     for name, run in runs.items():
         last = run["evals"][-1]
@@ -171,3 +177,5 @@ def test_compare_variants_on_private_text(setup, tmp_path):
     for d in r["domains"]:
         assert (tmp_path / f"compare_{d}.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "compare.json").read_text())["median"] == r["median"]
+    with pytest.raises(UserError, match="needs text"):  # shared text has no private text to pool
+        variant(dataclasses.replace(setup, sim=dataclasses.replace(sim, text="shared")), "gpu-only-pooled")
