@@ -159,16 +159,18 @@ def _final(evals: list[dict]) -> dict[str, float]:
     return {k.removeprefix("val_").replace("loss", "all"): v for k, v in last.items() if k.startswith("val_")}
 
 
-def centralized(setup: SimSetup, tokens: int, out: Path, domains: dict[str, list], progress: bool = False) -> dict:
+def centralized(setup: SimSetup, tokens: int, out: Path, val: dict[str, list], progress: bool = False) -> dict:
     """Centralized training on all the training text for ``tokens`` (the baseline's summary),
-    validated on the same domains as the simulations."""
+    validated on a simulation's domains (``Simulation.val``: the baseline's own held-out text
+    is "all", so only the others are passed on)."""
+    domains = {k: v for k, v in val.items() if k != "all"}
     return run_baseline(BaselineConfig(model=setup.sim.model, data=setup.sim.data, tokens=tokens, batch_size=EVAL_BATCH,
                                        seq_len=setup.fed.training.seq_len, eval_batches=setup.sim.eval_batches,
                                        seed=setup.sim.seed), out, progress=progress, domains=domains)
 
 
-def _centralized(setup: SimSetup, tokens: int, out: Path, domains: dict[str, list]) -> dict:
-    base = centralized(setup, tokens, out, domains)
+def _centralized(setup: SimSetup, tokens: int, out: Path, val: dict[str, list]) -> dict:
+    base = centralized(setup, tokens, out, val)
     return {"tokens": base["tokens"], "final": {"all": base["final_val_loss"], **base.get("final_by_domain", {})},
             "val_curve": base["val_curve"]}
 
@@ -184,15 +186,15 @@ def compare_variants_once(setup: SimSetup, names: tuple[str, ...], out: Path) ->
     for name in names:
         sims[name], runs[name] = run_variant(setup, name, end_h)
         end_h = runs[name]["end_time_h"] if end_h is None else end_h
-    domains = {k: v for k, v in sims[names[0]].val.items() if k != "all"}
+    val = sims[names[0]].val
     seed = setup.sim.seed
     result = {"seed": seed, "virtual_h": end_h, "text": setup.sim.text,
               "final": {name: _final(r["evals"]) for name, r in runs.items()},
               "centralized_equal_tokens": _centralized(setup, runs[names[0]]["counters"]["tokens"],
-                                                       out / f"centralized-seed{seed}", domains)}
+                                                       out / f"centralized-seed{seed}", val)}
     if "devices-only" in names:
         result["centralized_devices_tokens"] = _centralized(setup, runs["devices-only"]["counters"]["tokens"],
-                                                            out / f"centralized-devices-seed{seed}", domains)
+                                                            out / f"centralized-devices-seed{seed}", val)
     result["runs"] = {name: {k: r[k] for k in ("versions", "end_time_h", "counters", "per_tier", "evals")}
                       for name, r in runs.items()}
     return result

@@ -13,13 +13,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
+def domains(row: dict) -> list[str]:
+    """The validation domains an evaluation row reports besides all text ("public" and
+    "private" where the devices hold text of their own)."""
+    return [k.removeprefix("val_") for k in row if k.startswith("val_") and k != "val_loss"]
+
+
 def plot_loss(summary: dict, path: Path) -> None:
     """Validation loss against virtual time (beside the GPU nodes alone) and against tokens
     (beside centralized training too), and, with private device text, the final loss per
     domain: the text only the devices hold is where they should count."""
     runs = [("federated", summary)] + ([("GPU nodes alone", summary["gpu_only"])] if "gpu_only" in summary else [])
-    domains = [k.removeprefix("val_") for k in summary["evals"][-1] if k.startswith("val_") and k != "val_loss"]
-    fig, axes = plt.subplots(1, 3 if domains else 2, figsize=(18 if domains else 12, 4.5))
+    held = domains(summary["evals"][-1])
+    fig, axes = plt.subplots(1, 3 if held else 2, figsize=(18 if held else 12, 4.5))
     ax_t, ax_n = axes[0], axes[1]
     for name, run in runs:
         evals = run["evals"]
@@ -30,18 +36,18 @@ def plot_loss(summary: dict, path: Path) -> None:
         tokens, losses = zip(*summary["baseline"]["val_curve"])
         ax_n.plot([t / 1e6 for t in tokens], losses, marker="s", ms=3, label="centralized, same tokens")
     ax_n.set(xlabel="tokens trained (millions)", ylabel="validation loss (nats/byte)", title="Loss vs tokens")
-    if domains:
+    if held:
         ax_d = axes[2]
-        bars = [(name, [run["evals"][-1][f"val_{d}"] for d in domains]) for name, run in runs]
+        bars = [(name, [run["evals"][-1][f"val_{d}"] for d in held]) for name, run in runs]
         if "final_by_domain" in summary.get("baseline", {}):
-            bars.append(("centralized, same tokens", [summary["baseline"]["final_by_domain"][d] for d in domains]))
+            bars.append(("centralized, same tokens", [summary["baseline"]["final_by_domain"][d] for d in held]))
         width = 0.8 / len(bars)
         for i, (name, values) in enumerate(bars):
-            at = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(domains))]
+            at = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(held))]
             ax_d.bar(at, values, width=width, label=name)
             for x, v in zip(at, values):
                 ax_d.annotate(f"{v:.3f}", (x, v), ha="center", va="bottom", fontsize=8)
-        ax_d.set_xticks(range(len(domains)), [f"{d} text" for d in domains])
+        ax_d.set_xticks(range(len(held)), [f"{d} text" for d in held])
         ax_d.set(ylabel="final validation loss (nats/byte)", title="Final loss by who holds the text")
         ax_d.set_ylim(bottom=min(v for _, values in bars for v in values) * 0.9)
     for ax in axes:

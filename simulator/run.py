@@ -39,8 +39,7 @@ def simulate(setup: SimSetup, out: Path, progress: bool = True) -> dict:
         summary["gpu_only"] = {k: alone[k] for k in ("versions", "end_time_h", "final_val_loss", "counters", "evals")}
     simulated_s = time.perf_counter() - start
     if setup.sim.baseline and summary["counters"]["tokens"] > 0:
-        domains = {k: v for k, v in sim.val.items() if k != "all"}
-        base = centralized(setup, summary["counters"]["tokens"], out / "baseline", domains, progress)
+        base = centralized(setup, summary["counters"]["tokens"], out / "baseline", sim.val, progress)
         summary["baseline"] = {k: base[k] for k in ("tokens", "final_val_loss", "val_curve", "final_by_domain") if k in base}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     save_model(ModelSpec(setup.sim.model), sim.weights, out / "model", extra={"version": summary["versions"]})

@@ -36,6 +36,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from stamen.simulator.compare import VARIANTS, compare, sync_vs_async
     from stamen.simulator.config import load_simulation
     from stamen.simulator.ray_backend import check_backend
+    from stamen.simulator.report import domains
     from stamen.simulator.run import simulate
 
     setup = load_simulation(args.config)
@@ -85,7 +86,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         line += f" ({'; '.join(against)})"
     print(f"{line}; {timing['wall_s']:.0f} s wall, peak {timing['peak_rss_mib']:.0f} MiB; report in {out}/")
     last = summary["evals"][-1]
-    for d in (k.removeprefix("val_") for k in last if k.startswith("val_") and k != "val_loss"):
+    for d in domains(last):
         row = f"{d} text: {last[f'val_{d}']:.3f}"
         if "gpu_only" in summary:
             row += f" (GPU nodes alone {summary['gpu_only']['evals'][-1][f'val_{d}']:.3f})"
