@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from federation_procs import running_server, stdlib_folders
+from hf_models import save_tiny
 from stamen.core.data import stdlib_corpus
-from stamen.core.model import GPT, PRESETS, load_weights
+from stamen.core.lora import LoraPlan, lora_space
+from stamen.core.model import GPT, PRESETS, ModelSpec, load_weights
 from stamen.core.plan import full_plan
 from stamen.core.train import TrainConfig, evaluate, train_steps
 from stamen.edge_client.client import EdgeClient, declared_runtimes
@@ -80,6 +82,31 @@ def test_the_runtime_keeps_adamw_on_the_device_and_hands_back_cpu_fp32(tmp_path)
     b = fresh.train(shard.batches(8, 64, seed=1), 5, TC, step_offset=5)
     assert a.losses == b.losses
     assert a.losses[-1] < first.losses[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_lora_gpu_node_trains_an_adapter_over_a_bf16_base_on_cuda(kind, tmp_path):
+    """Federated fine-tuning's GPU node: the base held in bf16 on the card, the adapter's
+    weights fp32; the same steps as over the fp32 base on the CPU, to within bf16's rounding,
+    and only the adapter moves."""
+    spec = ModelSpec(f"hf:{save_tiny(kind, tmp_path / kind)}")
+    space = lora_space(spec.build(weights=False), r_max=8)
+    text = stdlib_corpus().split()[0]
+    runs = {}
+    for device, plan in (("cpu", LoraPlan("fp32", 8)), ("cuda", LoraPlan("bf16", 8, base="bf16"))):
+        rt = TorchRuntime(space, plan, device, base=spec.build())
+        rt.set_weights(plan.extract(space.init(0), space))
+        frozen = {n: p.detach().clone() for n, p in rt.model.named_parameters() if not p.requires_grad}
+        runs[device] = rt.train(text.batches(4, 32, seed=0), 10, TC).losses, rt.trained_weights()
+        assert all(torch.equal(p, frozen[n]) for n, p in rt.model.named_parameters() if n in frozen)
+    gpu = [p for p in rt.model.parameters() if not p.requires_grad]
+    assert gpu and all(p.is_cuda and p.dtype == torch.bfloat16 for p in gpu)
+    (cpu_losses, cpu_out), (gpu_losses, gpu_out) = runs["cpu"], runs["cuda"]
+    assert gpu_losses[-1] < gpu_losses[0], gpu_losses
+    gaps = [abs(x - y) / x for x, y in zip(cpu_losses, gpu_losses)]
+    assert max(gaps) < 0.02, gaps
+    assert sorted(gpu_out) == sorted(cpu_out)
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in gpu_out.values())
 
 
 def test_the_probe_declares_the_gpu():
