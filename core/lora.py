@@ -197,6 +197,21 @@ class LoraLinear(nn.Module):
         return self.base_layer
 
 
+def _conv1d_as_linear(model: nn.Module) -> None:
+    """Replace GPT-2's Conv1D layers (y = x W + b, W stored (in, out)) by the ``nn.Linear`` each
+    equals (W transposed), in place: torchao quantizes Linears only, and a GPT-2 base left in
+    fp32 under an int8 plan would hold four times the memory its plan was sized for."""
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "Conv1D":
+            fan_in, fan_out = m.weight.shape
+            linear = nn.Linear(fan_in, fan_out, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(m.weight.T)
+                if m.bias is not None:
+                    linear.bias.copy_(m.bias)
+            _set_module(model, name, linear.requires_grad_(False))
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -287,10 +302,12 @@ class LoraPlan:
         elif self.base == "int8":
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
+            _conv1d_as_linear(model)
             quantize_(model, Int8WeightOnlyConfig(),
                       filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not fqn.endswith("lm_head"))
         elif self.base == "nf4":
-            raise UserError("a 4-bit (nf4) base needs bitsandbytes on a CUDA device; use int8 on CPU")
+            raise UserError("a 4-bit (nf4) base is for planning only (`stamen plans --base nf4`): no runtime "
+                            "here trains over one; use int8 (torchao) or bf16")
         for name in space.targets:
             _set_module(model, name, LoraLinear(model.get_submodule(name), self.rank, space.scaling))
         trainable = set(self.trainable(space))

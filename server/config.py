@@ -201,13 +201,16 @@ class LoraSettings:
     """``fedavg``: A and B train and are averaged (FlowerTune); ``exact``: A stays frozen at its
     seeded init (FFA-LoRA), so the averaged adapter's product is the clients' average product."""
     base: str = ""
-    """Every tier's base precision (fp32, bf16, int8, nf4); empty: the tier table's."""
+    """Every tier's base precision (fp32, bf16, int8); empty: the tier table's. (nf4 is in
+    ``stamen plans``' memory table only: no runtime here trains over a 4-bit base.)"""
 
     def __post_init__(self) -> None:
         _require(self.rank >= 0, "rank must be >= 0 (0: no LoRA)")
         _require(self.alpha >= 0, "alpha must be >= 0 (0: 2 x rank)")
         _require(self.rule in TRAIN, f"rule must be one of {', '.join(TRAIN)}")
-        _require(self.base == "" or self.base in BASES, f"base must be empty or one of {', '.join(BASES)}")
+        trainable = [b for b in BASES if b != "nf4"]
+        _require(self.base == "" or self.base in trainable, f"base must be empty or one of {', '.join(trainable)} "
+                                                           f"(nf4 is for `stamen plans` only: nothing here trains over it)")
 
     def space(self, spec: ModelSpec) -> LoraSpace:
         """The global adapter over ``spec``'s architecture (read on the meta device: no weights)."""

@@ -74,6 +74,7 @@ def test_max_tokens_reaches_the_aggregator(tmp_path):
     ("[aggregation]\ncombine = 'add'\n", 'combine = "add" needs the mean defence rule'),
     ("[aggregation]\npaced_by = ['gpus']\n", "paced_by: unknown tier 'gpus'"),
     ("[aggregation]\nmode = 'rounds'\ntau_max = 0\npaced_by = ['gpu']\n", "leave paced_by empty"),
+    ("[lora]\nrank = 8\nbase = 'nf4'\n", r"\[lora\].*fp32, bf16, int8 \(nf4 is for `stamen plans` only"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(UserError, match=message) as e:
