@@ -202,8 +202,10 @@ def _conv1d_as_linear(model: nn.Module) -> None:
     equals (W transposed), in place: torchao quantizes Linears only, and a GPT-2 base left in
     fp32 under an int8 plan would hold four times the memory its plan was sized for."""
     for name, m in list(model.named_modules()):
-        if type(m).__name__ == "Conv1D":
-            fan_in, fan_out = m.weight.shape
+        if not _is_linear(m):
+            continue
+        fan_in, fan_out, transposed = _fans(m)
+        if transposed:
             linear = nn.Linear(fan_in, fan_out, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(m.weight.T)

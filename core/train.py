@@ -79,11 +79,16 @@ class TrainResult:
         return self.losses[-1] if self.losses else float("nan")
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What training's products compute in: bf16 on CUDA (GPU nodes), fp32 on a CPU, where
+    bf16 is slower and lossy."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (GPU nodes); full fp32 on CPU, where bf16 is slower and lossy."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """Autocast to ``compute_dtype`` where that is not fp32 (CUDA); nothing on a CPU."""
+    dtype = compute_dtype(device)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train_steps(

@@ -13,6 +13,7 @@ import torch
 
 from stamen.core.errors import UserError
 from stamen.core.records import Capabilities
+from stamen.core.train import compute_dtype
 
 # Share of free memory training may use when the owner sets no limit: the OS, the app and
 # the data stream need the rest.
@@ -55,14 +56,14 @@ def probe(root: Path = Path("/")) -> Hardware:
 
 def measure_flops(device: torch.device, seconds: float = 0.2) -> float:
     """Sustained matmul FLOP/s over about ``seconds`` in the precision training computes in
-    (``core.train.autocast``): fp32 512 x 512 products on a CPU, bf16 4096 x 4096 ones on CUDA.
+    (``core.train.compute_dtype``): 512 x 512 products on a CPU, 4096 x 4096 ones on CUDA.
     The scheduler cuts a task's steps to what this rate fits in a share of its deadline
     (``Scheduler.steps_for``), so a rate that undersells the machine cuts a GPU node's work: on
     an H200 fp32 512 x 512 products (launch-bound, and not training's precision) gave 15-16
     TFLOP/s, bf16 4096 x 4096 ones 640-704, and bf16 training of gpt-125m and gpt-350m runs at
     300-385 (``bench/gpu_node.py``): about half the matmul rate, as on a CPU, which the
     scheduler's ``compute_share`` allows for."""
-    size, dtype = (4096, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    size, dtype = 4096 if device.type == "cuda" else 512, compute_dtype(device)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up: kernel selection, allocator
