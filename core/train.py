@@ -79,10 +79,17 @@ class TrainResult:
         return self.losses[-1] if self.losses else float("nan")
 
 
+BF16_CAPABILITY = (8, 0)  # the first CUDA cards with bf16 tensor cores (Ampere, Jetson Orin)
+
+
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """What training's products compute in: bf16 on CUDA (GPU nodes), fp32 on a CPU, where
-    bf16 is slower and lossy."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """What training's products compute in: bf16 on a CUDA card with bf16 matmuls (compute
+    capability 8.0 on: GPU nodes), fp32 everywhere else. Older cards (T4, V100, RTX 20xx, Jetson
+    Xavier) have no bf16 tensor cores: at best bf16 is emulated there, no faster than fp32 and
+    lossier (fp16 would need a loss scaler; not built). On a CPU bf16 is slower and lossy."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_CAPABILITY:
+        return torch.bfloat16
+    return torch.float32
 
 
 def autocast(device: torch.device):

@@ -49,7 +49,8 @@ class Runtime(ABC):
 
 
 class TorchRuntime(Runtime):
-    """Eager PyTorch (bf16 autocast on CUDA): GPU nodes, laptops, Jetsons, the simulator.
+    """Eager PyTorch (bf16 autocast on CUDA cards that have it, ``core.train.compute_dtype``):
+    GPU nodes, laptops, Jetsons, the simulator.
 
     With ``keep_optimizer`` the inner optimizer and its state survive from one task to the
     next, as DiLoCo/Photon keep a worker's AdamW moments across rounds; the server's new

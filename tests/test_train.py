@@ -5,7 +5,7 @@ import torch
 
 from stamen.core.errors import UserError
 from stamen.core.model import GPT, PRESETS, weights
-from stamen.core.train import TrainConfig, evaluate, lr_at, train_steps
+from stamen.core.train import TrainConfig, compute_dtype, evaluate, lr_at, train_steps
 
 
 def test_schedule_warmup_cosine_and_floor():
@@ -52,3 +52,16 @@ def test_bad_config_is_a_user_error():
         TrainConfig(optimizer="lion")
     with pytest.raises(UserError):
         TrainConfig(lr=0)
+
+
+@pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((8, 7), torch.bfloat16),
+                                               ((8, 0), torch.bfloat16), ((7, 5), torch.float32),
+                                               ((7, 0), torch.float32), ((6, 1), torch.float32)])
+def test_bf16_only_on_cards_with_bf16_matmuls(monkeypatch, capability, dtype):
+    """H100/H200, Jetson Orin and A100 compute in bf16; T4 and RTX 20xx (7.5), V100 (7.0) and
+    Pascal cards, which would only emulate it, in fp32. There is no CUDA card here: the card's
+    compute capability is a stand-in (``torch.cuda.get_device_capability`` faked)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert compute_dtype(torch.device("cuda")) == dtype
+    assert compute_dtype(torch.device("cuda", 1)) == dtype
+    assert compute_dtype(torch.device("cpu")) == torch.float32
