@@ -429,10 +429,12 @@ def decode_frame(data: bytes, limits: Limits = Limits()) -> Frame:
 
 def check_values(arrays: dict[str, np.ndarray], limits: Limits) -> None:
     """Finite check and norm bound over decoded float32 arrays. One BLAS dot per tensor is
-    the fast path; the slower element scan runs only to tell NaN/inf from a huge norm."""
+    the fast path; the slower element scan runs only to tell NaN/inf from a huge norm. A float32
+    dot of finite but huge values overflows to inf, which is that huge norm: no warning for it."""
     total = 0.0
     for name, a in arrays.items():
-        sq = float(np.dot(a, a)) if a.size else 0.0
+        with np.errstate(over="ignore"):
+            sq = float(np.dot(a, a)) if a.size else 0.0
         if not math.isfinite(sq) and limits.finite and not np.isfinite(a).all():
             raise NonFinite(f"tensor {name!r} holds NaN or infinity")
         total += sq
