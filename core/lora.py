@@ -35,6 +35,7 @@ from stamen.core.plan import TIERS, Plan, PlanCost, Shapes, Slice
 A, B = ".lora_A", ".lora_B"
 TRAIN = {"fedavg": ("*" + A, "*" + B), "exact": ("*" + B,)}
 BASES = {"fp32": 32, "bf16": 16, "int8": 8, "nf4": 4.127}  # bits per linear weight (nf4: QLoRA with double quant)
+TRAINED_BASES = ("fp32", "bf16", "int8")  # those a runtime here trains over; nf4 only sizes plans (`stamen plans`)
 # Rank (as a fraction of the global rank r_max) and base precision per tier: at r_max 16, phones
 # train a rank-2 adapter over an 8-bit base and GPU nodes the whole rank-16 adapter over bf16.
 TIER_LORA = {"phone-low": (1 / 8, "int8"), "phone-high": (1 / 4, "int8"), "laptop": (1 / 2, "int8"),

@@ -16,7 +16,7 @@ from stamen.compression.spec import parse as parse_codec
 from stamen.core.config import from_table, read_toml
 from stamen.core.errors import UserError
 from stamen.core.hf import is_hf
-from stamen.core.lora import BASES, TRAIN, LoraPlan, LoraSpace, lora_space, tier_lora_plans
+from stamen.core.lora import TRAIN, TRAINED_BASES, LoraPlan, LoraSpace, lora_space, tier_lora_plans
 from stamen.core.model import ModelSpec
 from stamen.core.plan import Model, Plan, rotating_windows, tier_plans, window_plan
 from stamen.core.train import TrainConfig
@@ -208,9 +208,8 @@ class LoraSettings:
         _require(self.rank >= 0, "rank must be >= 0 (0: no LoRA)")
         _require(self.alpha >= 0, "alpha must be >= 0 (0: 2 x rank)")
         _require(self.rule in TRAIN, f"rule must be one of {', '.join(TRAIN)}")
-        trainable = [b for b in BASES if b != "nf4"]
-        _require(self.base == "" or self.base in trainable, f"base must be empty or one of {', '.join(trainable)} "
-                                                           f"(nf4 is for `stamen plans` only: nothing here trains over it)")
+        _require(self.base == "" or self.base in TRAINED_BASES, f"base must be empty or one of {', '.join(TRAINED_BASES)} "
+                                                               f"(nf4 is for `stamen plans` only: nothing here trains over it)")
 
     def space(self, spec: ModelSpec) -> LoraSpace:
         """The global adapter over ``spec``'s architecture (read on the meta device: no weights)."""
